@@ -1,0 +1,50 @@
+// swift-tools-version:6.1
+import PackageDescription
+
+let package = Package(
+    name: "sandbox",
+    platforms: [.macOS(.v14)],
+    products: [
+        .library(name: "Sandbox", targets: ["Sandbox"]),
+        .executable(name: "sandbox", targets: ["sandbox"]),
+        .executable(name: "sandbox-init", targets: ["sandbox-init"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+    ],
+    targets: [
+        // C shims: the only place C headers are imported. Each exposes small wrappers
+        // that return -errno, and ioctl numbers as constants (macros do not import).
+        .target(name: "CKVM"),
+        .target(name: "CURing", linkerSettings: [.linkedLibrary("uring")]),
+        .target(name: "CJail", linkerSettings: [.linkedLibrary("seccomp"), .linkedLibrary("cap")]),
+        .target(name: "CInit"),
+        .target(name: "CSystem"),
+
+        // Lowest Swift layer: file descriptors, errno, mmap, eventfd.
+        .target(name: "SystemShims", dependencies: ["CSystem"]),
+        // Bounds-checked guest physical memory.
+        .target(name: "GuestMemory", dependencies: ["SystemShims"]),
+        // Thin, typed wrappers over the KVM ioctls.
+        .target(name: "KVM", dependencies: ["CKVM", "SystemShims", "GuestMemory"]),
+        // virtio-mmio transport, split virtqueues and devices (block, vsock).
+        .target(name: "VirtIO", dependencies: ["SystemShims", "GuestMemory", "CURing"]),
+        // The VMM: boot loaders, legacy devices, vCPU run loop, VM assembly.
+        .target(name: "MicroVM", dependencies: ["KVM", "GuestMemory", "VirtIO", "SystemShims"]),
+        // Host <-> guest agent wire format; Foundation-free, shared with sandbox-init.
+        .target(name: "AgentProtocol"),
+        // Public async API, kernel and image stores.
+        .target(name: "Sandbox", dependencies: ["MicroVM", "KVM", "AgentProtocol", "SystemShims", "CJail", "CURing"]),
+        .executableTarget(name: "sandbox", dependencies: [
+            "Sandbox",
+            .product(name: "ArgumentParser", package: "swift-argument-parser"),
+        ]),
+        // The guest's PID 1. Built as a static executable by the image store.
+        .executableTarget(name: "sandbox-init", dependencies: ["AgentProtocol", "CInit"]),
+
+        .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "GuestMemory", "KVM"]),
+        .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVM", "GuestMemory"]),
+        .testTarget(name: "VirtIOTests", dependencies: ["VirtIO", "GuestMemory"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["Sandbox", "MicroVM"]),
+    ]
+)

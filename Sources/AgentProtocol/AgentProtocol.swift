@@ -1,0 +1,4 @@
+/// Wire format between the host and sandbox-init (see Docs/AgentProtocol.md).
+public enum AgentProtocolVersion {
+    public static let current: UInt16 = 1
+}

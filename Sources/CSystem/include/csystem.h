@@ -1,0 +1,16 @@
+// Linux headers the Glibc module does not export to Swift.
+#ifndef CSYSTEM_H
+#define CSYSTEM_H
+#include <sys/eventfd.h>
+#include <sys/epoll.h>
+#include <sys/prctl.h>
+#include <sys/signalfd.h>
+#include <linux/vm_sockets.h>
+#include <signal.h>
+#include <stdint.h>
+
+/// Sends `sig` to a specific thread of this process (pthread_kill on the tid).
+int csystem_tgkill(int tgid, int tid, int sig);
+/// The calling thread's kernel id.
+int csystem_gettid(void);
+#endif

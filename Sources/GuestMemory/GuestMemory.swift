@@ -1,0 +1,146 @@
+import SystemShims
+
+/// A guest physical address.
+public struct GuestAddress: Hashable, Comparable, Sendable, CustomStringConvertible {
+    public var rawValue: UInt64
+    public init(_ rawValue: UInt64) { self.rawValue = rawValue }
+    public static func < (a: GuestAddress, b: GuestAddress) -> Bool { a.rawValue < b.rawValue }
+    /// `self + offset`, or nil on overflow.
+    public func adding(_ offset: UInt64) -> GuestAddress? {
+        let (r, o) = rawValue.addingReportingOverflow(offset)
+        return o ? nil : GuestAddress(r)
+    }
+    public var description: String { "0x" + String(rawValue, radix: 16) }
+}
+
+/// Why a guest memory access was refused.
+public enum GuestMemoryError: Error, Equatable, Sendable, CustomStringConvertible {
+    /// [address, address+length) is not entirely inside one RAM region.
+    case outOfBounds(address: UInt64, length: UInt64)
+
+    public var description: String {
+        switch self {
+        case let .outOfBounds(a, l):
+            return "guest memory access out of bounds: 0x\(String(a, radix: 16)) length \(l)"
+        }
+    }
+}
+
+/// One contiguous range of guest RAM backed by host memory.
+public struct GuestRegion: Sendable {
+    public let start: GuestAddress
+    public let size: UInt64
+    /// Offset of this region within the backing mapping.
+    public let hostOffset: Int
+    public var end: UInt64 { start.rawValue + size }
+}
+
+/// Guest RAM: one anonymous mapping split into regions around the MMIO hole.
+/// Every access is bounds-checked against the regions; device code never keeps raw
+/// pointers into guest memory beyond the closure that lent them.
+public final class GuestMemory: @unchecked Sendable {
+    // @unchecked: the mapping and region table are immutable after init. The bytes
+    // inside are shared with the guest by design; callers synchronise through the
+    // virtio protocol (memory barriers), as a real device would.
+    public let regions: [GuestRegion]
+    private let mapping: MappedRegion
+
+    /// The default layout: RAM from 0 to `min(size, mmioHoleStart)`, the rest from 4 GiB.
+    public static let mmioHoleStart: UInt64 = 0xC000_0000
+    public static let highRAMStart: UInt64 = 0x1_0000_0000
+
+    /// Allocates `size` bytes of guest RAM with the default layout.
+    public convenience init(size: UInt64) throws {
+        var regions: [GuestRegion] = []
+        let low = min(size, Self.mmioHoleStart)
+        regions.append(GuestRegion(start: GuestAddress(0), size: low, hostOffset: 0))
+        if size > low {
+            regions.append(GuestRegion(start: GuestAddress(Self.highRAMStart), size: size - low, hostOffset: Int(low)))
+        }
+        try self.init(regions: regions, totalSize: Int(size))
+    }
+
+    /// Allocates guest RAM for explicit regions (tests).
+    public init(regions: [GuestRegion], totalSize: Int) throws {
+        precondition(totalSize > 0)
+        self.mapping = try MappedRegion.anonymous(size: totalSize)
+        self.regions = regions
+        for r in regions { precondition(r.hostOffset + Int(r.size) <= totalSize) }
+    }
+
+    /// Total bytes of RAM.
+    public var size: UInt64 { regions.reduce(0) { $0 + $1.size } }
+
+    /// The host address of a region's first byte (to register it as a KVM memory slot).
+    public func hostAddress(of region: GuestRegion) -> UInt64 {
+        // SAFETY: hostOffset + size was checked to lie inside the mapping at init.
+        UInt64(UInt(bitPattern: mapping.pointer + region.hostOffset))
+    }
+
+    /// Whether [address, address+length) lies inside guest RAM.
+    public func contains(_ address: GuestAddress, length: UInt64) -> Bool {
+        (try? hostOffset(address, length)) != nil
+    }
+
+    /// Bounds check: the host offset of [address, address+length), all inside one region.
+    @inline(__always)
+    func hostOffset(_ address: GuestAddress, _ length: UInt64) throws(GuestMemoryError) -> Int {
+        let a = address.rawValue
+        let (end, overflow) = a.addingReportingOverflow(length)
+        if !overflow {
+            for r in regions where a >= r.start.rawValue && end <= r.end {
+                return r.hostOffset + Int(a - r.start.rawValue)
+            }
+        }
+        throw .outOfBounds(address: a, length: length)
+    }
+
+    /// Lends a raw buffer over [address, address+length) for the duration of `body`.
+    /// The buffer must not escape the closure.
+    public func withBuffer<R>(at address: GuestAddress, length: Int,
+                              _ body: (UnsafeMutableRawBufferPointer) throws -> R) throws -> R {
+        guard length >= 0 else { throw GuestMemoryError.outOfBounds(address: address.rawValue, length: 0) }
+        let off = try hostOffset(address, UInt64(length))
+        // SAFETY: hostOffset guarantees [off, off+length) lies inside the live mapping,
+        // which outlives this call (self is retained by the caller).
+        return try body(UnsafeMutableRawBufferPointer(start: mapping.pointer + off, count: length))
+    }
+
+    /// Reads a plain value (little-endian in-memory layout) at `address`.
+    public func read<T: BitwiseCopyable>(_ type: T.Type = T.self, at address: GuestAddress) throws(GuestMemoryError) -> T {
+        let off = try hostOffset(address, UInt64(MemoryLayout<T>.size))
+        // SAFETY: bounds checked above; loadUnaligned tolerates any guest alignment.
+        return (mapping.pointer + off).loadUnaligned(as: T.self)
+    }
+
+    /// Writes a plain value at `address`.
+    public func write<T: BitwiseCopyable>(_ value: T, at address: GuestAddress) throws(GuestMemoryError) {
+        let off = try hostOffset(address, UInt64(MemoryLayout<T>.size))
+        // SAFETY: bounds checked above; storeBytes with an unaligned-tolerant path.
+        withUnsafeBytes(of: value) { src in
+            (mapping.pointer + off).copyMemory(from: src.baseAddress!, byteCount: src.count)
+        }
+    }
+
+    /// Copies `count` bytes out of guest memory.
+    public func readBytes(at address: GuestAddress, count: Int) throws -> [UInt8] {
+        try withBuffer(at: address, length: count) { Array($0.bindMemory(to: UInt8.self)) }
+    }
+
+    /// Copies `bytes` into guest memory.
+    public func writeBytes(_ bytes: UnsafeRawBufferPointer, at address: GuestAddress) throws {
+        try withBuffer(at: address, length: bytes.count) { dst in
+            if let base = bytes.baseAddress, bytes.count > 0 { dst.baseAddress!.copyMemory(from: base, byteCount: bytes.count) }
+        }
+    }
+
+    /// Copies `bytes` into guest memory.
+    public func writeBytes(_ bytes: [UInt8], at address: GuestAddress) throws {
+        try bytes.withUnsafeBytes { try writeBytes($0, at: address) }
+    }
+
+    /// Fills [address, address+count) with zeros.
+    public func zero(at address: GuestAddress, count: Int) throws {
+        try withBuffer(at: address, length: count) { $0.initializeMemory(as: UInt8.self, repeating: 0) }
+    }
+}

@@ -1,0 +1,101 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// An owned file descriptor, closed exactly once when the last reference goes away
+/// (or earlier through `close()`).
+public final class FileDescriptor: @unchecked Sendable {
+    // @unchecked: `raw` is only written by close(), which takes the lock; reads of an
+    // Int32 are atomic on x86-64, and users must not use a descriptor after closing it.
+    private var raw: Int32
+    private let lock = Lock()
+
+    /// Takes ownership of `raw`.
+    public init(owning raw: Int32) {
+        precondition(raw >= 0, "FileDescriptor(owning:) needs a valid descriptor")
+        self.raw = raw
+    }
+
+    /// The raw descriptor, for syscalls. -1 after close().
+    public var rawValue: Int32 { raw }
+
+    /// Opens `path` with `flags` (O_CLOEXEC is always added).
+    public static func open(_ path: String, _ flags: Int32, mode: mode_t = 0o644) throws(SystemError) -> FileDescriptor {
+        let fd = try retryingEINTR("open(\(path))") { Glibc.open(path, flags | O_CLOEXEC, mode) }
+        return FileDescriptor(owning: fd)
+    }
+
+    /// Closes now. Safe to call more than once.
+    public func close() {
+        lock.withLock {
+            if raw >= 0 {
+                _ = Glibc.close(raw)
+                raw = -1
+            }
+        }
+    }
+
+    deinit {
+        if raw >= 0 { _ = Glibc.close(raw) }
+    }
+
+    /// Reads up to `count` bytes at `offset` (pread).
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(SystemError) -> Int {
+        try retryingEINTR("pread") { Glibc.pread(raw, buffer.baseAddress, buffer.count, off_t(offset)) }
+    }
+
+    /// Writes all of `buffer` at `offset` (pwrite, looping on short writes).
+    public func writeAll(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(SystemError) {
+        var done = 0
+        while done < buffer.count {
+            let n = try retryingEINTR("pwrite") {
+                Glibc.pwrite(raw, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            }
+            if n == 0 { throw SystemError("pwrite", errno: EIO) }
+            done += n
+        }
+    }
+
+    /// Writes all of `buffer` to the current position (write(2), looping on short writes).
+    public func writeAll(_ buffer: UnsafeRawBufferPointer) throws(SystemError) {
+        var done = 0
+        while done < buffer.count {
+            let n = try retryingEINTR("write") { Glibc.write(raw, buffer.baseAddress! + done, buffer.count - done) }
+            done += n
+        }
+    }
+
+    /// The file's size (fstat).
+    public func size() throws(SystemError) -> UInt64 {
+        var st = stat()
+        try retryingEINTR("fstat") { fstat(raw, &st) }
+        return UInt64(st.st_size)
+    }
+}
+
+/// A minimal pthread mutex (no Foundation dependency in the low layers).
+public final class Lock: @unchecked Sendable {
+    // @unchecked: the mutex itself is the synchronisation primitive.
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+
+    public init() {
+        mutex = .allocate(capacity: 1)
+        mutex.initialize(to: pthread_mutex_t())
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    public func lock() { pthread_mutex_lock(mutex) }
+    public func unlock() { pthread_mutex_unlock(mutex) }
+
+    @inline(__always)
+    public func withLock<R>(_ body: () throws -> R) rethrows -> R {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+}

@@ -1,0 +1,74 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CSystem
+
+/// An owned mmap(2) mapping, unmapped when released.
+public final class MappedRegion: @unchecked Sendable {
+    // @unchecked: the pointer and size never change after init; what is stored in the
+    // mapping is shared by design (guest RAM, the vCPU run page).
+    public let pointer: UnsafeMutableRawPointer
+    public let size: Int
+
+    /// Anonymous private read/write memory (guest RAM). Pages are allocated lazily by the kernel.
+    public static func anonymous(size: Int, noReserve: Bool = true) throws(SystemError) -> MappedRegion {
+        var flags = MAP_PRIVATE | MAP_ANONYMOUS
+        if noReserve { flags |= MAP_NORESERVE }
+        let p = mmap(nil, size, PROT_READ | PROT_WRITE, flags, -1, 0)
+        guard let p, p != MAP_FAILED else { throw SystemError("mmap(anonymous, \(size))", errno: Glibc.errno) }
+        return MappedRegion(pointer: p, size: size)
+    }
+
+    /// A shared mapping of `fd` (e.g. the vCPU's kvm_run page).
+    public static func shared(fd: Int32, size: Int, offset: Int = 0) throws(SystemError) -> MappedRegion {
+        let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off_t(offset))
+        guard let p, p != MAP_FAILED else { throw SystemError("mmap(fd \(fd), \(size))", errno: Glibc.errno) }
+        return MappedRegion(pointer: p, size: size)
+    }
+
+    private init(pointer: UnsafeMutableRawPointer, size: Int) {
+        self.pointer = pointer
+        self.size = size
+    }
+
+    deinit { munmap(pointer, size) }
+}
+
+/// An eventfd(2) counter, used for irqfd (VMM -> guest interrupt) and ioeventfd
+/// (guest doorbell -> VMM) plumbing.
+public final class EventFD: @unchecked Sendable {
+    // @unchecked: only the immutable descriptor is stored.
+    public let fd: FileDescriptor
+
+    public init(nonBlocking: Bool = false, initial: UInt32 = 0) throws(SystemError) {
+        var flags = Int32(EFD_CLOEXEC)
+        if nonBlocking { flags |= Int32(EFD_NONBLOCK) }
+        let raw = try retryingEINTR("eventfd") { eventfd(initial, flags) }
+        fd = FileDescriptor(owning: raw)
+    }
+
+    /// Adds `value` to the counter.
+    public func signal(_ value: UInt64 = 1) {
+        var v = value
+        _ = withUnsafeBytes(of: &v) { Glibc.write(fd.rawValue, $0.baseAddress, 8) }
+    }
+
+    /// Reads and resets the counter; blocks unless non-blocking (then returns 0 when empty).
+    @discardableResult
+    public func wait() -> UInt64 {
+        var v: UInt64 = 0
+        while true {
+            let n = withUnsafeMutableBytes(of: &v) { Glibc.read(fd.rawValue, $0.baseAddress, 8) }
+            if n == 8 { return v }
+            if n < 0 && Glibc.errno == EINTR { continue }
+            return 0
+        }
+    }
+}
+
+/// The current monotonic clock in nanoseconds.
+public func monotonicNanos() -> UInt64 {
+    var ts = timespec()
+    clock_gettime(CLOCK_MONOTONIC, &ts)
+    return UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+}

@@ -1,0 +1,3 @@
+import AgentProtocol
+import CInit
+print("sandbox-init: protocol \(AgentProtocolVersion.current)")
