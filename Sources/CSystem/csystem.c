@@ -4,3 +4,11 @@
 #include <unistd.h>
 int csystem_tgkill(int tgid, int tid, int sig) { return (int)syscall(SYS_tgkill, tgid, tid, sig); }
 int csystem_gettid(void) { return (int)syscall(SYS_gettid); }
+#include <pthread.h>
+void csystem_set_thread_name(const char *name) {
+    char buf[16];
+    int i = 0;
+    for (; name[i] && i < 15; i++) buf[i] = name[i];
+    buf[i] = 0;
+    pthread_setname_np(pthread_self(), buf);
+}

@@ -13,4 +13,6 @@
 int csystem_tgkill(int tgid, int tid, int sig);
 /// The calling thread's kernel id.
 int csystem_gettid(void);
+/// Names a thread (at most 15 characters are kept).
+void csystem_set_thread_name(const char *name);
 #endif

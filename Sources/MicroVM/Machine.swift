@@ -1,0 +1,297 @@
+import GuestMemory
+import KVM
+import SystemShims
+import VirtIO
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How to build one micro-VM.
+public struct MachineConfiguration: Sendable {
+    /// Path of the kernel (ELF vmlinux with a PVH note, or a bzImage).
+    public var kernelPath: String
+    /// Optional initramfs.
+    public var initrdPath: String?
+    /// Extra kernel command line parameters, appended after the VMM's own.
+    public var extraCommandLine: String = ""
+    /// Guest RAM in MiB.
+    public var memoryMiB: UInt64 = 256
+    /// Number of vCPUs.
+    public var cpus: Int = 1
+    /// Wall-clock limit for the whole run (nil = none).
+    public var timeoutSeconds: Double?
+    /// Called with console output as it arrives.
+    public var consoleSink: (@Sendable (UnsafeRawBufferPointer) -> Void)?
+    /// Bytes of console output kept for the result.
+    public var consoleCapacity: Int = 256 * 1024
+    /// virtio-mmio devices, placed at consecutive windows from `Layout.virtioMMIOBase`.
+    public var virtioDevices: [any VirtioMMIOAttachable] = []
+    /// Called when the guest writes a boot-timer milestone.
+    public var onBootMark: (@Sendable (BootTimer.Mark) -> Void)?
+
+    public init(kernelPath: String) { self.kernelPath = kernelPath }
+}
+
+/// A virtio-mmio device the machine can place on its bus: it gets an interrupt line
+/// and may register queue-notify eventfds with KVM.
+public protocol VirtioMMIOAttachable: AnyObject, Sendable {
+    /// The MMIO register window handler.
+    var mmioDevice: any MMIODevice { get }
+    /// Connects the interrupt line; called once before the guest runs.
+    func attach(interrupt: any InterruptTrigger)
+    /// Eventfds to signal on a write of `datamatch` to QueueNotify (offset 0x50), if the
+    /// device wants KVM_IOEVENTFD; the device then must not rely on MMIO exits for notifies.
+    var queueNotifyEvents: [(datamatch: UInt64, event: EventFD)] { get }
+    /// Starts worker threads, if any; called once before the guest runs.
+    func start() throws
+    /// Stops worker threads and releases resources. Called once after the guest stopped.
+    func shutdown()
+}
+
+/// Errors building a machine.
+public enum MachineError: Error, Sendable, CustomStringConvertible {
+    case kernel(String)
+    case initrd(String)
+    case invalidConfiguration(String)
+    case kvm(KVMError)
+    case setup(String)
+
+    public var description: String {
+        switch self {
+        case .kernel(let s): return "kernel: \(s)"
+        case .initrd(let s): return "initrd: \(s)"
+        case .invalidConfiguration(let s): return s
+        case .kvm(let e): return e.description
+        case .setup(let s): return s
+        }
+    }
+}
+
+/// What a finished run looked like.
+public struct MachineResult: Sendable {
+    public var reason: StopReason
+    /// The console output kept (the tail, up to the configured capacity).
+    public var console: ConsoleLog
+    /// Boot-timer milestones, relative to `startNanos`.
+    public var bootMarks: [BootTimer.Mark]
+    /// When `Machine.init` began (monotonic ns): the VMM start.
+    public var startNanos: UInt64
+    /// When the vCPUs were first started.
+    public var runNanos: UInt64
+    /// When the VM stopped.
+    public var stopNanos: UInt64
+
+    /// Milliseconds from VMM start to the first write of `value` to the boot-timer port.
+    public func millis(toMark value: UInt8) -> Double? {
+        bootMarks.first { $0.value == value }.map { Double($0.nanos - startNanos) / 1e6 }
+    }
+}
+
+/// Edge-triggered interrupt through KVM_IRQFD.
+final class IRQFDTrigger: InterruptTrigger {
+    let event: EventFD
+    init(event: EventFD) { self.event = event }
+    func trigger() { event.signal() }
+}
+
+/// One micro-VM: guest memory, vCPUs, devices and the run loop. One use: build, `run()`, done.
+public final class Machine: @unchecked Sendable {
+    // @unchecked: configuration state is immutable after init; the stop state is
+    // guarded by `stopLock`; vCPUs are each owned by their run thread during `run()`.
+    public let configuration: MachineConfiguration
+    public let memory: GuestMemory
+    public let console: ConsoleLog
+    public let bootTimer: BootTimer
+    let system: KVMSystem
+    let vm: VirtualMachine
+    let vcpus: [VCPU]
+    let bus: DeviceBus
+    let startNanos: UInt64
+    private let irqEvents: [EventFD]
+    private let stopLock = Lock()
+    private var stopReason: StopReason?
+    private let stopEvent: EventFD
+    private var threads: [NativeThread] = []
+    private var ran = false
+
+    /// The signal used to kick vCPU threads out of KVM_RUN.
+    static let kickSignal = SIGUSR2
+
+    /// Builds the VM: opens KVM, allocates and fills guest memory, creates devices and vCPUs.
+    public init(_ config: MachineConfiguration) throws {
+        startNanos = monotonicNanos()
+        configuration = config
+        guard config.cpus >= 1 else { throw MachineError.invalidConfiguration("--cpus must be at least 1") }
+        guard config.cpus <= MPTable.maxCPUs else {
+            throw MachineError.invalidConfiguration("--cpus \(config.cpus) is more than this VMM supports (\(MPTable.maxCPUs))")
+        }
+        guard config.memoryMiB >= Layout.minimumMemory >> 20 else {
+            throw MachineError.invalidConfiguration("--memory \(config.memoryMiB) MiB is too little; the minimum is \(Layout.minimumMemory >> 20) MiB")
+        }
+        guard config.memoryMiB <= 1 << 20 else {
+            throw MachineError.invalidConfiguration("--memory \(config.memoryMiB) MiB is more than 1 TiB")
+        }
+        guard config.virtioDevices.count <= Layout.maxVirtioDevices else {
+            throw MachineError.invalidConfiguration("at most \(Layout.maxVirtioDevices) virtio devices")
+        }
+
+        // Inputs first: bad files fail before any KVM work.
+        let kernelBytes: [UInt8]
+        do { kernelBytes = try readWholeFile(config.kernelPath) } catch { throw MachineError.kernel(error.description) }
+        let image: KernelImage
+        do { image = try KernelImage.parse(kernelBytes) } catch { throw MachineError.kernel("\(config.kernelPath): \(error.description)") }
+        var initrd: [UInt8]?
+        if let path = config.initrdPath {
+            do { initrd = try readWholeFile(path) } catch { throw MachineError.initrd(error.description) }
+        }
+
+        var cmdline = KernelCommandLine()
+        do {
+            try cmdline.append(contentsOf: "console=ttyS0 reboot=t panic=-1")
+            for i in config.virtioDevices.indices {
+                let base = Layout.virtioMMIOBase + UInt64(i) * Layout.virtioMMIOSize
+                try cmdline.append("virtio_mmio.device=4K@0x\(String(base, radix: 16)):\(Layout.virtioFirstIRQ + UInt32(i))")
+            }
+            try cmdline.append(contentsOf: config.extraCommandLine)
+        } catch {
+            throw MachineError.invalidConfiguration(error.description)
+        }
+
+        do {
+            system = try KVMSystem()
+            let maxVCPUs = Int(max(system.check(.maxVCPUs), system.check(.nrVCPUs)))
+            if maxVCPUs > 0 && config.cpus > maxVCPUs {
+                throw MachineError.invalidConfiguration("--cpus \(config.cpus) is more than this host's KVM allows (\(maxVCPUs))")
+            }
+            vm = try system.createVM()
+            memory = try GuestMemory(size: config.memoryMiB << 20)
+            try vm.setTSSAddress(0xFFFB_D000)
+            try vm.mapMemory(memory)
+            try vm.createIRQChip()
+            try vm.createPIT()
+        } catch let e as KVMError {
+            throw MachineError.kvm(e)
+        }
+
+        // Guest memory contents.
+        let entry = try BootLoader.load(kernel: image, kernelBytes: kernelBytes, initrd: initrd, commandLine: cmdline, memory: memory)
+        try CPUSetup.writeDescriptorTables(memory)
+        try CPUSetup.writeIdentityPageTables(memory)
+        try MPTable.write(cpus: config.cpus, to: memory)
+
+        // Devices.
+        console = ConsoleLog(capacity: config.consoleCapacity, sink: config.consoleSink)
+        bootTimer = BootTimer(onMark: config.onBootMark)
+        stopEvent = try EventFD()
+        var bus = DeviceBus()
+        var irqEvents: [EventFD] = []
+        do {
+            let serialIRQ = try EventFD()
+            try vm.registerIRQFD(serialIRQ, gsi: Layout.serialIRQ)
+            irqEvents.append(serialIRQ)
+            try bus.addPorts(base: Layout.serialCOM1, count: 8, Serial(output: console, interrupt: IRQFDTrigger(event: serialIRQ)))
+            try bus.addPorts(base: Layout.bootTimerPort, count: 1, bootTimer)
+            let stopBox = WeakStopper()
+            try bus.addPorts(base: Layout.i8042Command, count: 1, I8042(onReset: { stopBox.machine?.requestStop(.guestReset) }))
+            for (i, dev) in config.virtioDevices.enumerated() {
+                let base = Layout.virtioMMIOBase + UInt64(i) * Layout.virtioMMIOSize
+                let irq = try EventFD()
+                try vm.registerIRQFD(irq, gsi: Layout.virtioFirstIRQ + UInt32(i))
+                irqEvents.append(irq)
+                dev.attach(interrupt: IRQFDTrigger(event: irq))
+                for (match, event) in dev.queueNotifyEvents {
+                    try vm.registerIOEventFD(event, mmioAddress: base + 0x50, length: 4, datamatch: match)
+                }
+                try bus.addMMIO(base: base, size: Layout.virtioMMIOSize, dev.mmioDevice)
+            }
+            self.bus = bus
+            self.irqEvents = irqEvents
+
+            // vCPUs.
+            let supported = try system.supportedCPUID()
+            var vcpus: [VCPU] = []
+            for id in 0..<config.cpus {
+                let vcpu = try vm.createVCPU(id: id)
+                try vcpu.setCPUID(CPUIDPolicy.entries(from: supported, vcpuID: id, vcpuCount: config.cpus))
+                if id == 0 {
+                    let base = try vcpu.specialRegisters()
+                    let (regs, sregs): (Registers, SpecialRegisters)
+                    switch entry {
+                    case let .pvh(e, startInfo): (regs, sregs) = CPUSetup.pvhState(base: base, entry: e, startInfo: startInfo)
+                    case let .linux64(e, zeroPage): (regs, sregs) = CPUSetup.longModeState(base: base, entry: e, rsi: zeroPage.rawValue)
+                    }
+                    try vcpu.setSpecialRegisters(sregs)
+                    try vcpu.setRegisters(regs)
+                    try vcpu.resetFPU()
+                }
+                vcpus.append(vcpu)
+            }
+            self.vcpus = vcpus
+            stopBox.machine = self
+        } catch let e as KVMError {
+            throw MachineError.kvm(e)
+        }
+    }
+
+    /// Boots the guest and blocks until it stops (guest reset/power-off, crash, timeout,
+    /// KVM error, or `requestStop`). Call once.
+    public func run() throws -> MachineResult {
+        precondition(!ran, "Machine.run() may only be called once")
+        ran = true
+        installKickSignalHandler(Self.kickSignal)
+        for dev in configuration.virtioDevices { try dev.start() }
+        defer { for dev in configuration.virtioDevices { dev.shutdown() } }
+        let runNanos = monotonicNanos()
+        let bus = self.bus
+        for vcpu in vcpus {
+            let t = try NativeThread(name: "vcpu\(vcpu.id)") { [self] in
+                self.runLoop(vcpu, bus: bus)
+            }
+            stopLock.withLock { threads.append(t) }
+        }
+        // Wait for the first stop or the deadline.
+        let timeoutMillis: Int32 = configuration.timeoutSeconds.map { Int32(min(max($0 * 1000, 1), Double(Int32.max))) } ?? -1
+        if !waitReadable(stopEvent.fd.rawValue, timeoutMillis: timeoutMillis) {
+            requestStop(.timeout)
+        }
+        let all = stopLock.withLock { threads }
+        for t in all { t.join() }
+        let reason = stopLock.withLock { stopReason } ?? .stopRequested
+        return MachineResult(reason: reason, console: console, bootMarks: bootTimer.recorded,
+                             startNanos: startNanos, runNanos: runNanos, stopNanos: monotonicNanos())
+    }
+
+    /// Asks the VM to stop; the first reason wins. Safe from any thread.
+    public func requestStop(_ reason: StopReason) {
+        let toKick: [NativeThread] = stopLock.withLock {
+            if stopReason == nil { stopReason = reason }
+            return threads
+        }
+        for v in vcpus { v.requestExit() }
+        for t in toKick { t.kill(Self.kickSignal) }
+        stopEvent.signal()
+    }
+
+    private var stopping: Bool { stopLock.withLock { stopReason != nil } }
+
+    private func runLoop(_ vcpu: VCPU, bus: DeviceBus) {
+        unblockSignalInCurrentThread(Self.kickSignal)
+        while !stopping {
+            let exit: VCPUExit
+            do { exit = try vcpu.run() } catch {
+                requestStop(.kvmError(error.description))
+                return
+            }
+            if case .stop(let reason) = ExitHandler.handle(exit, bus: bus) {
+                requestStop(reason)
+                return
+            }
+        }
+    }
+}
+
+/// Lets a device callback reach the machine without a retain cycle.
+private final class WeakStopper: @unchecked Sendable {
+    // @unchecked: set once during Machine.init before any vCPU runs.
+    weak var machine: Machine?
+}

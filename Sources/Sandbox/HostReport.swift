@@ -1,0 +1,52 @@
+import CJail
+import CURing
+import Foundation
+import KVM
+
+/// What `sandbox doctor` reports about this host.
+public struct HostReport: Sendable {
+    public var lines: [String] = []
+    /// Whether sandboxes can run here.
+    public var canRun = true
+    public var text: String { lines.joined(separator: "\n") }
+
+    public static func gather() -> HostReport {
+        var r = HostReport()
+        let host = HostKind.detect()
+        r.lines.append("host kind:      \(host)")
+        switch host {
+        case .none:
+            r.canRun = false
+            r.lines.append("/dev/kvm:       missing. Fix: enable VT-x/AMD-V (or nested virtualization) and load kvm_intel/kvm_amd.")
+        case .hardware, .pvm:
+            do {
+                let kvm = try KVMSystem()
+                r.lines.append("/dev/kvm:       ok (API 12, irqchip, irqfd, ioeventfd \(kvm.check(.ioeventfd) > 0 ? "yes" : "no"), max vCPUs \(max(kvm.check(.maxVCPUs), kvm.check(.nrVCPUs))))")
+            } catch {
+                r.canRun = false
+                r.lines.append("/dev/kvm:       \(error)")
+            }
+        }
+        let uring = curing_probe()
+        if uring > 0 {
+            r.lines.append("io_uring:       available (block I/O engine: io_uring)")
+        } else {
+            r.lines.append("io_uring:       unavailable (\(String(cString: strerror(-uring)))); block I/O falls back to the synchronous engine")
+        }
+        let sv = cjail_seccomp_version()
+        r.lines.append("libseccomp:     \(sv > 0 ? "\(sv / 10000).\(sv / 100 % 100).\(sv % 100)" : "unavailable")")
+        let flavor = KernelFlavor.forHost(host)
+        if let k = ProcessInfo.processInfo.environment["SANDBOX_KERNEL"], !k.isEmpty {
+            r.lines.append("guest kernel:   \(k) (from SANDBOX_KERNEL); this host needs the \(flavor.rawValue) flavor")
+        } else if let p = try? KernelStore.cachedPath(flavor: flavor) {
+            let built = FileManager.default.fileExists(atPath: p)
+            r.lines.append("guest kernel:   \(flavor.rawValue) flavor, \(built ? "cached at \(p)" : "not built yet: run `sandbox kernel build` (about 4 minutes) or let the first boot build it")")
+        } else {
+            r.lines.append("guest kernel:   \(flavor.rawValue) flavor; the recipes folder was not found (set SANDBOX_RESOURCES)")
+        }
+        if host == .pvm {
+            r.lines.append("note:           PVM host: only the pvm kernel flavor boots natively here; a standard kernel falls into emulation and dies.")
+        }
+        return r
+    }
+}

@@ -1,0 +1,83 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CSystem
+
+/// A dedicated OS thread (vCPU threads must never run on the async cooperative pool,
+/// because KVM_RUN blocks).
+public final class NativeThread: @unchecked Sendable {
+    // @unchecked: `handle` is written once before start returns; `tid` is published
+    // through `started` (an eventfd write/read pair orders it).
+    private var handle = pthread_t()
+    private var tidValue: Int32 = 0
+    private let started: EventFD
+
+    private final class Context {
+        let body: () -> Void
+        let thread: NativeThread
+        let name: String
+        init(_ body: @escaping () -> Void, _ thread: NativeThread, _ name: String) { self.body = body; self.thread = thread; self.name = name }
+    }
+
+    /// Starts `body` on a new thread named `name` (at most 15 characters are kept).
+    public init(name: String, _ body: @escaping @Sendable () -> Void) throws(SystemError) {
+        started = try EventFD()
+        let context = Unmanaged.passRetained(Context(body, self, name))
+        let rc = pthread_create(&handle, nil, { raw in
+            // SAFETY: `raw` is the retained Context passed below; we take the +1 here.
+            let ctx = Unmanaged<Context>.fromOpaque(raw!).takeRetainedValue()
+            ctx.thread.tidValue = csystem_gettid()
+            csystem_set_thread_name(ctx.name)
+            ctx.thread.started.signal()
+            ctx.body()
+            return nil
+        }, context.toOpaque())
+        if rc != 0 {
+            context.release()
+            throw SystemError("pthread_create(\(name))", errno: rc)
+        }
+        started.wait()
+    }
+
+    /// The kernel thread id (for tgkill).
+    public var tid: Int32 { tidValue }
+
+    /// Sends `signal` to this thread.
+    public func kill(_ signal: Int32) {
+        _ = csystem_tgkill(getpid(), tidValue, signal)
+    }
+
+    /// Waits for the thread to finish. Call once.
+    public func join() {
+        _ = pthread_join(handle, nil)
+    }
+}
+
+/// Installs a no-op handler for `signal` (without SA_RESTART), so that sending it to a
+/// thread blocked in a syscall such as KVM_RUN makes the call return EINTR.
+public func installKickSignalHandler(_ signal: Int32) {
+    var action = sigaction()
+    action.__sigaction_handler.sa_handler = { _ in }
+    sigemptyset(&action.sa_mask)
+    action.sa_flags = 0
+    sigaction(signal, &action, nil)
+}
+
+/// Waits until `fd` is readable or `timeoutMillis` passes (-1 = forever). Returns true if readable.
+public func waitReadable(_ fd: Int32, timeoutMillis: Int32) -> Bool {
+    var p = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+    while true {
+        let r = poll(&p, 1, timeoutMillis)
+        if r < 0 && errno == EINTR { continue }
+        return r > 0
+    }
+}
+
+/// Unblocks `signal` for the calling thread (threads inherit the creator's mask, and
+/// the async runtime's threads block most signals).
+public func unblockSignalInCurrentThread(_ signal: Int32) {
+    var set = sigset_t()
+    sigemptyset(&set)
+    sigaddset(&set, signal)
+    pthread_sigmask(SIG_UNBLOCK, &set, nil)
+}

@@ -1,0 +1,234 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import SystemShims
+
+/// A copy-on-write view of a shared, read-only base image.
+///
+/// ```
+///   disk offset:  0        4K       8K       12K ...
+///   bitmap:       0        1        0        1
+///   reads from:   base     overlay  base     overlay
+/// ```
+///
+/// The base image is opened `O_RDONLY` and never written. Writes go to a private
+/// sparse overlay file of the same size (same offsets), created in a given directory;
+/// an in-memory bitmap records which 4 KiB blocks the overlay holds. A write that
+/// covers a block only partially first copies that block from the base into the
+/// overlay (read-modify-write). Unless `keepOverlay` is set, the overlay file is
+/// unlinked right after creation, so nothing is left on disk even if the process is
+/// killed; its space is freed when the disk is closed.
+public final class CopyOnWriteDisk: BlockBackend, @unchecked Sendable {
+    // @unchecked: the bitmap and `closed` are guarded by `lock`; the descriptors and
+    // sizes are immutable after init (close() only closes them once).
+
+    /// Copy-on-write granularity.
+    public static let blockSize = 4096
+
+    /// Disk size: the base image size rounded down to 512-byte sectors.
+    public let capacity: UInt64
+    public var isReadOnly: Bool { false }
+    /// The base image.
+    public let baseImagePath: String
+    /// The overlay file (already unlinked unless `keepsOverlay`).
+    public let overlayPath: String
+    /// Whether the overlay file stays on disk after close.
+    public let keepsOverlay: Bool
+
+    private let base: FileDescriptor
+    private let overlay: FileDescriptor
+    private let lock = Lock()
+    private var bitmap: [UInt64]
+    private var closed = false
+
+    /// Opens `baseImage` read-only and creates the overlay in `overlayDirectory`.
+    /// - Parameters:
+    ///   - baseImage: path of the shared base image (never opened for writing).
+    ///   - overlayDirectory: where the sparse overlay file is created.
+    ///   - keepOverlay: keep the overlay file after close (debugging); by default it
+    ///     is unlinked immediately.
+    /// - Throws: `SystemError` if a file cannot be opened or created.
+    public init(baseImage: String, overlayDirectory: String, keepOverlay: Bool = false) throws(SystemError) {
+        base = try FileDescriptor.open(baseImage, O_RDONLY)
+        let size = try base.size()
+        let capacity = size - size % 512
+        self.capacity = capacity
+        baseImagePath = baseImage
+        keepsOverlay = keepOverlay
+        var template = Array((overlayDirectory + "/sandbox-overlay-XXXXXX").utf8CString)
+        // SAFETY: `template` is a NUL-terminated mutable buffer that mkostemp rewrites in place.
+        let fd = try retryingEINTR("mkstemp(\(overlayDirectory))") { template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) } }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        overlay = FileDescriptor(owning: fd)
+        let overlayPath = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
+        self.overlayPath = overlayPath
+        if !keepOverlay { unlink(overlayPath) }
+        do throws(SystemError) {
+            try retryingEINTR("ftruncate(overlay)") { ftruncate(fd, off_t(capacity)) }
+        } catch {
+            if keepOverlay { unlink(overlayPath) }
+            throw error
+        }
+        let blocks = (Int(capacity) + Self.blockSize - 1) / Self.blockSize
+        bitmap = [UInt64](repeating: 0, count: (blocks + 63) / 64)
+    }
+
+    deinit { close() }
+
+    /// Closes both files. The overlay's space is freed unless it was kept. Idempotent.
+    public func close() {
+        lock.withLock {
+            guard !closed else { return }
+            closed = true
+            overlay.close()
+            base.close()
+        }
+    }
+
+    /// Number of 4 KiB blocks held by the overlay.
+    public var overlayBlockCount: Int {
+        lock.withLock { bitmap.reduce(0) { $0 + $1.nonzeroBitCount } }
+    }
+
+    private func isInOverlay(_ block: Int) -> Bool {
+        bitmap[block / 64] & (1 << UInt64(block % 64)) != 0
+    }
+
+    private func markInOverlay(_ block: Int) {
+        bitmap[block / 64] |= 1 << UInt64(block % 64)
+    }
+
+    public var flushDescriptors: [Int32] { lock.withLock { closed ? [] : [overlay.rawValue] } }
+
+    public func mapRead(offset: UInt64, length: Int) throws(BlockBackendError) -> [FileSegment] {
+        try checkRange(offset: offset, length: length)
+        guard length > 0 else { return [] }
+        lock.lock()
+        defer { lock.unlock() }
+        do {
+            guard !closed else { throw BlockBackendError.io(SystemError("read(closed disk)", errno: EBADF)) }
+            var segments: [FileSegment] = []
+            let end = offset + UInt64(length)
+            var pos = offset
+            let bs = UInt64(Self.blockSize)
+            while pos < end {
+                let block = Int(pos / bs)
+                let pieceEnd = min(end, (UInt64(block) + 1) * bs)
+                let fd = isInOverlay(block) ? overlay.rawValue : base.rawValue
+                let bufferOffset = Int(pos - offset)
+                let len = Int(pieceEnd - pos)
+                if var last = segments.last, last.fd == fd, last.bufferOffset + last.length == bufferOffset {
+                    last.length += len
+                    segments[segments.count - 1] = last
+                } else {
+                    segments.append(FileSegment(fd: fd, fileOffset: pos, bufferOffset: bufferOffset, length: len))
+                }
+                pos = pieceEnd
+            }
+            return segments
+        }
+    }
+
+    public func mapWrite(offset: UInt64, length: Int) throws(BlockBackendError) -> [FileSegment] {
+        try checkRange(offset: offset, length: length)
+        guard length > 0 else { return [] }
+        lock.lock()
+        defer { lock.unlock() }
+        do {
+            guard !closed else { throw BlockBackendError.io(SystemError("write(closed disk)", errno: EBADF)) }
+            let bs = UInt64(Self.blockSize)
+            let end = offset + UInt64(length)
+            let first = Int(offset / bs), last = Int((end - 1) / bs)
+            // Partially covered edge blocks need the base's bytes around the write.
+            for block in Set([first, last]) where !isInOverlay(block) {
+                let start = UInt64(block) * bs
+                let covered = offset <= start && end >= min(start + bs, capacity)
+                if !covered { try copyUp(block) }
+            }
+            for block in first ... last { markInOverlay(block) }
+            // Marking before the write completes is fine: a read racing with a write
+            // to the same sectors has undefined contents in virtio-blk anyway.
+            return [FileSegment(fd: overlay.rawValue, fileOffset: offset, bufferOffset: 0, length: length)]
+        }
+    }
+
+    /// Copies one block from the base into the overlay (lock held).
+    private func copyUp(_ block: Int) throws(BlockBackendError) {
+        let start = UInt64(block) * UInt64(Self.blockSize)
+        let count = Int(min(UInt64(Self.blockSize), capacity - start))
+        // SAFETY: a private scratch buffer, deallocated on every path by the defer.
+        let b = UnsafeMutableRawBufferPointer.allocate(byteCount: count, alignment: 16)
+        defer { b.deallocate() }
+        do throws(SystemError) {
+            try SyncEngine.readFully(fd: base.rawValue, into: b, at: start)
+            try overlay.writeAll(UnsafeRawBufferPointer(b), at: start)
+        } catch {
+            throw .io(error)
+        }
+        markInOverlay(block)
+    }
+
+    /// Writes the merged disk (base plus overlay) to a new file at `path`, via a
+    /// temporary file in the same directory renamed into place (for `--keep-disk`).
+    /// - Throws: `BlockBackendError.io` on any host I/O failure.
+    public func exportMerged(to path: String) throws(BlockBackendError) {
+        let tmp = path + ".partial"
+        let out: FileDescriptor
+        do throws(SystemError) { out = try FileDescriptor.open(tmp, O_WRONLY | O_CREAT | O_TRUNC, mode: 0o644) } catch { throw .io(error) }
+        defer { out.close() }
+        let chunk = 1 << 20
+        // SAFETY: a private scratch buffer, deallocated on every path by the defer.
+        let buffer = UnsafeMutableRawBufferPointer.allocate(byteCount: chunk, alignment: 16)
+        defer { buffer.deallocate() }
+        var pos: UInt64 = 0
+        do throws(BlockBackendError) {
+            while pos < capacity {
+                let n = Int(min(UInt64(chunk), capacity - pos))
+                let part = UnsafeMutableRawBufferPointer(rebasing: buffer[0 ..< n])
+                try read(into: part, at: pos)
+                do throws(SystemError) { try out.writeAll(UnsafeRawBufferPointer(part), at: pos) } catch { throw .io(error) }
+                pos += UInt64(n)
+            }
+            do throws(SystemError) {
+                try retryingEINTR("fsync(\(tmp))") { fsync(out.rawValue) }
+                try retryingEINTR("rename(\(tmp))") { rename(tmp, path) }
+            } catch { throw BlockBackendError.io(error) }
+        } catch {
+            unlink(tmp)
+            throw error
+        }
+    }
+}
+
+/// A plain disk image file used directly (e.g. a scratch or data disk), optionally
+/// read-only.
+public final class RawFileDisk: BlockBackend, @unchecked Sendable {
+    // @unchecked: immutable after init.
+    public let capacity: UInt64
+    public let isReadOnly: Bool
+    private let file: FileDescriptor
+
+    /// Opens `path`; read-only disks are opened `O_RDONLY`.
+    public init(path: String, readOnly: Bool) throws(SystemError) {
+        file = try FileDescriptor.open(path, readOnly ? O_RDONLY : O_RDWR)
+        let size = try file.size()
+        capacity = size - size % 512
+        isReadOnly = readOnly
+    }
+
+    /// Closes the file. Idempotent.
+    public func close() { file.close() }
+
+    public var flushDescriptors: [Int32] { isReadOnly ? [] : [file.rawValue] }
+
+    public func mapRead(offset: UInt64, length: Int) throws(BlockBackendError) -> [FileSegment] {
+        try checkRange(offset: offset, length: length)
+        return length == 0 ? [] : [FileSegment(fd: file.rawValue, fileOffset: offset, bufferOffset: 0, length: length)]
+    }
+
+    public func mapWrite(offset: UInt64, length: Int) throws(BlockBackendError) -> [FileSegment] {
+        guard !isReadOnly else { throw .readOnly }
+        try checkRange(offset: offset, length: length)
+        return length == 0 ? [] : [FileSegment(fd: file.rawValue, fileOffset: offset, bufferOffset: 0, length: length)]
+    }
+}

@@ -1,0 +1,115 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import CURing
+import SystemShims
+
+/// Block I/O through io_uring: all operations of one batch (every segment of every
+/// request popped in one notify round) are queued, submitted with one
+/// `io_uring_enter`, and reaped on the device worker thread, which waits for them
+/// with `submit_and_wait` (vCPU threads never wait on I/O). Short transfers are
+/// finished with pread/pwrite.
+public final class IOUringEngine: BlockIOEngine, @unchecked Sendable {
+    // @unchecked: the ring and `poisoned` are only touched inside `lock`.
+    private let ring: OpaquePointer
+    private let entries: Int
+    private let lock = Lock()
+    /// Set when a submission failed part-way; the ring is then never used again.
+    private var poisoned = false
+
+    /// Creates a ring with `entries` submission slots (batches larger than that are
+    /// submitted in several rounds).
+    public init(entries: UInt32 = 128) throws(SystemError) {
+        var err: Int32 = 0
+        guard let r = curing_create(entries, &err) else { throw SystemError("io_uring_queue_init", errno: -err) }
+        ring = r
+        self.entries = Int(entries)
+    }
+
+    deinit { curing_destroy(ring) }
+
+    public var kind: BlockEngineKind { .ioUring }
+
+    public func perform(_ operations: [IOOperation]) -> [Int32] {
+        lock.withLock {
+            var results = [Int32](repeating: 0, count: operations.count)
+            var start = 0
+            if poisoned {
+                return operations.map { syncFallback($0, from: 0) }
+            }
+            while start < operations.count {
+                let end = min(start + entries, operations.count)
+                runChunk(operations, start ..< end, &results)
+                start = end
+            }
+            return results
+        }
+    }
+
+    /// Submits operations[range], waits for all of their completions and stores results.
+    private func runChunk(_ ops: [IOOperation], _ range: Range<Int>, _ results: inout [Int32]) {
+        var queued: [Int] = []
+        for i in range {
+            let op = ops[i]
+            let rc: Int32
+            switch op.kind {
+            case .read:
+                // SAFETY: the caller keeps `op.buffer` (op.length bytes) alive until perform returns,
+                // and we wait for every queued completion before returning.
+                rc = curing_prep_read(ring, op.fd, op.buffer, UInt32(op.length), op.offset, UInt64(i))
+            case .write:
+                // SAFETY: as above.
+                rc = curing_prep_write(ring, op.fd, op.buffer, UInt32(op.length), op.offset, UInt64(i))
+            case .fdatasync:
+                rc = curing_prep_fsync(ring, op.fd, UInt64(i))
+            }
+            if rc == 0 { queued.append(i) } else { results[i] = syncFallback(op, from: 0) }
+        }
+        guard !queued.isEmpty else { return }
+        var rc: Int32
+        repeat { rc = curing_submit_and_wait(ring, UInt32(queued.count)) } while rc == -EINTR
+        let submitted = rc < 0 ? 0 : min(Int(rc), queued.count)
+        if submitted < queued.count {
+            // The kernel consumes SQEs in order; the rest stay in the SQ. Never submit
+            // on this ring again (those SQEs point at buffers we are about to reuse),
+            // and finish them synchronously.
+            poisoned = true
+            for i in queued[submitted...] { results[i] = syncFallback(ops[i], from: 0) }
+        }
+        var outstanding = submitted
+        var userData = [UInt64](repeating: 0, count: max(outstanding, 1))
+        var res = [Int32](repeating: 0, count: max(outstanding, 1))
+        while outstanding > 0 {
+            var n = Int(curing_reap(ring, &userData, &res, Int32(outstanding)))
+            if n == 0 {
+                // Must not return while the kernel still owns buffers: keep waiting.
+                guard curing_wait_one(ring, &userData, &res) == 0 else { continue }
+                n = 1
+            }
+            for k in 0 ..< n {
+                let i = Int(userData[k])
+                results[i] = complete(ops[i], result: res[k])
+            }
+            outstanding -= n
+        }
+    }
+
+    /// Turns a completion into 0 / -errno, finishing short transfers synchronously.
+    private func complete(_ op: IOOperation, result: Int32) -> Int32 {
+        if result < 0 {
+            // EAGAIN/EINTR from the ring: retry the whole operation synchronously.
+            return result == -EAGAIN || result == -EINTR ? syncFallback(op, from: 0) : result
+        }
+        if op.kind == .fdatasync || Int(result) >= op.length { return 0 }
+        return syncFallback(op, from: Int(result))
+    }
+
+    private func syncFallback(_ op: IOOperation, from done: Int) -> Int32 {
+        do {
+            try SyncEngine.perform(op, from: done)
+            return 0
+        } catch {
+            return -error.errno
+        }
+    }
+}

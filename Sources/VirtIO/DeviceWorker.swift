@@ -1,0 +1,81 @@
+#if canImport(Glibc)
+import Glibc
+#endif
+import SystemShims
+
+/// One thread per device that waits on the device's queue-notify eventfds (which
+/// either the transport signals on a QueueNotify MMIO exit, or KVM signals directly
+/// through KVM_IOEVENTFD) and calls the handler for each signalled queue. vCPU
+/// threads never wait on device I/O.
+final class DeviceWorker: @unchecked Sendable {
+    // @unchecked: `thread` is written by start() and read by stop(), both under `lock`;
+    // the eventfds are immutable.
+    private let notifiers: [EventFD]
+    private let stopEvent: EventFD
+    private let handler: @Sendable (Int) -> Void
+    private let lock = Lock()
+    private var thread: pthread_t? = nil
+
+    /// - Parameters:
+    ///   - notifiers: one non-blocking eventfd per queue.
+    ///   - handler: called on the worker thread with the queue index.
+    init(notifiers: [EventFD], handler: @escaping @Sendable (Int) -> Void) throws(SystemError) {
+        self.notifiers = notifiers
+        self.stopEvent = try EventFD(nonBlocking: true)
+        self.handler = handler
+    }
+
+    /// Whether the thread is running.
+    var isRunning: Bool { lock.withLock { thread != nil } }
+
+    /// Starts the thread (no-op if running).
+    func start() throws(SystemError) {
+        lock.lock()
+        defer { lock.unlock() }
+        guard thread == nil else { return }
+        stopEvent.wait()  // drain a stale stop request
+        let box = Unmanaged.passRetained(self).toOpaque()
+        var tid = pthread_t()
+        let rc = pthread_create(&tid, nil, { arg in
+            // SAFETY: `arg` is the retained self passed below; released exactly once here.
+            let worker = Unmanaged<DeviceWorker>.fromOpaque(arg!).takeRetainedValue()
+            worker.run()
+            return nil
+        }, box)
+        if rc != 0 {
+            Unmanaged<DeviceWorker>.fromOpaque(box).release()
+            throw SystemError("pthread_create(virtio worker)", errno: rc)
+        }
+        thread = tid
+    }
+
+    /// Stops and joins the thread (no-op if not running). Must not be called from
+    /// the worker thread itself.
+    func stop() {
+        let t: pthread_t? = lock.withLock {
+            let t = thread
+            thread = nil
+            return t
+        }
+        guard let t else { return }
+        stopEvent.signal()
+        pthread_join(t, nil)
+    }
+
+    private func run() {
+        var fds = [pollfd(fd: stopEvent.fd.rawValue, events: Int16(POLLIN), revents: 0)]
+        for n in notifiers { fds.append(pollfd(fd: n.fd.rawValue, events: Int16(POLLIN), revents: 0)) }
+        while true {
+            for i in fds.indices { fds[i].revents = 0 }
+            let rc = poll(&fds, nfds_t(fds.count), -1)
+            if rc < 0 {
+                if errno == EINTR { continue }
+                return  // cannot happen with valid descriptors; stop serving rather than spin
+            }
+            if fds[0].revents != 0 { return }
+            for i in 1..<fds.count where fds[i].revents != 0 {
+                if notifiers[i - 1].wait() > 0 { handler(i - 1) }
+            }
+        }
+    }
+}

@@ -1,0 +1,340 @@
+import GuestMemory
+import SystemShims
+
+/// virtio-mmio register offsets, version 2 (virtio spec 4.2.2).
+public enum VirtioMMIORegister {
+    public static let magicValue: UInt64 = 0x000
+    public static let version: UInt64 = 0x004
+    public static let deviceID: UInt64 = 0x008
+    public static let vendorID: UInt64 = 0x00c
+    public static let deviceFeatures: UInt64 = 0x010
+    public static let deviceFeaturesSel: UInt64 = 0x014
+    public static let driverFeatures: UInt64 = 0x020
+    public static let driverFeaturesSel: UInt64 = 0x024
+    public static let queueSel: UInt64 = 0x030
+    public static let queueNumMax: UInt64 = 0x034
+    public static let queueNum: UInt64 = 0x038
+    public static let queueReady: UInt64 = 0x044
+    public static let queueNotify: UInt64 = 0x050
+    public static let interruptStatus: UInt64 = 0x060
+    public static let interruptACK: UInt64 = 0x064
+    public static let status: UInt64 = 0x070
+    public static let queueDescLow: UInt64 = 0x080
+    public static let queueDescHigh: UInt64 = 0x084
+    public static let queueDriverLow: UInt64 = 0x090
+    public static let queueDriverHigh: UInt64 = 0x094
+    public static let queueDeviceLow: UInt64 = 0x0a0
+    public static let queueDeviceHigh: UInt64 = 0x0a4
+    public static let configGeneration: UInt64 = 0x0fc
+    public static let config: UInt64 = 0x100
+}
+
+/// Plain-value snapshot of a virtio-mmio transport and its queues.
+public struct MMIOTransportState: Sendable, Equatable {
+    public var status: UInt32
+    public var deviceFeaturesSel: UInt32
+    public var driverFeaturesSel: UInt32
+    public var driverFeatures: UInt64
+    public var queueSel: UInt32
+    /// The queues: the device's live state while active, else the transport's registers.
+    public var queues: [VirtQueueState]
+    public var interruptStatus: UInt32
+    public var configGeneration: UInt32
+    public var needsReset: Bool
+}
+
+/// A virtio-mmio (version 2, "modern") transport in front of one `VirtioDevice`.
+///
+/// The VMM maps it on the MMIO bus (`size` bytes at the device's base address),
+/// backs the `InterruptTrigger` by an irqfd, and registers each queue's
+/// `notifyEventFD(forQueue:)` with KVM_IOEVENTFD at `base + queueNotifyOffset`
+/// (4 bytes, datamatch = queue index) so doorbells never exit to user space. Without
+/// the ioeventfd, a QueueNotify MMIO write signals the same eventfd. The device
+/// worker thread (`start()`/`stop()`) waits on those eventfds and calls
+/// `VirtioDevice.queueNotify`.
+public final class MMIOTransport: MMIODevice, @unchecked Sendable {
+    // @unchecked: all mutable state is guarded by `lock`; `device`, `memory`,
+    // `interrupt`, the eventfds and the worker are immutable references to
+    // thread-safe objects.
+
+    /// "virt" little-endian.
+    public static let magic: UInt32 = 0x7472_6976
+    /// Our vendor ID (QEMU's is 0x554D4551; any value is fine for Linux).
+    public static let vendor: UInt32 = 0x4b56_4d53  // "SMVK"
+    /// Size of the register window including config space.
+    public static let size: UInt64 = 0x200
+    /// Offset of the QueueNotify register, for KVM_IOEVENTFD.
+    public static let queueNotifyOffset: UInt64 = VirtioMMIORegister.queueNotify
+
+    /// The device behind this transport.
+    public let device: any VirtioDevice
+    /// Interrupt status, config generation and the interrupt line.
+    public let interrupt: VirtioInterrupt
+    private let memory: GuestMemory
+    private let notifiers: [EventFD]
+    private let worker: DeviceWorker
+    private let lock = Lock()
+
+    // Registers (guarded by lock).
+    private var status: UInt32 = 0
+    private var deviceFeaturesSel: UInt32 = 0
+    private var driverFeaturesSel: UInt32 = 0
+    private var driverFeatures: UInt64 = 0
+    private var queueSel: UInt32 = 0
+    private var queues: [VirtQueue]
+
+    /// Count of guest accesses that were ignored (bad size, offset or state); for
+    /// diagnostics and tests.
+    public var ignoredAccesses: Int { lock.withLock { ignored } }
+    private var ignored = 0
+
+    /// - Parameters:
+    ///   - device: the device model.
+    ///   - memory: guest RAM, handed to the device at activation.
+    ///   - interrupt: raises the device's interrupt line (irqfd, edge).
+    public init(device: any VirtioDevice, memory: GuestMemory, interrupt: any InterruptTrigger) throws(SystemError) {
+        self.device = device
+        self.memory = memory
+        self.interrupt = VirtioInterrupt(trigger: interrupt)
+        self.queues = device.queueMaxSizes.map { VirtQueue(maxSize: $0) }
+        var fds: [EventFD] = []
+        for _ in device.queueMaxSizes { fds.append(try EventFD(nonBlocking: true)) }
+        self.notifiers = fds
+        self.worker = try DeviceWorker(notifiers: fds) { [weak device] index in device?.queueNotify(index) }
+    }
+
+    deinit { worker.stop() }
+
+    /// The eventfd the driver's doorbell for `queue` signals; register it with
+    /// KVM_IOEVENTFD at `base + queueNotifyOffset`, length 4, datamatch `queue`.
+    public func notifyEventFD(forQueue queue: Int) -> EventFD? {
+        notifiers.indices.contains(queue) ? notifiers[queue] : nil
+    }
+
+    /// Number of queues.
+    public var queueCount: Int { notifiers.count }
+
+    /// Starts the device worker thread. Call once the VM is assembled.
+    public func start() throws(SystemError) { try worker.start() }
+
+    /// Stops and joins the device worker thread. Call before tearing the VM down.
+    public func stop() { worker.stop() }
+
+    /// The Status register.
+    public var deviceStatus: UInt32 { lock.withLock { statusValue } }
+
+    private var statusValue: UInt32 {
+        status | (interrupt.needsReset ? VirtioStatus.deviceNeedsReset : 0)
+    }
+
+    /// The transport's state as plain values.
+    public var state: MMIOTransportState {
+        lock.withLock {
+            let live = status & VirtioStatus.driverOK != 0 ? device.queueStates() : nil
+            return MMIOTransportState(status: status, deviceFeaturesSel: deviceFeaturesSel,
+                                      driverFeaturesSel: driverFeaturesSel, driverFeatures: driverFeatures,
+                                      queueSel: queueSel, queues: live ?? queues.map(\.state),
+                                      interruptStatus: interrupt.interruptStatus,
+                                      configGeneration: interrupt.configGeneration,
+                                      needsReset: interrupt.needsReset)
+        }
+    }
+
+    // MARK: MMIODevice
+
+    public func mmioRead(offset: UInt64, data: UnsafeMutableRawBufferPointer) {
+        if offset >= VirtioMMIORegister.config {
+            // Config space: any access width; the device zero-fills out of range.
+            guard offset - VirtioMMIORegister.config < 0x1000 else { return zeroFill(data) }
+            device.readConfig(offset: Int(offset - VirtioMMIORegister.config), into: data)
+            return
+        }
+        guard data.count == 4, offset % 4 == 0 else {
+            lock.withLock { ignored += 1 }
+            return zeroFill(data)
+        }
+        let value: UInt32 = lock.withLock { readRegister(offset) }
+        data.storeBytes(of: value.littleEndian, as: UInt32.self)
+    }
+
+    public func mmioWrite(offset: UInt64, data: UnsafeRawBufferPointer) {
+        if offset >= VirtioMMIORegister.config {
+            guard offset - VirtioMMIORegister.config < 0x1000 else { return }
+            device.writeConfig(offset: Int(offset - VirtioMMIORegister.config), from: data)
+            return
+        }
+        guard data.count == 4, offset % 4 == 0 else {
+            lock.withLock { ignored += 1 }
+            return
+        }
+        let value = UInt32(littleEndian: data.loadUnaligned(as: UInt32.self))
+        if offset == VirtioMMIORegister.queueNotify {
+            // The doorbell: same path as KVM_IOEVENTFD, no lock, no device work here.
+            if let n = notifyEventFD(forQueue: Int(value)) { n.signal() } else { lock.withLock { ignored += 1 } }
+            return
+        }
+        lock.withLock { writeRegister(offset, value) }
+    }
+
+    private func zeroFill(_ data: UnsafeMutableRawBufferPointer) {
+        data.initializeMemory(as: UInt8.self, repeating: 0)
+    }
+
+    // MARK: Registers (called with lock held)
+
+    private var selectedQueue: Int? {
+        Int(queueSel) < queues.count ? Int(queueSel) : nil
+    }
+
+    private func readRegister(_ offset: UInt64) -> UInt32 {
+        switch offset {
+        case VirtioMMIORegister.magicValue: return Self.magic
+        case VirtioMMIORegister.version: return 2
+        case VirtioMMIORegister.deviceID: return device.deviceType
+        case VirtioMMIORegister.vendorID: return Self.vendor
+        case VirtioMMIORegister.deviceFeatures:
+            switch deviceFeaturesSel {
+            case 0: return UInt32(truncatingIfNeeded: device.deviceFeatures)
+            case 1: return UInt32(truncatingIfNeeded: device.deviceFeatures >> 32)
+            default: return 0
+            }
+        case VirtioMMIORegister.queueNumMax:
+            return selectedQueue.map { UInt32(queues[$0].maxSize) } ?? 0
+        case VirtioMMIORegister.queueReady:
+            return selectedQueue.map { queues[$0].ready ? 1 : 0 } ?? 0
+        case VirtioMMIORegister.interruptStatus: return interrupt.interruptStatus
+        case VirtioMMIORegister.status: return statusValue
+        case VirtioMMIORegister.configGeneration: return interrupt.configGeneration
+        case VirtioMMIORegister.queueNum:
+            return selectedQueue.map { UInt32(queues[$0].size) } ?? 0
+        case VirtioMMIORegister.queueDescLow, VirtioMMIORegister.queueDescHigh,
+             VirtioMMIORegister.queueDriverLow, VirtioMMIORegister.queueDriverHigh,
+             VirtioMMIORegister.queueDeviceLow, VirtioMMIORegister.queueDeviceHigh:
+            guard let q = selectedQueue else { return 0 }
+            let addr: GuestAddress
+            switch offset & ~0x7 {
+            case VirtioMMIORegister.queueDescLow: addr = queues[q].descTable
+            case VirtioMMIORegister.queueDriverLow: addr = queues[q].availRing
+            default: addr = queues[q].usedRing
+            }
+            return UInt32(truncatingIfNeeded: offset & 4 == 0 ? addr.rawValue : addr.rawValue >> 32)
+        default:
+            ignored += 1
+            return 0
+        }
+    }
+
+    private func writeRegister(_ offset: UInt64, _ value: UInt32) {
+        switch offset {
+        case VirtioMMIORegister.deviceFeaturesSel: deviceFeaturesSel = value
+        case VirtioMMIORegister.driverFeaturesSel: driverFeaturesSel = value
+        case VirtioMMIORegister.driverFeatures:
+            // Only while negotiating (spec 3.1.1: before FEATURES_OK).
+            guard status & VirtioStatus.driver != 0, status & VirtioStatus.featuresOK == 0,
+                  driverFeaturesSel < 2 else { ignored += 1; return }
+            let shift = UInt64(driverFeaturesSel) * 32
+            driverFeatures = (driverFeatures & ~(UInt64(0xffff_ffff) << shift)) | (UInt64(value) << shift)
+        case VirtioMMIORegister.queueSel: queueSel = value
+        case VirtioMMIORegister.interruptACK: interrupt.acknowledge(value)
+        case VirtioMMIORegister.status: writeStatus(value)
+        case VirtioMMIORegister.queueNum, VirtioMMIORegister.queueReady,
+             VirtioMMIORegister.queueDescLow, VirtioMMIORegister.queueDescHigh,
+             VirtioMMIORegister.queueDriverLow, VirtioMMIORegister.queueDriverHigh,
+             VirtioMMIORegister.queueDeviceLow, VirtioMMIORegister.queueDeviceHigh:
+            writeQueueRegister(offset, value)
+        default:
+            ignored += 1
+        }
+    }
+
+    private func writeQueueRegister(_ offset: UInt64, _ value: UInt32) {
+        // Queue setup happens after FEATURES_OK and before DRIVER_OK (spec 3.1.1).
+        guard let q = selectedQueue, status & VirtioStatus.featuresOK != 0,
+              status & VirtioStatus.driverOK == 0 else { ignored += 1; return }
+        if offset == VirtioMMIORegister.queueReady {
+            queues[q].ready = value == 1
+            return
+        }
+        // The layout must not change while the queue is enabled.
+        guard !queues[q].ready else { ignored += 1; return }
+        func set(_ a: inout GuestAddress) {
+            let v = UInt64(value)
+            a = GuestAddress(offset & 4 == 0 ? (a.rawValue & ~0xffff_ffff) | v : (a.rawValue & 0xffff_ffff) | (v << 32))
+        }
+        switch offset {
+        case VirtioMMIORegister.queueNum:
+            // Validated at DRIVER_OK (power of two, <= max); keep what the driver wrote.
+            queues[q].size = UInt16(truncatingIfNeeded: min(value, 0xffff))
+        case VirtioMMIORegister.queueDescLow, VirtioMMIORegister.queueDescHigh: set(&queues[q].descTable)
+        case VirtioMMIORegister.queueDriverLow, VirtioMMIORegister.queueDriverHigh: set(&queues[q].availRing)
+        default: set(&queues[q].usedRing)
+        }
+    }
+
+    /// The device status state machine (spec 2.1, 3.1.1).
+    private func writeStatus(_ value: UInt32) {
+        if value == 0 {
+            resetDevice()
+            return
+        }
+        let added = value & ~status
+        // The driver may only set bits, never clear them (except by writing 0).
+        guard value & status == status, added & VirtioStatus.deviceNeedsReset == 0 else {
+            ignored += 1
+            return
+        }
+        if added & VirtioStatus.failed != 0 {
+            status |= VirtioStatus.failed
+            return
+        }
+        switch (status, added) {
+        case (0, VirtioStatus.acknowledge):
+            status = value
+        case (VirtioStatus.acknowledge, VirtioStatus.driver):
+            status = value
+        case (VirtioStatus.acknowledge | VirtioStatus.driver, VirtioStatus.featuresOK):
+            // FEATURES_OK sticks only if we accept the subset (the driver re-reads it).
+            if featuresAcceptable(driverFeatures) { status = value }
+        case (VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK, VirtioStatus.driverOK):
+            status = value
+            activateDevice()
+        default:
+            ignored += 1
+        }
+    }
+
+    private func featuresAcceptable(_ features: UInt64) -> Bool {
+        features & ~device.deviceFeatures == 0 && features & VIRTIO_F_VERSION_1 != 0 && device.acceptsFeatures(features)
+    }
+
+    private func activateDevice() {
+        var active: [VirtQueue] = []
+        for var q in queues {
+            q.eventIndex = driverFeatures & VIRTIO_F_EVENT_IDX != 0
+            q.indirectDescriptors = driverFeatures & VIRTIO_F_INDIRECT_DESC != 0
+            // A queue the driver did not enable stays unused; an enabled one must be valid.
+            if q.ready, (try? q.validate(memory: memory)) == nil {
+                interrupt.signalNeedsReset()
+                return
+            }
+            active.append(q)
+        }
+        do {
+            try device.activate(memory: memory, queues: active, features: driverFeatures, interrupt: interrupt)
+        } catch {
+            interrupt.signalNeedsReset()
+        }
+    }
+
+    private func resetDevice() {
+        device.reset()
+        status = 0
+        deviceFeaturesSel = 0
+        driverFeaturesSel = 0
+        driverFeatures = 0
+        queueSel = 0
+        for i in queues.indices { queues[i].reset() }
+        interrupt.reset()
+        for n in notifiers { n.wait() }  // drop doorbells meant for the old queues
+    }
+}

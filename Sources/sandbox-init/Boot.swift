@@ -1,0 +1,50 @@
+import AgentProtocol
+import CInit
+import Glibc
+
+/// What PID 1 does before serving: file systems, loopback, boot markers.
+enum Boot {
+    /// Mounts the pseudo file systems a command expects. Failures are logged, not
+    /// fatal: a missing /dev/pts should not keep the agent from serving.
+    static func setUpSystem() {
+        if cinit_proc_mount_errno() != 0 {
+            log("mount /proc: \(errnoDescription(cinit_proc_mount_errno()))")
+        }
+        let nosuid = cinit_ms_nosuid(), nodev = cinit_ms_nodev(), noexec = cinit_ms_noexec()
+        let mounts: [(source: String, target: String, type: String, flags: UInt, data: String?)] = [
+            ("sysfs", "/sys", "sysfs", nosuid | nodev | noexec, nil),
+            ("devtmpfs", "/dev", "devtmpfs", nosuid, "mode=0755"),
+            ("devpts", "/dev/pts", "devpts", nosuid | noexec, "mode=0620,ptmxmode=0666"),
+            ("tmpfs", "/dev/shm", "tmpfs", nosuid | nodev, "mode=1777"),
+            ("tmpfs", "/tmp", "tmpfs", nosuid | nodev, "mode=1777"),
+            ("tmpfs", "/run", "tmpfs", nosuid | nodev, "mode=0755"),
+        ]
+        for m in mounts {
+            let rc: Int32 = if let data = m.data {
+                cinit_mount(m.source, m.target, m.type, m.flags, data)
+            } else {
+                cinit_mount(m.source, m.target, m.type, m.flags, nil)
+            }
+            if rc < 0 && -rc != EBUSY { log("mount \(m.type) on \(m.target): \(errnoDescription(-rc))") }
+        }
+        // The kernel gives init /dev/console only if the initramfs has the node.
+        let stdio = cinit_ensure_stdio()
+        if stdio < 0 { log("stdio: \(errnoDescription(-stdio))") }
+        let lo = cinit_loopback_up()
+        if lo < 0 { log("loopback up: \(errnoDescription(-lo))") }
+        if getenv("PATH") == nil { setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1) }
+    }
+
+    /// Writes a boot-timer marker to port 0x440; silently does nothing without ioperm.
+    static func marker(_ value: Int32) {
+        _ = cinit_boot_marker(UInt8(truncatingIfNeeded: value))
+    }
+
+    /// Syncs and powers off (PID 1 only). With `reboot=t` the kernel may end in a
+    /// triple fault instead, which the VMM also treats as the end of the VM.
+    static func powerOff() -> Never {
+        let rc = cinit_power_off()
+        log("reboot(RB_POWER_OFF): \(errnoDescription(-rc))")
+        while true { pause() }
+    }
+}

@@ -1,0 +1,34 @@
+import ArgumentParser
+import Sandbox
+
+@main
+struct SandboxCommand: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "sandbox",
+        abstract: "Boot throwaway KVM micro-VMs and run commands in them.",
+        subcommands: [Boot.self, Doctor.self, KernelCommand.self])
+}
+
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Writes a line to standard error (unbuffered).
+func printError(_ message: String) {
+    writeAll(2, message + "\n")
+}
+
+/// Writes all of `text` to `fd`.
+func writeAll(_ fd: Int32, _ text: String) {
+    var s = text
+    s.withUTF8 { writeAll(fd, UnsafeRawBufferPointer($0)) }
+}
+
+func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) {
+    var done = 0
+    while done < bytes.count {
+        let n = write(fd, bytes.baseAddress! + done, bytes.count - done)
+        if n < 0 { if errno == EINTR { continue }; return }
+        done += n
+    }
+}
