@@ -42,9 +42,10 @@ let package = Package(
         // The guest's PID 1. Built as a static executable by the image store.
         .executableTarget(name: "sandbox-init", dependencies: ["AgentProtocol", "CInit"]),
 
-        .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "GuestMemory", "KVM"]),
-        .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVM", "GuestMemory"]),
+        .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "GuestMemory", "KVM", "VirtIO", "SystemShims"]),
+        .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVM", "GuestMemory", "VirtIO", "SystemShims"]),
         .testTarget(name: "VirtIOTests", dependencies: ["VirtIO", "GuestMemory"]),
         .testTarget(name: "IntegrationTests", dependencies: ["Sandbox", "MicroVM"]),
+        .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"], exclude: ["Corpus"]),
     ]
 )

@@ -96,7 +96,9 @@ int cinit_sigchld_fd(void) {
     sigset_t set;
     sigemptyset(&set);
     sigaddset(&set, SIGCHLD);
-    if (sigprocmask(SIG_BLOCK, &set, NULL) < 0) return -errno;
+    // SIG_SETMASK, not SIG_BLOCK: a mask inherited from whoever started us (e.g. a
+    // test runner thread) must not keep SIGTERM and friends blocked.
+    if (sigprocmask(SIG_SETMASK, &set, NULL) < 0) return -errno;
     int fd = signalfd(-1, &set, SFD_NONBLOCK | SFD_CLOEXEC);
     return fd < 0 ? -errno : fd;
 }
@@ -118,6 +120,16 @@ int cinit_vsock_listen(uint32_t port, int backlog) {
         int e = errno; close(s); return -e;
     }
     return s;
+}
+
+int64_t cinit_vsock_local_cid(void) {
+    int fd = open("/dev/vsock", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    unsigned int cid = 0;
+    int rc = ioctl(fd, IOCTL_VM_SOCKETS_GET_LOCAL_CID, &cid);
+    int e = errno;
+    close(fd);
+    return rc < 0 ? -(int64_t)e : (int64_t)cid;
 }
 
 static int fill_unix(struct sockaddr_un *addr, const char *path) {
@@ -167,9 +179,9 @@ int cinit_set_child_subreaper(void) {
     return prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0 ? -errno : 0;
 }
 
-int cinit_power_off(void) {
+int cinit_end_vm(void) {
     sync();
-    if (reboot(RB_POWER_OFF) < 0) return -errno;
+    if (reboot(RB_AUTOBOOT) < 0) return -errno;
     return 0;
 }
 

@@ -33,6 +33,12 @@ public struct GuestRegion: Sendable {
     /// Offset of this region within the backing mapping.
     public let hostOffset: Int
     public var end: UInt64 { start.rawValue + size }
+
+    public init(start: GuestAddress, size: UInt64, hostOffset: Int) {
+        self.start = start
+        self.size = size
+        self.hostOffset = hostOffset
+    }
 }
 
 /// Guest RAM: one anonymous mapping split into regions around the MMIO hole.

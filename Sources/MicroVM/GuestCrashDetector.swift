@@ -6,7 +6,7 @@ public enum GuestCrashDetector {
 
     /// The panic line if the console shows a kernel panic, else nil.
     public static func crashReason(consoleTail: String) -> String? {
-        for line in consoleTail.split(whereSeparator: { $0 == "\n" || $0 == "\r" }) {
+        for line in consoleTail.split(whereSeparator: \.isNewline) {
             for marker in markers where line.contains(marker) {
                 return String(line)
             }

@@ -21,7 +21,7 @@ public enum KernelStore {
     /// The cache key for `flavor` (computed by `Sandboxes/kernel/key-inputs`).
     public static func key(flavor: KernelFlavor) throws -> String {
         let res = try SandboxPaths.resourcesDirectory()
-        let (status, out) = try runTool(res + "/kernel/key-inputs", ["--flavor", flavor.rawValue], captureStdout: true)
+        let (status, out) = try runTool(res + "/kernel/key-inputs", [flavor.rawValue], captureStdout: true)
         let key = out.trimmingCharacters(in: .whitespacesAndNewlines)
         guard status == 0, key.count == 64 else {
             throw SandboxError.infrastructure("computing the kernel cache key failed (status \(status)); is linux-source-6.12 installed? run `sandbox kernel build`")

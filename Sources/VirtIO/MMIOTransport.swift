@@ -154,6 +154,7 @@ public final class MMIOTransport: MMIODevice, @unchecked Sendable {
             return zeroFill(data)
         }
         let value: UInt32 = lock.withLock { readRegister(offset) }
+        // SAFETY: data.count == 4 was checked above.
         data.storeBytes(of: value.littleEndian, as: UInt32.self)
     }
 
@@ -167,6 +168,7 @@ public final class MMIOTransport: MMIODevice, @unchecked Sendable {
             lock.withLock { ignored += 1 }
             return
         }
+        // SAFETY: data.count == 4 was checked above.
         let value = UInt32(littleEndian: data.loadUnaligned(as: UInt32.self))
         if offset == VirtioMMIORegister.queueNotify {
             // The doorbell: same path as KVM_IOEVENTFD, no lock, no device work here.

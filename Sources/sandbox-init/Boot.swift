@@ -40,11 +40,12 @@ enum Boot {
         _ = cinit_boot_marker(UInt8(truncatingIfNeeded: value))
     }
 
-    /// Syncs and powers off (PID 1 only). With `reboot=t` the kernel may end in a
-    /// triple fault instead, which the VMM also treats as the end of the VM.
+    /// Syncs and ends the VM (PID 1 only): reboot(RB_AUTOBOOT) with the guest's
+    /// `reboot=t` becomes a triple fault the VMM treats as the end of the VM (see
+    /// cinit_end_vm for why not RB_POWER_OFF).
     static func powerOff() -> Never {
-        let rc = cinit_power_off()
-        log("reboot(RB_POWER_OFF): \(errnoDescription(-rc))")
+        let rc = cinit_end_vm()
+        log("reboot: \(errnoDescription(-rc))")
         while true { pause() }
     }
 }

@@ -63,7 +63,19 @@ case nil:
         exit(1)
     }
     log("listening on vsock port \(port)")
-    if isPID1 { Boot.marker(CINIT_BOOT_AGENT_READY) }
+    if isPID1 {
+        // AF_VSOCK works with only the loopback transport; without virtio-vsock no
+        // host can connect, so do not sit there forever (e.g. QEMU without vsock).
+        let cid = cinit_vsock_local_cid()
+        if cid <= 2 /* VMADDR_CID_HOST */ || cid == Int64(UInt32.max) /* VMADDR_CID_ANY */ {
+            let what = cid < 0 ? errnoDescription(Int32(-cid)) : "local CID \(cid)"
+            log("no vsock guest transport (\(what)); powering off in 3 seconds")
+            sleep(3)
+            Boot.powerOff()
+        }
+        log("vsock guest CID \(cid)")
+        Boot.marker(CINIT_BOOT_AGENT_READY)
+    }
     Agent(reaper: reaper, initStartedNanos: initStarted).serve(listenFD: fd)
     log("shutdown requested")
     if isPID1 { Boot.powerOff() }

@@ -40,7 +40,7 @@ int cinit_loopback_up(void);
 /// ioperm + outb of `value` to CINIT_BOOT_PORT. Returns 0 or -errno (ioperm failed).
 int cinit_boot_marker(uint8_t value);
 
-/// Blocks SIGCHLD, ignores SIGPIPE, and returns a non-blocking, close-on-exec
+/// Sets the signal mask to exactly {SIGCHLD}, ignores SIGPIPE, and returns a non-blocking, close-on-exec
 /// signalfd that becomes readable when a child changes state, or -errno.
 int cinit_sigchld_fd(void);
 
@@ -49,6 +49,12 @@ void cinit_drain_signalfd(int fd);
 
 /// Close-on-exec listening AF_VSOCK stream socket on VMADDR_CID_ANY:port, or -errno.
 int cinit_vsock_listen(uint32_t port, int backlog);
+
+/// The guest's own vsock CID from IOCTL_VM_SOCKETS_GET_LOCAL_CID on /dev/vsock:
+/// a value > 2 means a guest transport (virtio-vsock) is present; 1 (loopback only)
+/// or 0xFFFFFFFF (no transport) mean no host can ever connect. Returns -errno if
+/// /dev/vsock cannot be opened or the ioctl fails.
+int64_t cinit_vsock_local_cid(void);
 
 /// Close-on-exec listening AF_UNIX stream socket at `path` (a stale socket file is
 /// removed first), or -errno. -ENAMETOOLONG if the path does not fit sun_path.
@@ -64,8 +70,13 @@ int cinit_accept(int listen_fd);
 /// they would be to PID 1. Used off-VM so --listen-unix reaps like PID 1 does.
 int cinit_set_child_subreaper(void);
 
-/// sync(2) then reboot(RB_POWER_OFF). Returns only on failure, with -errno.
-int cinit_power_off(void);
+/// Ends the VM: sync(2), then reboot(RB_AUTOBOOT). The guest runs with `reboot=t`,
+/// so the kernel resets through a triple fault, which the VMM sees as
+/// KVM_EXIT_SHUTDOWN (QEMU with -no-reboot exits). RB_POWER_OFF is not used: on a
+/// microvm without ACPI the kernel has no power-off method and only halts
+/// ("Power off not available: System halted instead"), leaving the VMM waiting.
+/// Returns only on failure, with -errno.
+int cinit_end_vm(void);
 
 /// Standard input of a spawned command.
 enum cinit_stdin_mode { CINIT_STDIN_NULL = 0, CINIT_STDIN_PIPE = 1, CINIT_STDIN_CLOSED = 2 };

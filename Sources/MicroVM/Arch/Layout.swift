@@ -6,7 +6,7 @@ public enum Layout {
     /// GDT used for the initial protected / long mode segments.
     public static let gdt = GuestAddress(0x500)
     /// Empty IDT (the kernel installs its own before enabling interrupts).
-    public static let idt = GuestAddress(0x520)
+    public static let idt = GuestAddress(0x540)
     /// PVH `hvm_start_info`.
     public static let pvhStartInfo = GuestAddress(0x6000)
     /// PVH memory map table (up to `maxMemmapEntries` entries).

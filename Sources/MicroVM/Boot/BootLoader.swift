@@ -113,7 +113,7 @@ public enum BootLoader {
         try memory.write(Layout.commandLine.rawValue, at: GuestAddress(base + 24))  // cmdline_paddr
         try memory.write(UInt64(0), at: GuestAddress(base + 32))                    // rsdp_paddr
         try memory.write(Layout.pvhMemmap.rawValue, at: GuestAddress(base + 40))    // memmap_paddr
-        try memory.write(UInt32(map.count), at: GuestAddress(base + 48))            // memmap_entries
+        try memory.write(UInt32(min(map.count, Layout.maxMemmapEntries)), at: GuestAddress(base + 48)) // memmap_entries
         for (i, e) in map.prefix(Layout.maxMemmapEntries).enumerated() {
             let p = Layout.pvhMemmap.rawValue + UInt64(i * 24)
             try memory.write(e.address, at: GuestAddress(p))

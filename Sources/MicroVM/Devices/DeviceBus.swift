@@ -20,6 +20,9 @@ public struct DeviceBus: Sendable {
     public enum Error: Swift.Error, Equatable { case overlap(String) }
 
     public mutating func addPorts(base: UInt16, count: UInt16, _ device: any PortIODevice) throws {
+        guard count > 0, UInt32(base) + UInt32(count) <= 0x1_0000 else {
+            throw Error.overlap("ports 0x\(String(base, radix: 16))+\(count) run past 0xffff")
+        }
         let end = UInt32(base) + UInt32(count)
         for r in ports where UInt32(base) < UInt32(r.base) + UInt32(r.count) && UInt32(r.base) < end {
             throw Error.overlap("ports 0x\(String(base, radix: 16))+\(count)")
@@ -28,6 +31,9 @@ public struct DeviceBus: Sendable {
     }
 
     public mutating func addMMIO(base: UInt64, size: UInt64, _ device: any MMIODevice) throws {
+        guard size > 0, !base.addingReportingOverflow(size).overflow else {
+            throw Error.overlap("mmio 0x\(String(base, radix: 16))+\(size) wraps around the address space")
+        }
         for r in mmio where base < r.base + r.size && r.base < base + size {
             throw Error.overlap("mmio 0x\(String(base, radix: 16))+\(size)")
         }

@@ -113,6 +113,7 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     // MARK: VirtioDevice
 
     public func readConfig(offset: Int, into data: UnsafeMutableRawBufferPointer) {
+        // SAFETY: i ranges over data's own indices; config indices are range-checked.
         for i in 0 ..< data.count {
             let o = offset + i
             data[i] = o >= 0 && o < config.count ? config[o] : 0

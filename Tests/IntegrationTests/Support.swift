@@ -1,0 +1,82 @@
+import Foundation
+import KVM
+import Sandbox
+
+/// Paths and helpers shared by the real-VM tests.
+enum Fixture {
+    /// The repository root (from this file's location).
+    static let repoRoot: String = {
+        var url = URL(fileURLWithPath: #filePath)
+        for _ in 0..<3 { url.deleteLastPathComponent() }
+        return url.path
+    }()
+
+    /// The directory holding the built products (next to the test bundle).
+    static let productsDirectory: String = {
+        let exe = (try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
+        var dir = URL(fileURLWithPath: exe).deletingLastPathComponent()
+        while dir.path != "/" {
+            if FileManager.default.isExecutableFile(atPath: dir.appendingPathComponent("sandbox").path) { return dir.path }
+            dir.deleteLastPathComponent()
+        }
+        return repoRoot + "/.build/debug"
+    }()
+
+    static var sandboxBinary: String { productsDirectory + "/sandbox" }
+
+    /// True inside the lab (emulated SVM machine, hardware KVM semantics).
+    static var inLab: Bool { ProcessInfo.processInfo.environment["KVM_LAB"] == "1" }
+
+    /// The cached kernel for this host's flavor; the test suite's set-up builds it.
+    static func kernel() throws -> String {
+        let flavor = KernelFlavor.forHost(HostKind.detect())
+        let path = try KernelStore.cachedPath(flavor: flavor)
+        guard FileManager.default.fileExists(atPath: path) else {
+            throw FixtureError("the \(flavor.rawValue) kernel is not built (\(path)); run `sandbox kernel build --flavor \(flavor.rawValue)` first")
+        }
+        return path
+    }
+
+    /// A busybox initramfs whose init runs `script` (busybox sh) and then reboots.
+    static func initramfs(named name: String, script: String) throws -> String {
+        let dir = NSTemporaryDirectory() + "sandbox-it-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let initPath = dir + "/\(name).init"
+        let out = dir + "/\(name).cpio.gz"
+        if FileManager.default.fileExists(atPath: out) { return out }
+        try ("#!/bin/busybox sh\n" + script + "\n/bin/busybox reboot -f\n").write(toFile: initPath, atomically: true, encoding: .utf8)
+        let r = try run(repoRoot + "/Scripts/make-initramfs", [out, "--init-script", initPath])
+        guard r.status == 0 else { throw FixtureError("make-initramfs failed: \(r.stderr)") }
+        return out
+    }
+
+    struct Result { var status: Int32; var stdout: String; var stderr: String; var seconds: Double }
+
+    /// Runs a program to completion, capturing its output.
+    static func run(_ path: String, _ args: [String], timeout: Double = 300) throws -> Result {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: path)
+        p.arguments = args
+        let base = NSTemporaryDirectory() + "sandbox-it-run-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
+        FileManager.default.createFile(atPath: base + ".out", contents: nil)
+        FileManager.default.createFile(atPath: base + ".err", contents: nil)
+        defer { try? FileManager.default.removeItem(atPath: base + ".out"); try? FileManager.default.removeItem(atPath: base + ".err") }
+        p.standardOutput = FileHandle(forWritingAtPath: base + ".out")
+        p.standardError = FileHandle(forWritingAtPath: base + ".err")
+        let start = Date()
+        try p.run()
+        let killer = DispatchWorkItem { [p] in if p.isRunning { p.terminate() } }
+        DispatchQueue.global().asyncAfter(deadline: .now() + timeout, execute: killer)
+        p.waitUntilExit()
+        killer.cancel()
+        let outData = FileManager.default.contents(atPath: base + ".out") ?? Data()
+        let errData = FileManager.default.contents(atPath: base + ".err") ?? Data()
+        return Result(status: p.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+                      stderr: String(decoding: errData, as: UTF8.self), seconds: Date().timeIntervalSince(start))
+    }
+}
+
+struct FixtureError: Error, CustomStringConvertible {
+    let description: String
+    init(_ d: String) { description = d }
+}
