@@ -34,9 +34,9 @@ let package = Package(
         // Host <-> guest agent wire format; Foundation-free, shared with sandbox-init.
         .target(name: "AgentProtocol"),
         // Public async API, kernel and image stores.
-        .target(name: "Sandbox", dependencies: ["MicroVM", "KVM", "AgentProtocol", "SystemShims", "CJail", "CURing"]),
+        .target(name: "Sandbox", dependencies: ["MicroVM", "KVM", "VirtIO", "AgentProtocol", "SystemShims", "CJail", "CURing", "CSystem"]),
         .executableTarget(name: "sandbox", dependencies: [
-            "Sandbox",
+            "Sandbox", "MicroVM", "VirtIO",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // The guest's PID 1. Built as a static executable by the image store.

@@ -12,3 +12,4 @@ void csystem_set_thread_name(const char *name) {
     buf[i] = 0;
     pthread_setname_np(pthread_self(), buf);
 }
+int csystem_set_parent_death_signal(int sig) { return prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0, 0, 0); }

@@ -24,28 +24,14 @@ public struct MachineConfiguration: Sendable {
     public var consoleSink: (@Sendable (UnsafeRawBufferPointer) -> Void)?
     /// Bytes of console output kept for the result.
     public var consoleCapacity: Int = 256 * 1024
-    /// virtio-mmio devices, placed at consecutive windows from `Layout.virtioMMIOBase`.
-    public var virtioDevices: [any VirtioMMIOAttachable] = []
+    /// virtio devices, each behind a virtio-mmio transport at consecutive windows from
+    /// `Layout.virtioMMIOBase` (device `n` on IRQ `Layout.virtioFirstIRQ + n`). The first
+    /// block device is the guest's /dev/vda.
+    public var virtioDevices: [any VirtioDevice] = []
     /// Called when the guest writes a boot-timer milestone.
     public var onBootMark: (@Sendable (BootTimer.Mark) -> Void)?
 
     public init(kernelPath: String) { self.kernelPath = kernelPath }
-}
-
-/// A virtio-mmio device the machine can place on its bus: it gets an interrupt line
-/// and may register queue-notify eventfds with KVM.
-public protocol VirtioMMIOAttachable: AnyObject, Sendable {
-    /// The MMIO register window handler.
-    var mmioDevice: any MMIODevice { get }
-    /// Connects the interrupt line; called once before the guest runs.
-    func attach(interrupt: any InterruptTrigger)
-    /// Eventfds to signal on a write of `datamatch` to QueueNotify (offset 0x50), if the
-    /// device wants KVM_IOEVENTFD; the device then must not rely on MMIO exits for notifies.
-    var queueNotifyEvents: [(datamatch: UInt64, event: EventFD)] { get }
-    /// Starts worker threads, if any; called once before the guest runs.
-    func start() throws
-    /// Stops worker threads and releases resources. Called once after the guest stopped.
-    func shutdown()
 }
 
 /// Errors building a machine.
@@ -106,8 +92,9 @@ public final class Machine: @unchecked Sendable {
     let vm: VirtualMachine
     let vcpus: [VCPU]
     let bus: DeviceBus
-    let startNanos: UInt64
+    public let startNanos: UInt64
     private let irqEvents: [EventFD]
+    private let transports: [MMIOTransport]
     private let stopLock = Lock()
     private var stopReason: StopReason?
     private let stopEvent: EventFD
@@ -193,19 +180,28 @@ public final class Machine: @unchecked Sendable {
             try bus.addPorts(base: Layout.bootTimerPort, count: 1, bootTimer)
             let stopBox = WeakStopper()
             try bus.addPorts(base: Layout.i8042Command, count: 1, I8042(onReset: { stopBox.machine?.requestStop(.guestReset) }))
+            var transports: [MMIOTransport] = []
             for (i, dev) in config.virtioDevices.enumerated() {
                 let base = Layout.virtioMMIOBase + UInt64(i) * Layout.virtioMMIOSize
                 let irq = try EventFD()
                 try vm.registerIRQFD(irq, gsi: Layout.virtioFirstIRQ + UInt32(i))
                 irqEvents.append(irq)
-                dev.attach(interrupt: IRQFDTrigger(event: irq))
-                for (match, event) in dev.queueNotifyEvents {
-                    try vm.registerIOEventFD(event, mmioAddress: base + 0x50, length: 4, datamatch: match)
+                let transport = try MMIOTransport(device: dev, memory: memory, interrupt: IRQFDTrigger(event: irq))
+                // Queue notifications go straight from KVM to the device's worker thread;
+                // without ioeventfd the MMIO exit signals the same eventfd.
+                if system.check(.ioeventfd) > 0 {
+                    for q in 0..<transport.queueCount {
+                        if let event = transport.notifyEventFD(forQueue: q) {
+                            try vm.registerIOEventFD(event, mmioAddress: base + MMIOTransport.queueNotifyOffset, length: 4, datamatch: UInt64(q))
+                        }
+                    }
                 }
-                try bus.addMMIO(base: base, size: Layout.virtioMMIOSize, dev.mmioDevice)
+                try bus.addMMIO(base: base, size: Layout.virtioMMIOSize, transport)
+                transports.append(transport)
             }
             self.bus = bus
             self.irqEvents = irqEvents
+            self.transports = transports
 
             // vCPUs.
             let supported = try system.supportedCPUID()
@@ -239,8 +235,8 @@ public final class Machine: @unchecked Sendable {
         precondition(!ran, "Machine.run() may only be called once")
         ran = true
         installKickSignalHandler(Self.kickSignal)
-        for dev in configuration.virtioDevices { try dev.start() }
-        defer { for dev in configuration.virtioDevices { dev.shutdown() } }
+        for t in transports { try t.start() }
+        defer { for t in transports { t.stop() } }
         let runNanos = monotonicNanos()
         let bus = self.bus
         for vcpu in vcpus {

@@ -1,6 +1,7 @@
 import ArgumentParser
 import MicroVM
 import Sandbox
+import VirtIO
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -28,6 +29,10 @@ struct Boot: ParsableCommand {
     var timeout: Double = 60
     @Flag(name: .long, help: "Do not stream the console; print only the result line.")
     var quietConsole = false
+    @Option(name: .long, help: "Root disk: an image name from the image store, or the path of an ext4 image. The image is never modified; the guest writes to a private copy-on-write overlay.")
+    var image: String?
+    @Option(name: .long, help: "After the run, write the guest's view of the root disk (base + its writes) to this path.")
+    var keepDisk: String?
 
     func run() throws {
         let kernelPath: String
@@ -42,6 +47,24 @@ struct Boot: ParsableCommand {
         var config = MachineConfiguration(kernelPath: kernelPath)
         config.initrdPath = initrd
         config.extraCommandLine = append
+        var rootDisk: BlockDevice?
+        if let image {
+            let imagePath: String
+            do { imagePath = try RootDisk.resolveImage(image, progress: { printError($0) }) } catch {
+                printError("sandbox boot: \(error)")
+                throw ExitCode(2)
+            }
+            do {
+                let disk = try RootDisk.open(imagePath: imagePath)
+                rootDisk = disk
+                config.virtioDevices.append(disk)
+                config.extraCommandLine = "root=/dev/vda rw " + append
+            } catch {
+                printError("sandbox boot: \(error)")
+                throw ExitCode(2)
+            }
+        }
+        defer { rootDisk?.close() }
         config.memoryMiB = memory
         config.cpus = cpus
         config.timeoutSeconds = timeout > 0 ? timeout : nil
@@ -55,6 +78,13 @@ struct Boot: ParsableCommand {
             throw ExitCode(2)
         }
         let result = try machine.run()
+        if let keepDisk, let rootDisk {
+            do { try RootDisk.export(rootDisk, to: keepDisk) } catch {
+                printError("sandbox boot: could not keep the disk: \(error)")
+                throw ExitCode(1)
+            }
+            printError("sandbox boot: disk kept at \(keepDisk)")
+        }
         let elapsed = Double(result.stopNanos - result.startNanos) / 1e6
         var summary = "sandbox boot: \(result.reason) after \(String(format1: elapsed)) ms"
         if let initMs = result.millis(toMark: 1) { summary += ", init reached at \(String(format1: initMs)) ms" }

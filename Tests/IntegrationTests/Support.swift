@@ -50,10 +50,30 @@ enum Fixture {
         return out
     }
 
-    struct Result { var status: Int32; var stdout: String; var stderr: String; var seconds: Double }
+    struct Result {
+        var status: Int32; var stdoutData: Data; var stderr: String; var seconds: Double
+        var stdout: String { String(decoding: stdoutData, as: UTF8.self) }
+    }
+
+    /// The library's cache directory (as the CLI computes it).
+    static var cacheDirectory: String {
+        let env = ProcessInfo.processInfo.environment
+        if let c = env["SANDBOX_CACHE"], !c.isEmpty { return c }
+        if let x = env["XDG_CACHE_HOME"], !x.isEmpty { return x + "/sandbox" }
+        return (env["HOME"] ?? "/root") + "/.cache/sandbox"
+    }
+
+    /// Hex SHA-256 of `data` (via sha256sum).
+    static func sha256(_ data: Data) throws -> String {
+        let path = NSTemporaryDirectory() + "sandbox-sha-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try data.write(to: URL(fileURLWithPath: path))
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let r = try run("/usr/bin/sha256sum", [path])
+        return String(r.stdout.prefix(64))
+    }
 
     /// Runs a program to completion, capturing its output.
-    static func run(_ path: String, _ args: [String], timeout: Double = 300) throws -> Result {
+    static func run(_ path: String, _ args: [String], timeout: Double = 300, stdinFile: String? = nil) throws -> Result {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: path)
         p.arguments = args
@@ -63,6 +83,7 @@ enum Fixture {
         defer { try? FileManager.default.removeItem(atPath: base + ".out"); try? FileManager.default.removeItem(atPath: base + ".err") }
         p.standardOutput = FileHandle(forWritingAtPath: base + ".out")
         p.standardError = FileHandle(forWritingAtPath: base + ".err")
+        p.standardInput = stdinFile.flatMap { FileHandle(forReadingAtPath: $0) } ?? FileHandle.nullDevice
         let start = Date()
         try p.run()
         let killer = DispatchWorkItem { [p] in if p.isRunning { p.terminate() } }
@@ -71,7 +92,7 @@ enum Fixture {
         killer.cancel()
         let outData = FileManager.default.contents(atPath: base + ".out") ?? Data()
         let errData = FileManager.default.contents(atPath: base + ".err") ?? Data()
-        return Result(status: p.terminationStatus, stdout: String(decoding: outData, as: UTF8.self),
+        return Result(status: p.terminationStatus, stdoutData: outData,
                       stderr: String(decoding: errData, as: UTF8.self), seconds: Date().timeIntervalSince(start))
     }
 }

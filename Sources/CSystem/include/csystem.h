@@ -13,6 +13,8 @@
 int csystem_tgkill(int tgid, int tid, int sig);
 /// The calling thread's kernel id.
 int csystem_gettid(void);
+/// prctl(PR_SET_PDEATHSIG, sig): the kernel sends `sig` to this process when its parent exits.
+int csystem_set_parent_death_signal(int sig);
 /// Names a thread (at most 15 characters are kept).
 void csystem_set_thread_name(const char *name);
 #endif

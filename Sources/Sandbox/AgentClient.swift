@@ -1,0 +1,173 @@
+import AgentProtocol
+import SystemShims
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// How a command ended, as the agent reported it.
+public enum CommandStatus: Equatable, Sendable {
+    case exited(Int32)
+    case signalled(Int32)
+    case timedOut
+    /// The command could not be started (errno from the guest, e.g. ENOENT).
+    case failedToStart(errno: Int32, message: String)
+}
+
+/// The host side of the agent protocol over a connected byte stream (a socket to the
+/// VMM process, which relays it to the guest's vsock port; or a Unix socket in tests).
+/// Blocking; use it from a dedicated thread, never the async cooperative pool.
+public final class AgentClient: @unchecked Sendable {
+    // @unchecked: one session thread reads; writes are serialised by `writeLock`
+    // (the stdin pump writes from its own thread).
+    public let fd: FileDescriptor
+    private var decoder = FrameDecoder()
+    private let writeLock = Lock()
+    private var nextID: UInt32 = 1
+
+    public enum Error: Swift.Error, CustomStringConvertible, Sendable {
+        case connectionClosed
+        case protocolError(String)
+        case agentError(String)
+        case io(SystemError)
+        public var description: String {
+            switch self {
+            case .connectionClosed: return "the guest agent closed the connection"
+            case .protocolError(let s): return "agent protocol error: \(s)"
+            case .agentError(let s): return "the guest agent reported an error: \(s)"
+            case .io(let e): return "agent connection: \(e)"
+            }
+        }
+    }
+
+    public init(fd: FileDescriptor) { self.fd = fd }
+
+    /// Sends one frame.
+    public func send(_ message: AgentMessage, id: UInt32 = 0) throws {
+        let bytes: [UInt8]
+        do { bytes = try message.encode(id: id) } catch { throw Error.protocolError("\(error)") }
+        try writeLock.withLock {
+            do { try bytes.withUnsafeBytes { try fd.writeAll($0) } } catch let e as SystemError { throw Error.io(e) }
+        }
+    }
+
+    /// Blocks until the next frame arrives.
+    public func receive() throws -> Frame {
+        var buffer = [UInt8](repeating: 0, count: 64 * 1024)
+        while true {
+            do {
+                if let f = try decoder.next() { return f }
+            } catch { throw Error.protocolError("\(error)") }
+            let n = buffer.withUnsafeMutableBytes { Glibc.read(fd.rawValue, $0.baseAddress, $0.count) }
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw Error.io(SystemError("read(agent)", errno: errno))
+            }
+            if n == 0 { throw Error.connectionClosed }
+            decoder.append(buffer[0..<n])
+        }
+    }
+
+    /// Exchanges Hello frames.
+    public func hello() throws {
+        try send(.hello(Hello()))
+        let f = try receive()
+        guard case .hello(let h) = f.message else { throw Error.protocolError("expected Hello, got \(f.message.type)") }
+        guard AgentProtocolVersion.supported.contains(h.version) else {
+            throw Error.protocolError("agent speaks protocol \(h.version), host supports \(AgentProtocolVersion.supported)")
+        }
+    }
+
+    /// Runs a command, delivering output chunks in order as they arrive.
+    /// - Parameters:
+    ///   - stdin: bytes to feed the command (then EOF); nil = no stdin.
+    ///   - stdinFD: a host descriptor to pump into the command's stdin until EOF (terminal passthrough).
+    public func exec(_ exec: Exec, stdin: [UInt8]? = nil, stdinFD: Int32? = nil,
+                     onOutput: (StdioStream, [UInt8]) -> Void) throws -> CommandStatus {
+        var e = exec
+        e.stdin = (stdin != nil || stdinFD != nil) ? .stream : .closed
+        let id = nextID
+        nextID &+= 1
+        try send(.exec(e), id: id)
+        var pump: NativeThread?
+        if let stdin {
+            pump = try NativeThread(name: "stdin-pump") { [self] in
+                var offset = 0
+                let chunk = AgentProtocolLimits.maxChunkSize
+                while offset < stdin.count {
+                    let end = min(offset + chunk, stdin.count)
+                    guard (try? send(.stdinData(Array(stdin[offset..<end])), id: id)) != nil else { return }
+                    offset = end
+                }
+                try? send(.stdinEOF, id: id)
+            }
+        } else if let stdinFD {
+            pump = try NativeThread(name: "stdin-pump") { [self] in
+                var buf = [UInt8](repeating: 0, count: 64 * 1024)
+                while true {
+                    let n = buf.withUnsafeMutableBytes { Glibc.read(stdinFD, $0.baseAddress, $0.count) }
+                    if n < 0 && errno == EINTR { continue }
+                    if n <= 0 { break }
+                    guard (try? send(.stdinData(Array(buf[0..<n])), id: id)) != nil else { return }
+                }
+                try? send(.stdinEOF, id: id)
+            }
+        }
+        defer { if stdin != nil { pump?.join() } }
+        while true {
+            let f = try receive()
+            switch f.message {
+            case .output(let o): onOutput(o.stream, o.data)
+            case .exited(let code): return .exited(code)
+            case .signalled(let sig, _): return .signalled(sig)
+            case .timedOut: return .timedOut
+            case .execFailed(let ef): return .failedToStart(errno: ef.errno, message: ef.message)
+            case .error(let m): throw Error.agentError(m.message)
+            default: continue
+            }
+        }
+    }
+
+    /// Writes a file in the guest (copy-in).
+    public func writeFile(path: String, mode: UInt32, contents: [UInt8]) throws {
+        let id = nextID
+        nextID &+= 1
+        let chunk = AgentProtocolLimits.maxChunkSize
+        var offset = 0
+        repeat {
+            let end = min(offset + chunk, contents.count)
+            try send(.writeFile(WriteFile(path: path, mode: mode, offset: UInt64(offset), isFinal: end == contents.count,
+                                          data: Array(contents[offset..<end]))), id: id)
+            offset = end
+        } while offset < contents.count
+        while true {
+            let f = try receive()
+            switch f.message {
+            case .fileEnd: return
+            case .fileError(let e): throw Error.agentError("writing \(path) in the guest: \(e.message)")
+            case .error(let m): throw Error.agentError(m.message)
+            default: continue
+            }
+        }
+    }
+
+    /// Reads a file from the guest (copy-out).
+    public func readFile(path: String) throws -> [UInt8] {
+        let id = nextID
+        nextID &+= 1
+        try send(.readFile(path: path), id: id)
+        var out: [UInt8] = []
+        while true {
+            let f = try receive()
+            switch f.message {
+            case .fileData(let d): out += d.data
+            case .fileEnd: return out
+            case .fileError(let e): throw Error.agentError("reading \(path) in the guest: \(e.message)")
+            case .error(let m): throw Error.agentError(m.message)
+            default: continue
+            }
+        }
+    }
+
+    /// Asks the guest to sync and power off.
+    public func shutdown() { try? send(.shutdown) }
+}

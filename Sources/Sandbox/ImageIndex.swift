@@ -1,0 +1,55 @@
+import Foundation
+
+/// `<cache>/images/index.json`: image names mapped to their content-addressed files.
+///
+/// Readers load it without a lock (it is only ever replaced by an atomic rename);
+/// writers hold an flock on `index.lock` across read-modify-write.
+struct ImageIndex: Codable {
+    struct Entry: Codable, Equatable {
+        /// SHA-256 of the image file; the file is `<images>/<hash>.ext4`.
+        var hash: String
+        /// The recipe name, or `import-dir:PATH` / `import-tar:PATH`.
+        var recipe: String
+        var created: Date
+        /// The image file's size in bytes.
+        var size: UInt64
+        /// Hash over the recipe folder and the agent binary; empty for imports.
+        var recipeKey: String
+    }
+
+    static let currentFormat = 1
+    var format: Int = ImageIndex.currentFormat
+    var images: [String: Entry] = [:]
+
+    static func encoder() -> JSONEncoder {
+        let e = JSONEncoder()
+        e.outputFormatting = [.prettyPrinted, .sortedKeys]
+        e.dateEncodingStrategy = .iso8601
+        return e
+    }
+
+    /// Loads the index at `path`; a missing file is an empty index.
+    static func load(_ path: String) throws -> ImageIndex {
+        guard let data = FileManager.default.contents(atPath: path) else {
+            if FileManager.default.fileExists(atPath: path) {
+                throw SandboxError.infrastructure("cannot read the image index \(path)")
+            }
+            return ImageIndex()
+        }
+        let d = JSONDecoder()
+        d.dateDecodingStrategy = .iso8601
+        do {
+            let index = try d.decode(ImageIndex.self, from: data)
+            guard index.format == currentFormat else {
+                throw SandboxError.infrastructure("the image index \(path) has format \(index.format); this sandbox reads format \(currentFormat)")
+            }
+            return index
+        } catch let e as SandboxError { throw e } catch {
+            throw SandboxError.infrastructure("the image index \(path) is corrupt (\(error)); remove it and rebuild the images")
+        }
+    }
+
+    func save(_ path: String) throws {
+        try ImageFiles.writeAtomically(try ImageIndex.encoder().encode(self) + Data("\n".utf8), to: path)
+    }
+}

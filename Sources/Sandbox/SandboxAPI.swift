@@ -1,0 +1,121 @@
+import AgentProtocol
+import Foundation
+
+/// A file to copy between host and guest.
+public struct FileCopy: Sendable, Equatable {
+    public var hostPath: String
+    public var guestPath: String
+    public init(hostPath: String, guestPath: String) { self.hostPath = hostPath; self.guestPath = guestPath }
+
+    /// Parses `HOST:GUEST` (copy-in) or `GUEST:HOST` (copy-out, with `reversed`).
+    public static func parse(_ spec: String, guestFirst: Bool) throws -> FileCopy {
+        guard let colon = spec.firstIndex(of: ":"), colon != spec.startIndex, spec.index(after: colon) != spec.endIndex else {
+            throw SandboxError.invalidInput("'\(spec)' is not of the form \(guestFirst ? "GUEST:HOST" : "HOST:GUEST")")
+        }
+        let a = String(spec[..<colon]), b = String(spec[spec.index(after: colon)...])
+        let guest = guestFirst ? a : b
+        guard guest.hasPrefix("/") else { throw SandboxError.invalidInput("guest path '\(guest)' must be absolute") }
+        return guestFirst ? FileCopy(hostPath: b, guestPath: a) : FileCopy(hostPath: a, guestPath: b)
+    }
+}
+
+/// How to build a sandbox.
+public struct SandboxConfiguration: Sendable {
+    /// Kernel path; nil = the cached kernel for this host's flavor (`$SANDBOX_KERNEL` first).
+    public var kernel: String?
+    /// Image name in the store, or the path of an ext4 image.
+    public var image: String = "busybox"
+    public var memoryMiB: UInt64 = 256
+    public var cpus: Int = 1
+    /// Wall-clock limit for the command; nil = none.
+    public var timeout: Duration? = .seconds(300)
+    /// Extra environment for the command (PATH, HOME and TERM have defaults).
+    public var environment: [String: String] = [:]
+    public var workingDirectory: String = "/"
+    public var copyIn: [FileCopy] = []
+    public var copyOut: [FileCopy] = []
+    /// Most bytes kept per output stream (the rest is dropped and flagged).
+    public var outputLimit: UInt64 = 256 << 20
+    /// Write the guest's final root disk here (base + writes).
+    public var keepDiskPath: String?
+    /// Copy the guest console to this host descriptor (debugging).
+    public var consoleFD: Int32?
+
+    public init() {}
+}
+
+/// How a sandboxed command ended. Test runners switch on this.
+public enum Outcome: Equatable, Sendable, CustomStringConvertible {
+    case exited(Int32)
+    case signalled(Int32)
+    case timedOut
+    case outOfMemory
+    case guestCrashed(consoleTail: String)
+    case infrastructureError(String)
+
+    public var description: String {
+        switch self {
+        case .exited(let c): return "exited with status \(c)"
+        case .signalled(let s): return "killed by signal \(s)"
+        case .timedOut: return "timed out"
+        case .outOfMemory: return "ran out of memory"
+        case .guestCrashed(let tail): return "guest crashed: \(GuestCrashSummary.line(tail))"
+        case .infrastructureError(let r): return "sandbox failed: \(r)"
+        }
+    }
+
+    /// The process exit status `sandbox exec` uses for this outcome (see README).
+    public var exitStatus: Int32 {
+        switch self {
+        case .exited(let c): return c
+        case .signalled(let s): return 128 + s
+        case .timedOut: return 124
+        case .infrastructureError: return 125
+        case .guestCrashed: return 250
+        case .outOfMemory: return 251
+        }
+    }
+}
+
+enum GuestCrashSummary {
+    static func line(_ tail: String) -> String {
+        for l in tail.split(whereSeparator: \.isNewline) where l.contains("Kernel panic") { return String(l) }
+        return tail.split(whereSeparator: \.isNewline).last.map(String.init) ?? "(no console output)"
+    }
+}
+
+/// Milliseconds spent in each phase of a run.
+public struct PhaseTimings: Sendable, Equatable {
+    /// Library call to VMM process spawned.
+    public var vmmStart: Double = 0
+    /// VMM start to the guest's init started (boot-timer mark 1).
+    public var kernelBoot: Double = 0
+    /// Init started to agent connected over vsock.
+    public var agentReady: Double = 0
+    /// Exec request to exit status (includes copy-in/out).
+    public var exec: Double = 0
+    /// Exit status to VMM process reaped.
+    public var teardown: Double = 0
+    /// The whole call.
+    public var total: Double = 0
+}
+
+/// The result of running one command in a sandbox.
+public struct ExecResult: Sendable {
+    public var command: [String]
+    public var outcome: Outcome
+    public var stdout: [UInt8]
+    public var stderr: [UInt8]
+    public var timings: PhaseTimings
+    /// The last lines of the guest console (always kept; useful in failure messages).
+    public var consoleTail: String
+
+    public var stdoutText: String { String(decoding: stdout, as: UTF8.self) }
+    public var stderrText: String { String(decoding: stderr, as: UTF8.self) }
+}
+
+/// A chunk of output from a streaming run.
+public enum OutputEvent: Sendable {
+    case stdout([UInt8])
+    case stderr([UInt8])
+}

@@ -1,0 +1,183 @@
+import AgentProtocol
+import Foundation
+import KVM
+import SystemShims
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// Runs one command in one throwaway VM: spawns the VMM process, talks to the guest
+/// agent through it, tears everything down. Blocking: call from a dedicated thread
+/// (the async API does that for you).
+public enum SandboxRunner {
+    /// The `sandbox` executable used as the VMM process: `$SANDBOX_VMM`, the running
+    /// executable if it is `sandbox`, one next to it (test bundles), or one on PATH.
+    public static func vmmExecutable() throws -> String {
+        let fm = FileManager.default
+        if let p = ProcessInfo.processInfo.environment["SANDBOX_VMM"], !p.isEmpty { return p }
+        let exe = (try? fm.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
+        if (exe as NSString).lastPathComponent == "sandbox" { return exe }
+        var dir = (exe as NSString).deletingLastPathComponent
+        while !dir.isEmpty && dir != "/" {
+            let c = dir + "/sandbox"
+            if fm.isExecutableFile(atPath: c) { return c }
+            dir = (dir as NSString).deletingLastPathComponent
+        }
+        for d in (ProcessInfo.processInfo.environment["PATH"] ?? "").split(separator: ":") where fm.isExecutableFile(atPath: "\(d)/sandbox") {
+            return "\(d)/sandbox"
+        }
+        throw SandboxError.infrastructure("cannot find the `sandbox` executable for the VMM process; set SANDBOX_VMM")
+    }
+
+    /// Runs `command`. Output chunks go to `onOutput` as they arrive (and are collected
+    /// into the result up to `configuration.outputLimit`).
+    public static func run(_ command: [String], configuration config: SandboxConfiguration,
+                           stdin: [UInt8]? = nil, stdinFD: Int32? = nil,
+                           progress: (String) -> Void = { _ in },
+                           cancel: CancelToken? = nil,
+                           onOutput: (OutputEvent) -> Void = { _ in }) -> ExecResult {
+        let t0 = monotonicNanos()
+        var result = ExecResult(command: command, outcome: .infrastructureError("not started"), stdout: [], stderr: [],
+                                timings: PhaseTimings(), consoleTail: "")
+        func ms(_ from: UInt64, _ to: UInt64 = monotonicNanos()) -> Double { Double(to &- from) / 1e6 }
+        guard !command.isEmpty else {
+            result.outcome = .infrastructureError("no command given")
+            return result
+        }
+        // Resolve inputs before starting anything.
+        let kernel: String, image: String
+        do {
+            kernel = try config.kernel ?? KernelStore.defaultKernelPath(progress: progress)
+            image = try RootDisk.resolveImage(config.image, progress: { line in
+                if !line.contains("is up to date") { progress(line) }
+            })
+            for c in config.copyIn where !FileManager.default.isReadableFile(atPath: c.hostPath) {
+                throw SandboxError.invalidInput("--copy-in: \(c.hostPath) is not a readable file")
+            }
+        } catch {
+            result.outcome = .infrastructureError("\(error)")
+            return result
+        }
+        let commandTimeout = config.timeout.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
+        let vmConfig = VMMConfig(kernelPath: kernel, imagePath: image, memoryMiB: config.memoryMiB, cpus: config.cpus,
+                                 vmTimeoutSeconds: (commandTimeout ?? 86_400) + 30, extraCommandLine: "",
+                                 keepDiskPath: config.keepDiskPath, streamConsoleTo: config.consoleFD.map { _ in 2 })
+        let vmm: VMMProcess
+        do { vmm = try VMMProcess.spawn(vmConfig, consoleFD: config.consoleFD) } catch {
+            result.outcome = .infrastructureError("\(error)")
+            return result
+        }
+        cancel?.onCancel { vmm.requestStop() }
+        defer { vmm.reap() }
+        result.timings.vmmStart = ms(t0)
+
+        // Wait for the agent (or the VM's end).
+        let first = vmm.nextEvent(timeoutMillis: Int32(min(vmConfig.vmTimeoutSeconds * 1000, Double(Int32.max))))
+        guard let ready = first, ready.kind == .ready else {
+            result.outcome = vmm.outcomeForEarlyEnd(first)
+            result.consoleTail = vmm.lastStopped?.consoleTail ?? ""
+            result.timings.total = ms(t0)
+            return result
+        }
+        result.timings.kernelBoot = ready.initMillis ?? 0
+        result.timings.agentReady = (ready.connectedMillis ?? 0) - (ready.initMillis ?? 0)
+
+        let tExec = monotonicNanos()
+        let client = AgentClient(fd: vmm.agent)
+        var status: CommandStatus?
+        var failure: String?
+        do {
+            try client.hello()
+            for c in config.copyIn {
+                let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: c.hostPath)))
+                let mode = ((try? FileManager.default.attributesOfItem(atPath: c.hostPath)[.posixPermissions]) as? NSNumber)?.uint32Value ?? 0o644
+                try client.writeFile(path: c.guestPath, mode: mode, contents: bytes)
+            }
+            var env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "TERM=dumb"]
+            for (k, v) in config.environment.sorted(by: { $0.key < $1.key }) {
+                env.removeAll { $0.hasPrefix(k + "=") }
+                env.append("\(k)=\(v)")
+            }
+            let exec = Exec(arguments: command, environment: env, workingDirectory: config.workingDirectory,
+                            timeoutMillis: commandTimeout.map { UInt64($0 * 1000) } ?? 0,
+                            stdoutCap: config.outputLimit, stderrCap: config.outputLimit)
+            var kept: (UInt64, UInt64) = (0, 0)
+            status = try client.exec(exec, stdin: stdin, stdinFD: stdinFD) { stream, bytes in
+                switch stream {
+                case .stdout:
+                    onOutput(.stdout(bytes))
+                    if kept.0 < config.outputLimit { result.stdout += bytes.prefix(Int(config.outputLimit - kept.0)); kept.0 += UInt64(bytes.count) }
+                case .stderr:
+                    onOutput(.stderr(bytes))
+                    if kept.1 < config.outputLimit { result.stderr += bytes.prefix(Int(config.outputLimit - kept.1)); kept.1 += UInt64(bytes.count) }
+                }
+            }
+            for c in config.copyOut {
+                let bytes = try client.readFile(path: c.guestPath)
+                guard FileManager.default.createFile(atPath: c.hostPath, contents: Data(bytes)) else {
+                    throw SandboxError.invalidInput("--copy-out: cannot write \(c.hostPath)")
+                }
+            }
+            client.shutdown()
+        } catch {
+            failure = "\(error)"
+        }
+        result.timings.exec = ms(tExec)
+        let tDown = monotonicNanos()
+        // The guest powers off after Shutdown; give it a moment, then stop it.
+        let stopped = vmm.waitStopped(timeoutMillis: 3000)
+        result.consoleTail = stopped?.consoleTail ?? ""
+        if cancel?.isCancelled == true {
+            result.outcome = .infrastructureError("cancelled")
+        } else if let status {
+            switch status {
+            case .exited(let c): result.outcome = .exited(c)
+            case .signalled(let s):
+                result.outcome = (s == SIGKILL && result.consoleTail.contains("Out of memory")) ? .outOfMemory : .signalled(s)
+            case .timedOut: result.outcome = .timedOut
+            case .failedToStart(let e, let message):
+                result.outcome = .exited(e == ENOENT ? 127 : 126)
+                let line = "sandbox: \(command[0]): \(e == ENOENT ? "command not found" : message)\n"
+                result.stderr += Array(line.utf8)
+                onOutput(.stderr(Array(line.utf8)))
+            }
+        } else if let stopped, stopped.reasonKind == "crash" {
+            result.outcome = .guestCrashed(consoleTail: stopped.consoleTail ?? "")
+        } else if let stopped, stopped.reasonKind == "timeout" {
+            result.outcome = .timedOut
+        } else {
+            result.outcome = .infrastructureError(failure ?? "the VM stopped before the command finished")
+        }
+        vmm.reap()
+        result.timings.teardown = ms(tDown)
+        result.timings.total = ms(t0)
+        return result
+    }
+}
+
+/// Cooperative cancellation for a blocking run: `cancel()` stops the VM.
+public final class CancelToken: @unchecked Sendable {
+    // @unchecked: guarded by `lock`.
+    private let lock = Lock()
+    private var cancelled = false
+    private var handlers: [() -> Void] = []
+    public init() {}
+    public var isCancelled: Bool { lock.withLock { cancelled } }
+    public func cancel() {
+        let hs: [() -> Void] = lock.withLock {
+            if cancelled { return [] }
+            cancelled = true
+            defer { handlers = [] }
+            return handlers
+        }
+        for h in hs { h() }
+    }
+    func onCancel(_ h: @escaping () -> Void) {
+        let now: Bool = lock.withLock {
+            if cancelled { return true }
+            handlers.append(h)
+            return false
+        }
+        if now { h() }
+    }
+}

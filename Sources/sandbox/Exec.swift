@@ -1,0 +1,108 @@
+import ArgumentParser
+import Foundation
+import Sandbox
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Exec: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run a command in a throwaway micro-VM.",
+        discussion: """
+        Boots a VM from the image (copy-on-write; the image is never changed), runs the \
+        command through the guest agent, streams its stdout and stderr, and tears the VM down.
+
+        Exit status: the command's own status; 128+N if it was killed by signal N; \
+        124 timeout; 125 the sandbox could not run (bad input, KVM, image, kernel); \
+        126 command not executable; 127 command not found; 250 guest kernel crashed; \
+        251 out of memory. Each non-command status comes with a one-line reason on stderr.
+        """)
+
+    @Option(help: "Image name from the image store, or the path of an ext4 image.")
+    var image: String = "busybox"
+    @Option(help: "Kernel path (default: the cached kernel for this host).")
+    var kernel: String?
+    @Option(help: "Guest memory in MiB.")
+    var memory: UInt64 = 256
+    @Option(help: "Number of vCPUs.")
+    var cpus: Int = 1
+    @Option(help: "Wall-clock limit for the command, in seconds (0 = none).")
+    var timeout: Double = 300
+    @Option(name: .customLong("env"), help: "Set an environment variable (K=V); repeatable.")
+    var env: [String] = []
+    @Option(help: "Working directory in the guest.")
+    var workdir: String = "/"
+    @Flag(help: "Pass this process's stdin through to the command.")
+    var stdin = false
+    @Option(name: .customLong("copy-in"), help: "Copy a host file into the guest before the command (HOST:GUEST); repeatable.")
+    var copyIn: [String] = []
+    @Option(name: .customLong("copy-out"), help: "Copy a guest file to the host after the command (GUEST:HOST); repeatable.")
+    var copyOut: [String] = []
+    @Option(name: .customLong("keep-disk"), help: "Write the guest's final root disk to this path.")
+    var keepDisk: String?
+    @Flag(help: "Show the guest console on stderr (debugging).")
+    var console = false
+    @Flag(help: "Print the phase timings on stderr.")
+    var timings = false
+    @Argument(parsing: .captureForPassthrough, help: "The command and its arguments (after --).")
+    var command: [String] = []
+
+    func run() throws {
+        var argv = command
+        if argv.first == "--" { argv.removeFirst() }
+        guard !argv.isEmpty else {
+            printError("sandbox exec: no command given (usage: sandbox exec [options] -- CMD [ARGS...])")
+            throw ExitCode(125)
+        }
+        var config = SandboxConfiguration()
+        config.image = image
+        config.kernel = kernel
+        config.memoryMiB = memory
+        config.cpus = cpus
+        config.timeout = timeout > 0 ? .milliseconds(Int64(timeout * 1000)) : nil
+        config.workingDirectory = workdir
+        config.keepDiskPath = keepDisk
+        config.consoleFD = console ? 2 : nil
+        do {
+            for kv in env {
+                guard let eq = kv.firstIndex(of: "="), eq != kv.startIndex else {
+                    throw SandboxError.invalidInput("--env '\(kv)' is not of the form K=V")
+                }
+                config.environment[String(kv[..<eq])] = String(kv[kv.index(after: eq)...])
+            }
+            config.copyIn = try copyIn.map { try FileCopy.parse($0, guestFirst: false) }
+            config.copyOut = try copyOut.map { try FileCopy.parse($0, guestFirst: true) }
+            guard memory >= 32 else { throw SandboxError.invalidInput("--memory \(memory) MiB is too little; the minimum is 32 MiB") }
+            guard cpus >= 1 else { throw SandboxError.invalidInput("--cpus must be at least 1") }
+        } catch {
+            printError("sandbox exec: \(error)")
+            throw ExitCode(125)
+        }
+        let result = SandboxRunner.run(argv, configuration: config, stdinFD: stdin ? 0 : nil,
+                                       progress: { printError($0) }) { event in
+            switch event {
+            case .stdout(let b): b.withUnsafeBytes { writeAll(1, $0) }
+            case .stderr(let b): b.withUnsafeBytes { writeAll(2, $0) }
+            }
+        }
+        if timings {
+            let t = result.timings
+            printError(String(format: "sandbox: vmm %.1f ms, kernel boot %.1f ms, agent %.1f ms, exec %.1f ms, teardown %.1f ms, total %.1f ms",
+                              t.vmmStart, t.kernelBoot, t.agentReady, t.exec, t.teardown, t.total))
+        }
+        switch result.outcome {
+        case .exited, .signalled: break
+        default: printError("sandbox exec: \(result.outcome)")
+        }
+        let status = result.outcome.exitStatus
+        if status != 0 { throw ExitCode(status) }
+    }
+}
+
+struct VMMCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "_vmm", abstract: "Internal: the VMM process of one sandbox.", shouldDisplay: false)
+    func run() throws {
+        let rc = VMMChild.main()
+        if rc != 0 { throw ExitCode(rc) }
+    }
+}

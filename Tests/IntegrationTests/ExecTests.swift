@@ -1,0 +1,103 @@
+import Foundation
+import Testing
+
+/// `sandbox exec` end to end: boots the busybox image, runs commands through the agent.
+@Suite("sandbox exec end to end", .serialized)
+struct ExecTests {
+    let timeoutArgs = ["--timeout", Fixture.inLab ? "600" : "60"]
+
+    func exec(_ args: [String], stdinFile: String? = nil) throws -> Fixture.Result {
+        try Fixture.run(Fixture.sandboxBinary, ["exec"] + args, timeout: Fixture.inLab ? 900 : 120, stdinFile: stdinFile)
+    }
+
+    @Test("stdout, stderr and the exit status are the command's")
+    func echoOutErrExit3() throws {
+        let r = try exec(timeoutArgs + ["--", "sh", "-c", "echo out; echo err >&2; exit 3"])
+        #expect(r.stdout == "out\n")
+        #expect(r.stderr == "err\n")
+        #expect(r.status == 3)
+    }
+
+    @Test("a missing command exits 127 with a clear message")
+    func missingCommand() throws {
+        let r = try exec(timeoutArgs + ["--", "no-such-command-xyz"])
+        #expect(r.status == 127)
+        #expect(r.stderr.contains("no-such-command-xyz: command not found"), "\(r.stderr)")
+    }
+
+    @Test("a command killed by SIGKILL exits 137")
+    func killedBySignal() throws {
+        let r = try exec(timeoutArgs + ["--", "sh", "-c", "kill -9 $$"])
+        #expect(r.status == 137)
+    }
+
+    @Test("--timeout stops a long command with status 124 within a few seconds")
+    func timeout() throws {
+        let r = try exec(["--timeout", "2", "--", "sleep", "100"])
+        #expect(r.status == 124)
+        #expect(r.stderr.contains("timed out"), "\(r.stderr)")
+        if !Fixture.inLab { #expect(r.seconds < 10, "took \(r.seconds) s") }
+    }
+
+    @Test("50 MB of output arrives intact")
+    func largeOutput() throws {
+        let r = try exec(timeoutArgs + ["--", "sh", "-c",
+            "dd if=/dev/urandom of=/tmp/big bs=1048576 count=50 2>/dev/null && sha256sum /tmp/big >&2 && cat /tmp/big"])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdoutData.count == 50 * 1048576)
+        let expected = r.stderr.split(separator: " ").first.map(String.init) ?? "?"
+        #expect(try Fixture.sha256(r.stdoutData) == expected)
+    }
+
+    @Test("binary stdin round-trips through --stdin")
+    func stdinRoundTrip() throws {
+        var bytes = [UInt8](repeating: 0, count: 3 * 1048576 + 17)
+        for i in bytes.indices { bytes[i] = UInt8.random(in: 0...255) }
+        let path = NSTemporaryDirectory() + "sandbox-stdin-\(getpid())"
+        try Data(bytes).write(to: URL(fileURLWithPath: path))
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let r = try exec(timeoutArgs + ["--stdin", "--", "cat"], stdinFile: path)
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdoutData == Data(bytes))
+    }
+
+    @Test("--copy-in and --copy-out move files byte-exact")
+    func copyInOut() throws {
+        var bytes = [UInt8](repeating: 0, count: 700_001)
+        for i in bytes.indices { bytes[i] = UInt8.random(in: 0...255) }
+        let dir = NSTemporaryDirectory() + "sandbox-copy-\(getpid())"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        try Data(bytes).write(to: URL(fileURLWithPath: dir + "/in.bin"))
+        let r = try exec(timeoutArgs + ["--copy-in", "\(dir)/in.bin:/tmp/in.bin", "--copy-out", "/tmp/out.bin:\(dir)/out.bin",
+                                        "--", "sh", "-c", "cp /tmp/in.bin /tmp/out.bin && sha256sum /tmp/in.bin"])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout.hasPrefix(try Fixture.sha256(Data(bytes))))
+        #expect(FileManager.default.contents(atPath: dir + "/out.bin") == Data(bytes))
+    }
+
+    @Test("nothing is left behind: no VMM process, no overlay file")
+    func noLeftovers() throws {
+        let r = try exec(timeoutArgs + ["--", "true"])
+        #expect(r.status == 0, "\(r.stderr)")
+        let ps = try Fixture.run("/bin/sh", ["-c", "pgrep -f 'sandbox _vmm' || true"])
+        #expect(ps.stdout.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, "VMM processes left: \(ps.stdout)")
+        let overlays = (try? FileManager.default.contentsOfDirectory(atPath: Fixture.cacheDirectory + "/overlays")) ?? []
+        #expect(overlays.isEmpty, "overlay files left: \(overlays)")
+    }
+
+    @Test("bad input gets status 125 and a specific message")
+    func badInput() throws {
+        let r1 = try exec(["--image", "/nonexistent.ext4", "--", "true"])
+        #expect(r1.status == 125)
+        #expect(r1.stderr.contains("/nonexistent.ext4: no such file"), "\(r1.stderr)")
+        let r2 = try exec(["--copy-in", "nocolon", "--", "true"])
+        #expect(r2.status == 125)
+        #expect(r2.stderr.contains("is not of the form HOST:GUEST"), "\(r2.stderr)")
+        let r3 = try exec(["--env", "=x", "--", "true"])
+        #expect(r3.status == 125)
+        let r4 = try exec([])
+        #expect(r4.status == 125)
+        #expect(r4.stderr.contains("no command given"))
+    }
+}
