@@ -80,7 +80,7 @@ struct ExecTests {
     func noLeftovers() throws {
         let r = try exec(timeoutArgs + ["--", "true"])
         #expect(r.status == 0, "\(r.stderr)")
-        let ps = try Fixture.run("/bin/sh", ["-c", "pgrep -f 'sandbox _vmm' || true"])
+        let ps = try Fixture.run("/bin/sh", ["-c", "pgrep -f '[s]andbox _vmm' || true"])
         #expect(ps.stdout.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, "VMM processes left: \(ps.stdout)")
         let overlays = (try? FileManager.default.contentsOfDirectory(atPath: Fixture.cacheDirectory + "/overlays")) ?? []
         #expect(overlays.isEmpty, "overlay files left: \(overlays)")

@@ -62,13 +62,15 @@ public final class CopyOnWriteDisk: BlockBackend, @unchecked Sendable {
         overlay = FileDescriptor(owning: fd)
         let overlayPath = template.withUnsafeBufferPointer { String(cString: $0.baseAddress!) }
         self.overlayPath = overlayPath
-        if !keepOverlay { unlink(overlayPath) }
+        // Size the file before unlinking it: some file systems (9p) refuse ftruncate on
+        // an unlinked file, while reads and writes through the open descriptor still work.
         do throws(SystemError) {
             try retryingEINTR("ftruncate(overlay)") { ftruncate(fd, off_t(capacity)) }
         } catch {
-            if keepOverlay { unlink(overlayPath) }
+            unlink(overlayPath)
             throw error
         }
+        if !keepOverlay { unlink(overlayPath) }
         let blocks = (Int(capacity) + Self.blockSize - 1) / Self.blockSize
         bitmap = [UInt64](repeating: 0, count: (blocks + 63) / 64)
     }
