@@ -6,11 +6,13 @@ let package = Package(
     platforms: [.macOS(.v14)],
     products: [
         .library(name: "Sandbox", targets: ["Sandbox"]),
+        .library(name: "SandboxTesting", targets: ["SandboxTesting"]),
         .executable(name: "sandbox", targets: ["sandbox"]),
         .executable(name: "sandbox-init", targets: ["sandbox-init"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/jpsim/Yams", from: "5.0.1"),
     ],
     targets: [
         // C shims: the only place C headers are imported. Each exposes small wrappers
@@ -34,7 +36,10 @@ let package = Package(
         // Host <-> guest agent wire format; Foundation-free, shared with sandbox-init.
         .target(name: "AgentProtocol"),
         // Public async API, kernel and image stores.
-        .target(name: "Sandbox", dependencies: ["MicroVM", "KVM", "VirtIO", "AgentProtocol", "SystemShims", "CJail", "CURing", "CSystem"]),
+        .target(name: "Sandbox", dependencies: ["MicroVM", "KVM", "VirtIO", "AgentProtocol", "SystemShims", "CJail", "CURing", "CSystem",
+                                                .product(name: "Yams", package: "Yams")]),
+        // Helpers for XCTest and Swift Testing suites that spawn sandboxes.
+        .target(name: "SandboxTesting", dependencies: ["Sandbox"]),
         .executableTarget(name: "sandbox", dependencies: [
             "Sandbox", "MicroVM", "VirtIO",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
@@ -46,6 +51,7 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVM", "GuestMemory", "VirtIO", "SystemShims"]),
         .testTarget(name: "VirtIOTests", dependencies: ["VirtIO", "GuestMemory"]),
         .testTarget(name: "IntegrationTests", dependencies: ["Sandbox", "MicroVM"]),
+        .testTarget(name: "SandboxTestingTests", dependencies: ["SandboxTesting", "Sandbox"]),
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"], exclude: ["Corpus"]),
     ]
 )

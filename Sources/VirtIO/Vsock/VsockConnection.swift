@@ -12,7 +12,7 @@ struct ByteQueue {
     /// Appends `count` readable bytes of `chain` starting at `offset`.
     mutating func append(from chain: DescriptorChain, memory: GuestMemory, offset: Int, count: Int) throws {
         let start = storage.count
-        storage.append(contentsOf: repeatElement(0, count: count))
+        storage.append(contentsOf: [UInt8](repeating: 0, count: count)) // memset, not an element-wise loop
         do {
             try storage.withUnsafeMutableBytes { b in
                 try chain.read(from: memory, offset: offset, into: UnsafeMutableRawBufferPointer(rebasing: b[start ..< start + count]))
