@@ -100,6 +100,10 @@ public final class Machine: @unchecked Sendable {
     private let stopEvent: EventFD
     private var threads: [NativeThread] = []
     private var ran = false
+    private var runStart: UInt64 = 0
+
+    /// When `run()` started the vCPUs (monotonic ns), or 0 before that.
+    public var runStartNanos: UInt64 { stopLock.withLock { runStart } }
 
     /// The signal used to kick vCPU threads out of KVM_RUN.
     static let kickSignal = SIGUSR2
@@ -238,6 +242,7 @@ public final class Machine: @unchecked Sendable {
         for t in transports { try t.start() }
         defer { for t in transports { t.stop() } }
         let runNanos = monotonicNanos()
+        stopLock.withLock { runStart = runNanos }
         let bus = self.bus
         for vcpu in vcpus {
             let t = try NativeThread(name: "vcpu\(vcpu.id)") { [self] in

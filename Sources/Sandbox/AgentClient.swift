@@ -77,6 +77,17 @@ public final class AgentClient: @unchecked Sendable {
         }
     }
 
+    /// Ping: the agent answers with its boot timestamps.
+    public func ping() throws -> Pong {
+        let token = UInt64(nextID)
+        try send(.ping(token))
+        while true {
+            let f = try receive()
+            if case .pong(let p) = f.message, p.echo == token { return p }
+            if case .error(let m) = f.message { throw Error.agentError(m.message) }
+        }
+    }
+
     /// Runs a command, delivering output chunks in order as they arrive.
     /// - Parameters:
     ///   - stdin: bytes to feed the command (then EOF); nil = no stdin.

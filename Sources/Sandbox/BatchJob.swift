@@ -93,7 +93,11 @@ public enum BatchFile {
     public static func parse(_ text: String, file: String, baseDirectory: String) throws(BatchFileError) -> [BatchJob] {
         var parser = Validator(file: file, baseDirectory: baseDirectory)
         let jobs = parser.parse(text)
-        if !parser.diagnostics.isEmpty { throw BatchFileError(diagnostics: parser.diagnostics) }
+        if !parser.diagnostics.isEmpty {
+            throw BatchFileError(diagnostics: parser.diagnostics.enumerated().sorted {
+                ($0.element.line, $0.element.column, $0.offset) < ($1.element.line, $1.element.column, $1.offset)
+            }.map(\.element))
+        }
         return jobs
     }
 }
@@ -188,7 +192,7 @@ private struct Validator {
             var label = "job #\(index + 1)"
             var name: String?
             if let nameNode {
-                if let s = nameNode.scalar, nameNode.tag.name != .null, !s.string.isEmpty {
+                if let s = nameNode.scalar, !has(nameNode, .null), !s.string.isEmpty {
                     name = s.string
                     label = "job '\(s.string)'"
                 } else {
@@ -210,11 +214,11 @@ private struct Validator {
                 if let seq = c.sequence {
                     var argv: [String] = []
                     for a in seq {
-                        if let sc = a.scalar, a.tag.name != .null { argv.append(sc.string) } else { error(a, "\(label): 'command' items must be strings") }
+                        if let sc = a.scalar, !has(a, .null) { argv.append(sc.string) } else { error(a, "\(label): 'command' items must be strings") }
                     }
                     if seq.isEmpty { error(c, "\(label): 'command' is empty") }
                     if argv.count == seq.count && !seq.isEmpty { command = argv }
-                } else if let sc = c.scalar, c.tag.name != .null, !sc.string.isEmpty {
+                } else if let sc = c.scalar, !has(c, .null), !sc.string.isEmpty {
                     command = ["sh", "-c", sc.string]
                 } else {
                     error(c, "\(label): 'command' must be a string (run with sh -c) or a list of strings")
@@ -268,7 +272,7 @@ private struct Validator {
                         error(ek, "\(context): 'env' names must be non-empty strings without '='"); continue
                     }
                     guard let v = ev.scalar else { error(ev, "\(context): env '\(name)' must be a string"); continue }
-                    s.env[name] = ev.tag.name == .null ? "" : v.string
+                    s.env[name] = has(ev, .null) ? "" : v.string
                 }
             case "files":
                 guard let seq = value.sequence else { error(value, "\(context): 'files' must be a list of {from: HOSTPATH, to: GUESTPATH}"); break }
@@ -312,7 +316,7 @@ private struct Validator {
             guard (0...255).contains(c) else { error(value, message); return nil }
             return .exit(Int32(c))
         }
-        if let s = value.scalar, value.tag.name == .str, s.string == "timeout" { return .timeout }
+        if let s = value.scalar, has(value, .str), s.string == "timeout" { return .timeout }
         if let m = value.mapping, m.count == 1, let (k, v) = m.first.map({ ($0.key.scalar?.string, $0.value) }) {
             if k == "exit", let c = integer(v), (0...255).contains(c) { return .exit(Int32(c)) }
             if k == "signal", let c = integer(v), (1...64).contains(c) { return .signal(Int32(c)) }
@@ -346,20 +350,22 @@ private struct Validator {
     }
 
     mutating func string(_ node: Node, context: String, key: String) -> String? {
-        guard let s = node.scalar, node.tag.name != .null, !s.string.isEmpty else {
+        guard let s = node.scalar, !has(node, .null), !s.string.isEmpty else {
             error(node, "\(context): '\(key)' must be a non-empty string")
             return nil
         }
         return s.string
     }
 
+    func has(_ node: Node, _ tag: Tag.Name) -> Bool { node.tag == Tag(tag) }
+
     func number(_ node: Node) -> Double? {
-        guard node.tag.name == .int || node.tag.name == .float else { return nil }
+        guard has(node, .int) || has(node, .float) else { return nil }
         return node.float.flatMap { $0.isFinite ? $0 : nil }
     }
 
     func integer(_ node: Node) -> Int? {
-        guard node.tag.name == .int else { return nil }
+        guard has(node, .int) else { return nil }
         return node.int
     }
 

@@ -201,26 +201,29 @@ public final class BatchRunner: @unchecked Sendable {
             onEvent(.started(name: job.name, attempt: attempt))
             var out = OutputTail(capacity: options.tailBytes)
             var err = OutputTail(capacity: options.tailBytes)
-            let r: ExecResult
+            var outcome = Outcome.infrastructureError("cancelled")
+            var timings = PhaseTimings()
+            var consoleTail = ""
             if admitted {
-                r = SandboxRunner.run(job.command, configuration: config, cancel: token) { event in
+                let r = SandboxRunner.run(job.command, configuration: config, cancel: token) { event in
                     switch event {
                     case .stdout(let b): out.append(b)
                     case .stderr(let b): err.append(b)
                     }
                 }
-            } else {
-                r = ExecResult(command: job.command, outcome: .infrastructureError("cancelled"), stdout: [], stderr: [],
-                               timings: PhaseTimings(), consoleTail: "")
+                (outcome, timings, consoleTail) = (r.outcome, r.timings, r.consoleTail)
             }
             lock.withLock { _ = running.removeValue(forKey: index) }
-            let verdict = BatchVerdict.of(r.outcome, expectation: job.expectation, cancelled: token.isCancelled)
+            // A VM that ended on its own while the batch stopped (a terminal's Ctrl-C reaches the
+            // VMM processes too) counts as interrupted unless it met its expectation.
+            let cancelled = token.isCancelled || (isStopping && !job.expectation.isMet(by: outcome))
+            let verdict = BatchVerdict.of(outcome, expectation: job.expectation, cancelled: cancelled)
             let limit = options.outputLimit
-            let result = BatchResult(name: job.name, index: index, outcome: r.outcome, expectation: job.expectation,
+            let result = BatchResult(name: job.name, index: index, outcome: outcome, expectation: job.expectation,
                                      verdict: verdict, attempts: attempt, duration: Double(monotonicNanos() - start) / 1e9,
                                      stdoutTail: out.bytes, stderrTail: err.bytes, stdoutBytes: out.total, stderrBytes: err.total,
                                      outputTruncated: limit > 0 && (out.total >= limit || err.total >= limit),
-                                     timings: r.timings, consoleTail: verdict == .error ? String(r.consoleTail.suffix(2048)) : "")
+                                     timings: timings, consoleTail: verdict == .error ? String(consoleTail.suffix(2048)) : "")
             if verdict == .passed || verdict == .interrupted || attempt > job.retries || isStopping { return result }
         }
     }

@@ -86,11 +86,12 @@ enum GuestCrashSummary {
 
 /// Milliseconds spent in each phase of a run.
 public struct PhaseTimings: Sendable, Equatable {
-    /// Library call to VMM process spawned.
+    /// Library call to the first guest instruction: resolving inputs, spawning the VMM
+    /// process, building the VM (memory, kernel load, devices, vCPUs).
     public var vmmStart: Double = 0
-    /// VMM start to the guest's init started (boot-timer mark 1).
+    /// Kernel entry to the guest's init (PID 1) starting, by the guest's own boot clock.
     public var kernelBoot: Double = 0
-    /// Init started to agent connected over vsock.
+    /// Init started to the agent connected over vsock and answering.
     public var agentReady: Double = 0
     /// Exec request to exit status (includes copy-in/out).
     public var exec: Double = 0

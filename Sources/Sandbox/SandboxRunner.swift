@@ -69,7 +69,7 @@ public enum SandboxRunner {
         }
         cancel?.onCancel { vmm.requestStop() }
         defer { vmm.reap() }
-        result.timings.vmmStart = ms(t0)
+        let spawned = monotonicNanos()
 
         // Wait for the agent (or the VM's end).
         let first = vmm.nextEvent(timeoutMillis: Int32(min(vmConfig.vmTimeoutSeconds * 1000, Double(Int32.max))))
@@ -79,15 +79,21 @@ public enum SandboxRunner {
             result.timings.total = ms(t0)
             return result
         }
-        result.timings.kernelBoot = ready.initMillis ?? 0
-        result.timings.agentReady = (ready.connectedMillis ?? 0) - (ready.initMillis ?? 0)
-
-        let tExec = monotonicNanos()
         let client = AgentClient(fd: vmm.agent)
         var status: CommandStatus?
         var failure: String?
+        var tExec = monotonicNanos()
         do {
             try client.hello()
+            // Phase times: the VMM reports when the vCPUs started; the guest's boot clock
+            // (CLOCK_BOOTTIME starts at kernel entry) says when init started.
+            let pong = try client.ping()
+            let connected = monotonicNanos()
+            let vcpuStart = ms(t0, spawned) + (ready.vcpuStartMillis ?? 0)
+            result.timings.vmmStart = vcpuStart
+            result.timings.kernelBoot = Double(pong.initStartedNanos) / 1e6
+            result.timings.agentReady = max(0, ms(t0, connected) - vcpuStart - result.timings.kernelBoot)
+            tExec = connected
             for c in config.copyIn {
                 let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: c.hostPath)))
                 let mode = ((try? FileManager.default.attributesOfItem(atPath: c.hostPath)[.posixPermissions]) as? NSNumber)?.uint32Value ?? 0o644

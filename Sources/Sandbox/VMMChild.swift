@@ -86,8 +86,10 @@ public enum VMMChild {
         if let connection {
             let marks = machine.bootTimer.recorded
             func ms(_ v: UInt8) -> Double? { marks.first { $0.value == v }.map { Double($0.nanos - machine.startNanos) / 1e6 } }
-            report(VMMEvent(kind: .ready, initMillis: ms(1), agentMillis: ms(2),
-                            connectedMillis: Double(monotonicNanos() - machine.startNanos) / 1e6))
+            var ready = VMMEvent(kind: .ready, initMillis: ms(1), agentMillis: ms(2),
+                                 connectedMillis: Double(monotonicNanos() - machine.startNanos) / 1e6)
+            ready.vcpuStartMillis = Double(machine.runStartNanos - machine.startNanos) / 1e6
+            report(ready)
             relay(connection: connection, agentFD: VMMFileDescriptors.agent, control: control, stopped: stopped, machine: machine)
         }
         vmThread.join()

@@ -24,6 +24,8 @@ public struct VMMEvent: Codable, Sendable {
     public var initMillis: Double?
     public var agentMillis: Double?
     public var connectedMillis: Double?
+    /// ready: milliseconds from VMM start to the first KVM_RUN.
+    public var vcpuStartMillis: Double?
     /// stopped: why, and whether it was a clean end.
     public var reason: String?
     public var reasonKind: String?

@@ -40,7 +40,7 @@ public struct TestSandbox: Sendable {
     public func expectSuccess(_ command: String..., stdin: [UInt8]? = nil,
                               sourceLocation: SourceLocation = #_sourceLocation) async -> ExecResult {
         let r = await run(command, stdin: stdin)
-        expectExit(r, 0, sourceLocation: sourceLocation)
+        recordUnlessExit(r, 0, sourceLocation: sourceLocation)
         return r
     }
 
@@ -58,6 +58,7 @@ public struct TestSandbox: Sendable {
 /// - Parameters:
 ///   - configuration: nil = the `.sandbox(...)` trait's configuration, else the default.
 ///   - pool: the pool runs wait in.
+@discardableResult
 public func withSandbox<R>(_ configuration: SandboxConfiguration? = nil, pool: SandboxPool = SandboxTesting.sharedPool,
                            isolation: isolated (any Actor)? = #isolation,
                            _ body: (TestSandbox) async throws -> R) async rethrows -> R {

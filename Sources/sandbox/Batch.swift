@@ -1,0 +1,179 @@
+import ArgumentParser
+import Foundation
+import Sandbox
+#if canImport(Glibc)
+import Glibc
+#endif
+
+struct Batch: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "Run the jobs of a job file, each in its own throwaway micro-VM.",
+        discussion: """
+        The job file (YAML or JSON) is validated completely before anything runs; see \
+        Docs/BatchJobs.md for the schema. Progress goes to stderr, the summary table to \
+        stdout; --jsonl streams one record per finished job, --junit is written at the end.
+
+        Exit status: 0 every job met its expectation; 1 some did not; 2 invalid job file \
+        or options (nothing ran); 130 interrupted by SIGINT/SIGTERM (running VMs are \
+        stopped, finished results are kept and written).
+        """)
+
+    @Argument(help: "The job file (YAML or JSON).")
+    var file: String
+    @Option(help: "Jobs to run at once (each is a VM).")
+    var parallel: Int = max(1, ProcessInfo.processInfo.activeProcessorCount)
+    @Option(help: "Write a JUnit XML report here (atomically, at the end).")
+    var junit: String?
+    @Option(help: "Stream one JSON object per finished job to this file.")
+    var jsonl: String?
+    @Option(name: .customLong("output-limit"), help: "Bytes of each output stream a job may send (the rest is dropped in the guest).")
+    var outputLimit: UInt64 = 1 << 20
+    @Option(name: .customLong("tail"), help: "Bytes of each output stream kept per job for the reports.")
+    var tailBytes: Int = 4096
+    @Option(help: "Kernel path for every job (default: the cached kernel for this host).")
+    var kernel: String?
+
+    func run() throws {
+        // Worker threads started from here inherit a mask without SIGINT/SIGTERM; the
+        // signals are turned into events for the watcher thread (BatchSignals).
+        BatchSignals.blockTermination()
+        // A cancelled VM closes the agent socket under a writer: take EPIPE, not SIGPIPE.
+        signal(SIGPIPE, SIG_IGN)
+
+        let jobs: [BatchJob]
+        do {
+            jobs = try BatchFile.load(path: file)
+        } catch {
+            for d in error.diagnostics { printError(d.description) }
+            printError("sandbox batch: \(file) is invalid (\(error.diagnostics.count) problem\(error.diagnostics.count == 1 ? "" : "s")); nothing was run")
+            throw ExitCode(2)
+        }
+        guard parallel >= 1 else {
+            printError("sandbox batch: --parallel must be at least 1")
+            throw ExitCode(2)
+        }
+        var jsonlFD: Int32 = -1
+        if let jsonl {
+            jsonlFD = open(jsonl, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
+            guard jsonlFD >= 0 else {
+                printError("sandbox batch: cannot open \(jsonl): \(String(cString: strerror(errno)))")
+                throw ExitCode(2)
+            }
+        }
+        defer { if jsonlFD >= 0 { close(jsonlFD) } }
+
+        var options = BatchRunner.Options()
+        options.parallel = parallel
+        options.outputLimit = outputLimit
+        options.tailBytes = max(0, tailBytes)
+        options.kernel = kernel
+        let runner = BatchRunner(jobs: jobs, options: options)
+        let progress = BatchProgress(total: jobs.count, tty: isatty(2) == 1, jsonlFD: jsonlFD)
+        try BatchSignals.watch(onFirst: { sig in
+            progress.interrupted(signal: sig)
+            runner.stop()
+        }, onRepeat: { _ in
+            // A second signal: leave now (the VMM children die with this process).
+            _exit(130)
+        })
+
+        let start = Date()
+        let results = try runner.run(tickInterval: progress.tty ? 0.2 : 1, onTick: { progress.tick() },
+                                     onEvent: { progress.handle($0) })
+        let seconds = Date().timeIntervalSince(start)
+        progress.finish()
+
+        if let junit {
+            let suite = ((file as NSString).lastPathComponent as NSString).deletingPathExtension
+            do {
+                try BatchReport.writeAtomically(BatchReport.junit(results, suite: suite, totalSeconds: seconds), to: junit)
+            } catch {
+                printError("sandbox batch: \(error)")
+            }
+        }
+        writeAll(1, BatchReport.summary(results, jobCount: jobs.count, seconds: seconds) + "\n")
+        if runner.isStopping { throw ExitCode(130) }
+        if results.count < jobs.count || results.contains(where: { !$0.passed }) { throw ExitCode(1) }
+    }
+}
+
+/// Counters, the progress display and the JSON Lines stream (all under one lock).
+final class BatchProgress: @unchecked Sendable {
+    // @unchecked: every mutable field is guarded by `lock`.
+    let total: Int
+    let tty: Bool
+    private let jsonlFD: Int32
+    private let lock = NSLock()
+    private var done = 0, passed = 0, failed = 0
+    private var running: Set<String> = []
+    private var lastLine = Date()
+    private var lastStatus = ""
+    private var drawn = false
+    private var stopped = false
+
+    init(total: Int, tty: Bool, jsonlFD: Int32) {
+        self.total = total
+        self.tty = tty
+        self.jsonlFD = jsonlFD
+    }
+
+    func handle(_ event: BatchEvent) {
+        lock.lock()
+        defer { lock.unlock() }
+        switch event {
+        case .started(let name, _):
+            running.insert(name)
+        case .finished(let r):
+            running.remove(r.name)
+            done += 1
+            if r.passed { passed += 1 } else if r.verdict != .interrupted { failed += 1 }
+            if jsonlFD >= 0 { writeAll(jsonlFD, BatchReport.jsonLine(r) + "\n") }
+            if !tty && !r.passed && r.verdict != .interrupted {
+                printError("sandbox batch: \(r.verdict.rawValue.uppercased()) \(r.name): \(r.outcome) (expected \(r.expectation))")
+            }
+            if tty { draw() }
+        }
+    }
+
+    func interrupted(signal: Int32) {
+        lock.lock()
+        defer { lock.unlock() }
+        stopped = true
+        if drawn { writeAll(2, "\n"); drawn = false }
+        printError("sandbox batch: \(signal == SIGINT ? "SIGINT" : "SIGTERM"): stopping \(running.count) running job\(running.count == 1 ? "" : "s"); no new jobs start")
+    }
+
+    func tick() {
+        lock.lock()
+        defer { lock.unlock() }
+        if tty {
+            draw()
+        } else if Date().timeIntervalSince(lastLine) >= 5 {
+            printStatusLine()
+        }
+    }
+
+    func finish() {
+        lock.lock()
+        defer { lock.unlock() }
+        if tty && drawn { draw(); writeAll(2, "\n"); drawn = false } else if !tty && status() != lastStatus { printStatusLine() }
+    }
+
+    private func printStatusLine() {
+        lastLine = Date()
+        lastStatus = status()
+        printError("sandbox batch: \(lastStatus)")
+    }
+
+    private func status() -> String {
+        "\(done)/\(total) passed \(passed) failed \(failed) running \(running.count)"
+    }
+
+    private func draw() {
+        let width = 30
+        let filled = total > 0 ? done * width / total : width
+        let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
+        writeAll(2, "\r\u{1B}[K[\(bar)] \(status())\(stopped ? " (stopping)" : "")")
+        drawn = true
+    }
+}
