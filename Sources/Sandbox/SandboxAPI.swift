@@ -79,7 +79,7 @@ public enum Outcome: Equatable, Sendable, CustomStringConvertible {
 
 enum GuestCrashSummary {
     static func line(_ tail: String) -> String {
-        for l in tail.split(whereSeparator: \.isNewline) where l.contains("Kernel panic") { return String(l) }
+        for l in tail.split(whereSeparator: \.isNewline) where l.contains("Kernel panic") || l.hasPrefix("[sandbox:") { return String(l) }
         return tail.split(whereSeparator: \.isNewline).last.map(String.init) ?? "(no console output)"
     }
 }

@@ -111,7 +111,12 @@ final class VMMProcess: @unchecked Sendable {
         case .failed: return .infrastructureError(e.error ?? "VMM set-up failed")
         case .stopped:
             switch e.reasonKind {
-            case "crash", "clean": return .guestCrashed(consoleTail: e.consoleTail ?? "")
+            case "crash", "clean":
+                // Keep the VMM's reason with the console tail: a guest that resets before
+                // printing anything (quiet kernel) would otherwise say nothing at all.
+                let tail = e.consoleTail ?? ""
+                let why = "[sandbox: the VM stopped before the agent answered: \(e.reason ?? "unknown")]"
+                return .guestCrashed(consoleTail: tail.isEmpty ? why : tail + "\n" + why)
             case "timeout": return .timedOut
             default: return .infrastructureError(e.reason ?? "the VM stopped before the agent was ready")
             }
