@@ -320,6 +320,21 @@ public struct ImageStore: Sendable {
     ///
     /// - Throws: `SandboxError.invalidInput` for an unknown name, a missing file, a
     ///   truncated file or one that is not ext4.
+    /// The inputs that decide which image a recipe name resolves to, or nil if they
+    /// cannot be listed (then the full key is always computed).
+    private func memoFingerprint(_ name: String) -> String? {
+        guard let recipeDir = recipeDirectory(name) else { return nil }
+        var inputs = [recipeDir, indexPath]
+        if let override = agentOverride {
+            inputs.append(override)
+        } else if let repo = try? repositoryRoot() {
+            inputs += Self.agentSourceDirectories.map { repo + "/" + $0 }
+        } else {
+            return nil
+        }
+        return "image \(name)\n" + InputFingerprint.of(inputs)
+    }
+
     public func path(_ nameOrPath: String, progress: (String) -> Void = { _ in }) throws -> String {
         let looksLikePath = nameOrPath.contains("/") || nameOrPath.hasSuffix(".ext4") || nameOrPath.hasSuffix(".img")
         if looksLikePath {
@@ -337,7 +352,17 @@ public struct ImageStore: Sendable {
             if let entry, access(imagesDirectory, W_OK) != 0, ImageFiles.ext4Problem(imagePath(hash: entry.hash)) == nil {
                 return imagePath(hash: entry.hash)
             }
-            return try build(name: nameOrPath, progress: progress).image.path
+            // Warm path: the same recipe, agent sources and index as last time resolve to
+            // the same image without re-hashing them.
+            let fingerprint = memoFingerprint(nameOrPath)
+            let memo = imagesDirectory + "/\(nameOrPath).memo"
+            if let fingerprint, let p = InputFingerprint.recall(memo, fingerprint: fingerprint),
+               ImageFiles.ext4Problem(p) == nil {
+                return p
+            }
+            let built = try build(name: nameOrPath, progress: progress).image.path
+            if let after = memoFingerprint(nameOrPath) { InputFingerprint.remember(memo, fingerprint: after, value: built) }
+            return built
         }
         if FileManager.default.fileExists(atPath: nameOrPath) {
             try Self.validateImageFile(nameOrPath)

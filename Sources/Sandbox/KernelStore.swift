@@ -29,9 +29,17 @@ public enum KernelStore {
         return key
     }
 
-    /// Where the kernel for `flavor` lives once built.
+    /// Where the kernel for `flavor` lives once built. The key is remembered against a
+    /// fingerprint of its inputs, so it is only recomputed when an input changed.
     public static func cachedPath(flavor: KernelFlavor) throws -> String {
-        directory + "/\(flavor.rawValue)-\(try key(flavor: flavor).prefix(16))/vmlinux"
+        let res = try SandboxPaths.resourcesDirectory()
+        let fingerprint = "kernel \(flavor.rawValue)\n" + InputFingerprint.of([res + "/kernel", "/var/lib/dpkg/status"])
+        let memo = directory + "/\(flavor.rawValue).memo"
+        if let p = InputFingerprint.recall(memo, fingerprint: fingerprint) { return p }
+        let p = directory + "/\(flavor.rawValue)-\(try key(flavor: flavor).prefix(16))/vmlinux"
+        try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
+        InputFingerprint.remember(memo, fingerprint: fingerprint, value: p)
+        return p
     }
 
     /// The kernel to use when none is given: `$SANDBOX_KERNEL`, else the cached kernel

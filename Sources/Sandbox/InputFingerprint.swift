@@ -1,0 +1,42 @@
+import Foundation
+
+/// A cheap stand-in for hashing a set of input files: their paths, sizes and
+/// modification times. Used to remember what an expensive key (kernel or image
+/// recipe hash) resolved to, so that a warm `sandbox exec` does not re-hash its inputs
+/// on every run. Any change to an input changes the fingerprint, and then the full key
+/// is computed again.
+enum InputFingerprint {
+    /// Fingerprint of `paths` (directories are walked; missing paths count as "missing").
+    static func of(_ paths: [String]) -> String {
+        var lines: [String] = []
+        let fm = FileManager.default
+        for p in paths {
+            var isDir: ObjCBool = false
+            guard fm.fileExists(atPath: p, isDirectory: &isDir) else { lines.append("\(p) missing"); continue }
+            var files = [p]
+            if isDir.boolValue, let e = fm.enumerator(atPath: p) {
+                files = (e.allObjects as? [String] ?? []).sorted().map { p + "/" + $0 }
+            }
+            for f in files {
+                var st = stat()
+                guard stat(f, &st) == 0 else { lines.append("\(f) unreadable"); continue }
+                lines.append("\(f) \(st.st_size) \(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec) \(st.st_ino)")
+            }
+        }
+        return lines.joined(separator: "\n")
+    }
+
+    /// The value remembered in `memoFile` for `fingerprint`, if any.
+    static func recall(_ memoFile: String, fingerprint: String) -> String? {
+        guard let text = try? String(contentsOfFile: memoFile, encoding: .utf8),
+              let split = text.range(of: "\n--\n") else { return nil }
+        guard String(text[..<split.lowerBound]) == fingerprint else { return nil }
+        let value = String(text[split.upperBound...]).trimmingCharacters(in: .whitespacesAndNewlines)
+        return value.isEmpty ? nil : value
+    }
+
+    /// Remembers `value` for `fingerprint` (atomically; failures are ignored: the memo is only a cache).
+    static func remember(_ memoFile: String, fingerprint: String, value: String) {
+        try? (fingerprint + "\n--\n" + value + "\n").write(toFile: memoFile, atomically: true, encoding: .utf8)
+    }
+}
