@@ -93,6 +93,8 @@ public struct PhaseTimings: Sendable, Equatable {
     public var kernelBoot: Double = 0
     /// Init started to the agent connected over vsock and answering.
     public var agentReady: Double = 0
+    /// Of `agentReady`: init started to the agent listening, by the guest's clock.
+    public var agentStartup: Double = 0
     /// Exec request to exit status (includes copy-in/out).
     public var exec: Double = 0
     /// Exit status to VMM process reaped.

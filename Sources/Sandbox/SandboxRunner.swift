@@ -85,14 +85,19 @@ public enum SandboxRunner {
         var tExec = monotonicNanos()
         do {
             try client.hello()
-            // Phase times: the VMM reports when the vCPUs started; the guest's boot clock
-            // (CLOCK_BOOTTIME starts at kernel entry) says when init started.
+            // Phase times: the VMM reports when the vCPUs started; the agent reports, on
+            // the guest's boot clock, when init started and what the clock read when it
+            // answered, which places init's start on the host clock (to within the
+            // Ping's latency).
             let pong = try client.ping()
             let connected = monotonicNanos()
             let vcpuStart = ms(t0, spawned) + (ready.vcpuStartMillis ?? 0)
+            let sinceInit = Double(pong.guestNowNanos &- pong.initStartedNanos) / 1e6
+            let initStart = max(vcpuStart, ms(t0, connected) - sinceInit)
             result.timings.vmmStart = vcpuStart
-            result.timings.kernelBoot = Double(pong.initStartedNanos) / 1e6
-            result.timings.agentReady = max(0, ms(t0, connected) - vcpuStart - result.timings.kernelBoot)
+            result.timings.kernelBoot = initStart - vcpuStart
+            result.timings.agentReady = ms(t0, connected) - initStart
+            result.timings.agentStartup = Double(pong.agentReadyNanos &- pong.initStartedNanos) / 1e6
             tExec = connected
             for c in config.copyIn {
                 let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: c.hostPath)))

@@ -70,14 +70,18 @@ public enum VMMChild {
         let bootDeadline = monotonicNanos() + UInt64(min(config.vmTimeoutSeconds, 120) * 1e9)
         var connection: VsockConnection?
         var lastError = "no attempt"
+        let debug = ProcessInfo.processInfo.environment["SANDBOX_DEBUG_VMM"] != nil
         while resultBox.isEmpty && monotonicNanos() < bootDeadline {
             _ = waitReadable(agentReady.fd.rawValue, timeoutMillis: 20)
             guard resultBox.isEmpty else { break }
+            let attempt = monotonicNanos()
             do {
                 connection = try vsock.connect(guestPort: 1024, timeoutMillis: 1000)
+                if debug { FileHandle.standardError.write(Data("vmm: connected at \((monotonicNanos() - machine.startNanos) / 1_000_000) ms (attempt took \((monotonicNanos() - attempt) / 1_000_000) ms)\n".utf8)) }
                 break
             } catch {
                 lastError = "\(error)"
+                if debug { FileHandle.standardError.write(Data("vmm: connect failed at \((monotonicNanos() - machine.startNanos) / 1_000_000) ms after \((monotonicNanos() - attempt) / 1_000_000) ms: \(error)\n".utf8)) }
             }
         }
         if connection == nil && resultBox.isEmpty {

@@ -87,8 +87,8 @@ struct Exec: ParsableCommand {
         }
         if timings {
             let t = result.timings
-            printError(String(format: "sandbox: vmm %.1f ms, kernel boot %.1f ms, agent %.1f ms, exec %.1f ms, teardown %.1f ms, total %.1f ms",
-                              t.vmmStart, t.kernelBoot, t.agentReady, t.exec, t.teardown, t.total))
+            printError(String(format: "sandbox: vmm %.1f ms, kernel boot %.1f ms, agent %.1f ms (guest startup %.1f ms), exec %.1f ms, teardown %.1f ms, total %.1f ms",
+                              t.vmmStart, t.kernelBoot, t.agentReady, t.agentStartup, t.exec, t.teardown, t.total))
         }
         switch result.outcome {
         case .exited, .signalled: break
