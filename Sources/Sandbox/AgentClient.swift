@@ -45,8 +45,19 @@ public final class AgentClient: @unchecked Sendable {
     public func send(_ message: AgentMessage, id: UInt32 = 0) throws {
         let bytes: [UInt8]
         do { bytes = try message.encode(id: id) } catch { throw Error.protocolError("\(error)") }
+        // send(MSG_NOSIGNAL), not write: a VM that went away must not SIGPIPE the caller.
         try writeLock.withLock {
-            do { try bytes.withUnsafeBytes { try fd.writeAll($0) } } catch let e as SystemError { throw Error.io(e) }
+            try bytes.withUnsafeBytes { raw in
+                var done = 0
+                while done < raw.count {
+                    let n = Glibc.send(fd.rawValue, raw.baseAddress! + done, raw.count - done, Int32(MSG_NOSIGNAL))
+                    if n < 0 {
+                        if errno == EINTR { continue }
+                        throw Error.io(SystemError("send(agent)", errno: errno))
+                    }
+                    done += n
+                }
+            }
         }
     }
 

@@ -127,7 +127,7 @@ final class VMMProcess: @unchecked Sendable {
     /// Asks the VMM to stop the VM now.
     func requestStop() {
         let s: [UInt8] = Array("stop\n".utf8)
-        s.withUnsafeBytes { _ = write(control.rawValue, $0.baseAddress, $0.count) }
+        s.withUnsafeBytes { _ = send(control.rawValue, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
     }
 
     /// Waits for the child to exit (killing it if it does not within a few seconds). Idempotent.

@@ -109,6 +109,7 @@ final class BatchProgress: @unchecked Sendable {
     private var lastLine = Date()
     private var lastStatus = ""
     private var drawn = false
+    private var lastDrawn = ""
     private var stopped = false
 
     init(total: Int, tty: Bool, jsonlFD: Int32) {
@@ -173,7 +174,10 @@ final class BatchProgress: @unchecked Sendable {
         let width = 30
         let filled = total > 0 ? done * width / total : width
         let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
-        writeAll(2, "\r\u{1B}[K[\(bar)] \(status())\(stopped ? " (stopping)" : "")")
+        let line = "[\(bar)] \(status())\(stopped ? " (stopping)" : "")"
+        if drawn && line == lastDrawn { return }
+        writeAll(2, "\r\u{1B}[K" + line)
+        lastDrawn = line
         drawn = true
     }
 }
