@@ -2,6 +2,7 @@ import CJail
 import CURing
 import Foundation
 import KVM
+import VirtIO
 
 /// What `sandbox doctor` reports about this host.
 public struct HostReport: Sendable {
@@ -27,12 +28,8 @@ public struct HostReport: Sendable {
                 r.lines.append("/dev/kvm:       \(error)")
             }
         }
-        let uring = curing_probe()
-        if uring > 0 {
-            r.lines.append("io_uring:       available (block I/O engine: io_uring)")
-        } else {
-            r.lines.append("io_uring:       unavailable (\(String(cString: strerror(-uring)))); block I/O falls back to the synchronous engine")
-        }
+        let engine = BlockEngineKind.auto
+        r.lines.append("block I/O:      \(engine.kind) engine (\(engine.reason))")
         let sv = cjail_seccomp_version()
         r.lines.append("libseccomp:     \(sv > 0 ? "\(sv / 10000).\(sv / 100 % 100).\(sv % 100)" : "unavailable")")
         let flavor = KernelFlavor.forHost(host)
@@ -40,7 +37,7 @@ public struct HostReport: Sendable {
             r.lines.append("guest kernel:   \(k) (from SANDBOX_KERNEL); this host needs the \(flavor.rawValue) flavor")
         } else if let p = try? KernelStore.cachedPath(flavor: flavor) {
             let built = FileManager.default.fileExists(atPath: p)
-            r.lines.append("guest kernel:   \(flavor.rawValue) flavor, \(built ? "cached at \(p)" : "not built yet: run `sandbox kernel build` (about 4 minutes) or let the first boot build it")")
+            r.lines.append("guest kernel:   \(flavor.rawValue) flavor (the one that boots on this host), \(built ? "cached at \(p)" : "not built yet: run `sandbox kernel build` (about 10 minutes on 2 cores) or let the first run build it")")
         } else {
             r.lines.append("guest kernel:   \(flavor.rawValue) flavor; the recipes folder was not found (set SANDBOX_RESOURCES)")
         }

@@ -104,3 +104,18 @@ struct BootBadInputTests {
         #expect(r.stderr.contains("--cpus must be at least 1"), "\(r.stderr)")
     }
 }
+
+@Suite("sandbox doctor")
+struct DoctorTests {
+    @Test("reports the host kind, KVM access, the block I/O engine and the kernel flavor")
+    func report() throws {
+        let r = try Fixture.run(Fixture.sandboxBinary, ["doctor"])
+        #expect(r.status == 0, "\(r.stdout)\(r.stderr)")
+        let expectedKind = FileManager.default.fileExists(atPath: "/sys/module/kvm_pvm") ? "PVM (kvm_pvm)" : "hardware KVM"
+        #expect(r.stdout.contains("host kind:      \(expectedKind)"), "\(r.stdout)")
+        #expect(r.stdout.contains("/dev/kvm:       ok"), "\(r.stdout)")
+        #expect(r.stdout.contains("block I/O:"), "\(r.stdout)")
+        let flavor = expectedKind == "hardware KVM" ? "standard" : "pvm"
+        #expect(r.stdout.contains("guest kernel:   \(flavor) flavor"), "\(r.stdout)")
+    }
+}
