@@ -68,7 +68,7 @@ public enum SandboxRunner {
             return result
         }
         cancel?.onCancel { vmm.requestStop() }
-        defer { vmm.reap() }
+        defer { vmm.reap(patienceMillis: config.keepDiskPath == nil ? 3000 : 600_000) }
         let spawned = monotonicNanos()
 
         // Wait for the agent (or the VM's end).
@@ -136,7 +136,9 @@ public enum SandboxRunner {
         result.timings.exec = ms(tExec)
         let tDown = monotonicNanos()
         // The guest powers off after Shutdown; give it a moment, then stop it.
-        let stopped = vmm.waitStopped(timeoutMillis: 3000)
+        // Exporting a kept disk happens before the VMM reports; give it time.
+        let patience: Int32 = config.keepDiskPath == nil ? 3000 : 600_000
+        let stopped = vmm.waitStopped(timeoutMillis: patience)
         result.consoleTail = stopped?.consoleTail ?? ""
         if cancel?.isCancelled == true {
             result.outcome = .infrastructureError("cancelled")
@@ -159,7 +161,11 @@ public enum SandboxRunner {
         } else {
             result.outcome = .infrastructureError(failure ?? "the VM stopped before the command finished")
         }
-        vmm.reap()
+        if let keepError = stopped?.error {
+            // The command ran, but what the caller asked to keep is missing: say so loudly.
+            result.outcome = .infrastructureError(keepError)
+        }
+        vmm.reap(patienceMillis: config.keepDiskPath == nil ? 3000 : 600_000)
         result.timings.teardown = ms(tDown)
         result.timings.total = ms(t0)
         return result

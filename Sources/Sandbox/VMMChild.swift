@@ -99,7 +99,10 @@ public enum VMMChild {
         vmThread.join()
         connection?.close()
         vsock.shutdown()
-        if let keep = config.keepDiskPath { try? RootDisk.export(disk, to: keep) }
+        var keepError: String?
+        if let keep = config.keepDiskPath {
+            do { try RootDisk.export(disk, to: keep) } catch { keepError = "could not keep the disk at \(keep): \(error)" }
+        }
         let (result, err) = resultBox.get()
         if let result {
             let tail = result.console.tail(16 * 1024)
@@ -112,7 +115,7 @@ public enum VMMChild {
             case .kvmError: kind = "kvm"
             }
             report(VMMEvent(kind: .stopped, reason: result.reason.description, reasonKind: kind, consoleTail: tail,
-                            runMillis: Double(result.stopNanos - result.startNanos) / 1e6))
+                            runMillis: Double(result.stopNanos - result.startNanos) / 1e6, error: keepError))
         } else {
             report(VMMEvent(kind: .failed, error: err ?? "the VM thread ended without a result"))
         }

@@ -94,7 +94,7 @@ final class VMMProcess: @unchecked Sendable {
                 if asked || lastFailure != nil { return lastStopped }
                 requestStop()
                 asked = true
-                budget = 5000
+                budget = max(5000, timeoutMillis)
                 continue
             }
             if e.kind == .stopped { return e }
@@ -130,13 +130,13 @@ final class VMMProcess: @unchecked Sendable {
         s.withUnsafeBytes { _ = send(control.rawValue, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
     }
 
-    /// Waits for the child to exit (killing it if it does not within a few seconds). Idempotent.
-    func reap() {
+    /// Waits for the child to exit (killing it if it does not within `patienceMillis`). Idempotent.
+    func reap(patienceMillis: Int32 = 3000) {
         let already: Bool = lock.withLock { defer { reaped = true }; return reaped }
         if already { return }
         agent.close()
         var status: Int32 = 0
-        for _ in 0..<300 {
+        for _ in 0..<max(1, Int(patienceMillis) / 10) {
             let r = waitpid(pid, &status, WNOHANG)
             if r == pid || (r < 0 && errno == ECHILD) { control.close(); return }
             usleep(10_000)
