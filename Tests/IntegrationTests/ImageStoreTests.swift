@@ -11,7 +11,8 @@ struct ImageStoreTests {
 
     /// The agent, built through the store's own build path (keyed by its sources).
     static let agent: Result<String, any Error> = Result {
-        let shared = NSTemporaryDirectory() + "sandbox-imagestore-tests-agent"
+        // The agent the test suite's set-up already built into the user cache (Scripts/test).
+        let shared = SandboxPaths.cacheDirectory
         return try ImageStore(root: shared, resourcesDirectory: resources, agentBinary: nil)
             .agentBinary(progress: { print($0) })
     }
