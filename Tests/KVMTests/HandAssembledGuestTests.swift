@@ -171,6 +171,31 @@ struct HandAssembledGuestTests {
         #expect(monotonicNanos() - start < 5_000_000_000)
     }
 
+    @Test("a guest write to the boot-timer port is timestamped by the Machine")
+    func bootTimerPort() throws {
+        let code: [UInt8] = [
+            0x66, 0xBA, 0x40, 0x04,   // mov dx, 0x440
+            0xB0, 0x01, 0xEE,         // mov al, 1; out dx, al   (init started)
+            0xB0, 0x02, 0xEE,         // mov al, 2; out dx, al   (agent ready)
+            0x0F, 0x0B,               // ud2 -> triple fault ends the run
+        ]
+        let elf = TinyELF.make(code: code, loadAddress: 0x100000)
+        let path = "/tmp/sandbox-kvmtest-bt-\(getpid()).elf"
+        try writeFile(path, elf)
+        defer { unlink(path) }
+        var config = MachineConfiguration(kernelPath: path)
+        config.memoryMiB = 64
+        config.timeoutSeconds = 10
+        let machine = try Machine(config)
+        let result = try machine.run()
+        #expect(result.reason == .guestReset)
+        #expect(result.bootMarks.map(\.value) == [1, 2])
+        let first = try #require(result.millis(toMark: 1))
+        let second = try #require(result.millis(toMark: 2))
+        #expect(first > 0 && second >= first)
+        #expect(result.bootMarks.allSatisfy { $0.nanos >= machine.runStartNanos && $0.nanos <= result.stopNanos })
+    }
+
     @Test("a guest that triple-faults ends the run with guestReset")
     func tripleFault() throws {
         // #UD with an IDT that has no usable gate: #GP -> #DF -> triple fault.
