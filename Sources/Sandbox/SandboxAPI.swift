@@ -34,8 +34,12 @@ public struct SandboxConfiguration: Sendable {
     public var workingDirectory: String = "/"
     public var copyIn: [FileCopy] = []
     public var copyOut: [FileCopy] = []
-    /// Most bytes kept per output stream (the rest is dropped and flagged).
+    /// Most bytes the guest sends per output stream (the rest is dropped and flagged);
+    /// 0 = no limit.
     public var outputLimit: UInt64 = 256 << 20
+    /// Whether the result keeps the output (up to `outputLimit`). Callers that consume the
+    /// stream themselves (the CLI) turn this off so that memory does not grow with output.
+    public var keepOutput: Bool = true
     /// Write the guest's final root disk here (base + writes).
     public var keepDiskPath: String?
     /// Copy the guest console to this host descriptor (debugging).

@@ -117,10 +117,16 @@ public enum SandboxRunner {
                 switch stream {
                 case .stdout:
                     onOutput(.stdout(bytes))
-                    if kept.0 < config.outputLimit { result.stdout += bytes.prefix(Int(config.outputLimit - kept.0)); kept.0 += UInt64(bytes.count) }
+                    if config.keepOutput && (config.outputLimit == 0 || kept.0 < config.outputLimit) {
+                        result.stdout += config.outputLimit == 0 ? bytes[...] : bytes.prefix(Int(config.outputLimit - kept.0))
+                        kept.0 += UInt64(bytes.count)
+                    }
                 case .stderr:
                     onOutput(.stderr(bytes))
-                    if kept.1 < config.outputLimit { result.stderr += bytes.prefix(Int(config.outputLimit - kept.1)); kept.1 += UInt64(bytes.count) }
+                    if config.keepOutput && (config.outputLimit == 0 || kept.1 < config.outputLimit) {
+                        result.stderr += config.outputLimit == 0 ? bytes[...] : bytes.prefix(Int(config.outputLimit - kept.1))
+                        kept.1 += UInt64(bytes.count)
+                    }
                 }
             }
             for c in config.copyOut {

@@ -63,6 +63,9 @@ struct Exec: ParsableCommand {
         config.workingDirectory = workdir
         config.keepDiskPath = keepDisk
         config.consoleFD = console ? 2 : nil
+        // Output streams straight to the terminal: no cap, nothing kept in memory.
+        config.outputLimit = 0
+        config.keepOutput = false
         do {
             for kv in env {
                 guard let eq = kv.firstIndex(of: "="), eq != kv.startIndex else {
