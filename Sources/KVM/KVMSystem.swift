@@ -148,8 +148,7 @@ public final class KVMSystem: Sendable {
 
     /// KVM_CREATE_VM.
     public func createVM() throws(KVMError) -> VirtualMachine {
-        var r: Int32
-        repeat { r = ckvm_ioctl_val(fd.rawValue, CKVM_CREATE_VM, 0) } while r == -EINTR
+        let r = ckvm_ioctl_val(fd.rawValue, CKVM_CREATE_VM, 0) // retries EINTR itself
         if r < 0 { throw .ioctlFailed(SystemError("KVM_CREATE_VM", errno: -r)) }
         return VirtualMachine(fd: FileDescriptor(owning: r), system: self)
     }

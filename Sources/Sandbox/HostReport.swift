@@ -1,5 +1,4 @@
 import CJail
-import CURing
 import Foundation
 import KVM
 import VirtIO

@@ -163,20 +163,27 @@ public struct ImageStore: Sendable {
         }
     }
 
+    /// Checks an import's name and source (a directory, or a tarball file) and the cache,
+    /// and gets the agent: what both imports need before building.
+    private func prepareImport(name: String, path: String, directory: Bool,
+                               progress: (String) -> Void) throws -> (source: String, agent: String) {
+        try Self.validateName(name)
+        var isDir: ObjCBool = false
+        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue == directory else {
+            throw SandboxError.invalidInput(directory ? "cannot import \(path): it is not a directory"
+                                                      : "cannot import \(path): no such tarball")
+        }
+        try ensureWritable()
+        return (URL(fileURLWithPath: path).standardizedFileURL.path, try agentBinary(progress: progress))
+    }
+
     /// Makes image `name` from a root file system directory (copied; not modified).
     ///
     /// - Throws: `SandboxError.invalidInput` if `path` is not a directory.
     @discardableResult
     public func importDirectory(path: String, name: String, progress: (String) -> Void = { _ in }) throws -> ImageBuildResult {
         let started = Date()
-        try Self.validateName(name)
-        var isDir: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir), isDir.boolValue else {
-            throw SandboxError.invalidInput("cannot import \(path): it is not a directory")
-        }
-        let source = URL(fileURLWithPath: path).standardizedFileURL.path
-        try ensureWritable()
-        let agent = try agentBinary(progress: progress)
+        let (source, agent) = try prepareImport(name: name, path: path, directory: true, progress: progress)
         return try make(name: name, recipe: "import-dir:" + source, recipeKey: "", agent: agent, started: started, progress: progress) { rootfs in
             progress("[image] copying \(source) into a work directory…")
             guard let cp = ImageFiles.findTool("cp") else { throw SandboxError.infrastructure("cp (coreutils) is not installed") }
@@ -191,14 +198,7 @@ public struct ImageStore: Sendable {
     @discardableResult
     public func importTarball(path: String, name: String, progress: (String) -> Void = { _ in }) throws -> ImageBuildResult {
         let started = Date()
-        try Self.validateName(name)
-        var isDir: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir), !isDir.boolValue else {
-            throw SandboxError.invalidInput("cannot import \(path): no such tarball")
-        }
-        let source = URL(fileURLWithPath: path).standardizedFileURL.path
-        try ensureWritable()
-        let agent = try agentBinary(progress: progress)
+        let (source, agent) = try prepareImport(name: name, path: path, directory: false, progress: progress)
         return try make(name: name, recipe: "import-tar:" + source, recipeKey: "", agent: agent, started: started, progress: progress) { rootfs in
             progress("[image] extracting \(source)…")
             guard let tar = ImageFiles.findTool("tar") else { throw SandboxError.infrastructure("tar is not installed") }

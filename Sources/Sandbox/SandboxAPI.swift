@@ -1,5 +1,6 @@
 import AgentProtocol
 import Foundation
+import MicroVM
 
 /// A file to copy between host and guest.
 public struct FileCopy: Sendable, Equatable {
@@ -83,7 +84,8 @@ public enum Outcome: Equatable, Sendable, CustomStringConvertible {
 
 enum GuestCrashSummary {
     static func line(_ tail: String) -> String {
-        for l in tail.split(whereSeparator: \.isNewline) where l.contains("Kernel panic") || l.hasPrefix("[sandbox:") { return String(l) }
+        if let panic = GuestCrashDetector.crashReason(consoleTail: tail) { return panic }
+        for l in tail.split(whereSeparator: \.isNewline) where l.hasPrefix("[sandbox:") { return String(l) }
         return tail.split(whereSeparator: \.isNewline).last.map(String.init) ?? "(no console output)"
     }
 }

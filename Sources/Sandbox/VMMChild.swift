@@ -45,14 +45,7 @@ public enum VMMChild {
         mc.virtioDevices = [disk, vsock]
         mc.consoleCapacity = 64 * 1024
         if let fd = config.streamConsoleTo {
-            mc.consoleSink = { bytes in
-                var done = 0
-                while done < bytes.count {
-                    let n = write(fd, bytes.baseAddress! + done, bytes.count - done)
-                    if n <= 0 { break }
-                    done += n
-                }
-            }
+            mc.consoleSink = { bytes in try? writeAll(fd, bytes) }
         }
         mc.onBootMark = { mark in if mark.value == 2 { agentReady.signal() } }
         let machine = try Machine(mc)
@@ -140,13 +133,7 @@ public enum VMMChild {
                 let n: Int
                 do { n = try buf.withUnsafeMutableBytes { try connection.read(into: $0) } } catch { break }
                 if n <= 0 { break }
-                var done = 0
-                while done < n {
-                    let w = buf.withUnsafeBytes { write(agentFD, $0.baseAddress! + done, n - done) }
-                    if w < 0 && errno == EINTR { continue }
-                    if w <= 0 { return }
-                    done += w
-                }
+                do { try buf.withUnsafeBytes { try writeAll(agentFD, UnsafeRawBufferPointer(rebasing: $0[0..<n])) } } catch { return }
             }
             shutdown(agentFD, Int32(SHUT_WR))
         }

@@ -58,11 +58,7 @@ public final class FileDescriptor: @unchecked Sendable {
 
     /// Writes all of `buffer` to the current position (write(2), looping on short writes).
     public func writeAll(_ buffer: UnsafeRawBufferPointer) throws(SystemError) {
-        var done = 0
-        while done < buffer.count {
-            let n = try retryingEINTR("write") { Glibc.write(raw, buffer.baseAddress! + done, buffer.count - done) }
-            done += n
-        }
+        try SystemShims.writeAll(raw, buffer)
     }
 
     /// The file's size (fstat).
@@ -70,6 +66,18 @@ public final class FileDescriptor: @unchecked Sendable {
         var st = stat()
         try retryingEINTR("fstat") { fstat(raw, &st) }
         return UInt64(st.st_size)
+    }
+}
+
+/// Writes all of `buffer` to the raw descriptor `fd` (write(2), retrying EINTR and
+/// looping on short writes). For descriptors the caller does not own (stdout, stderr,
+/// a relay socket); owned ones use `FileDescriptor.writeAll`.
+public func writeAll(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws(SystemError) {
+    var done = 0
+    while done < buffer.count {
+        let n = try retryingEINTR("write") { Glibc.write(fd, buffer.baseAddress! + done, buffer.count - done) }
+        if n == 0 { throw SystemError("write", errno: EIO) }
+        done += n
     }
 }
 

@@ -1,4 +1,5 @@
 import ArgumentParser
+import SystemShims
 import Sandbox
 
 @main
@@ -21,14 +22,10 @@ func printError(_ message: String) {
 /// Writes all of `text` to `fd`.
 func writeAll(_ fd: Int32, _ text: String) {
     var s = text
-    s.withUTF8 { writeAll(fd, UnsafeRawBufferPointer($0)) }
+    s.withUTF8 { try? SystemShims.writeAll(fd, UnsafeRawBufferPointer($0)) }
 }
 
+/// Writes all of `bytes` to `fd`; a closed terminal or pipe ends the output quietly.
 func writeAll(_ fd: Int32, _ bytes: UnsafeRawBufferPointer) {
-    var done = 0
-    while done < bytes.count {
-        let n = write(fd, bytes.baseAddress! + done, bytes.count - done)
-        if n < 0 { if errno == EINTR { continue }; return }
-        done += n
-    }
+    try? SystemShims.writeAll(fd, bytes)
 }

@@ -56,12 +56,7 @@ enum Fixture {
     }
 
     /// The library's cache directory (as the CLI computes it).
-    static var cacheDirectory: String {
-        let env = ProcessInfo.processInfo.environment
-        if let c = env["SANDBOX_CACHE"], !c.isEmpty { return c }
-        if let x = env["XDG_CACHE_HOME"], !x.isEmpty { return x + "/sandbox" }
-        return (env["HOME"] ?? "/root") + "/.cache/sandbox"
-    }
+    static var cacheDirectory: String { SandboxPaths.cacheDirectory }
 
     /// Hex SHA-256 of `data` (via sha256sum).
     static func sha256(_ data: Data) throws -> String {

@@ -57,7 +57,7 @@ struct TinyVM {
 struct HandAssembledGuestTests {
     @Test("real mode: serial output, MMIO write and read, HLT")
     func realMode() throws {
-        var vm = try TinyVM()
+        let vm = try TinyVM()
         let code: [UInt8] = [
             0xBA, 0xF8, 0x03,             // mov dx, 0x3f8
             0xB0, 0x48, 0xEE,             // mov al, 'H'; out dx, al
