@@ -10,24 +10,43 @@ public enum SandboxPaths {
         return (env["HOME"] ?? "/root") + "/.cache/sandbox"
     }
 
-    /// The `Sandboxes/` folder with kernel and image recipes: `$SANDBOX_RESOURCES`, else
-    /// found by walking up from the running executable (a source checkout's .build/...).
+    /// The `Sandboxes/` folder with kernel and image recipes, found by one rule, in order:
+    /// 1. `$SANDBOX_RESOURCES` (an override; it must hold `kernel/build-kernel`);
+    /// 2. the package checkout this library was built from (SwiftPM builds a dependency
+    ///    from its checkout, by path or by URL, so the recipes and the guest agent's
+    ///    sources sit next to the library's own sources, whatever the working directory);
+    /// 3. a `Sandboxes/` folder above the running executable (a copied build tree).
     public static func resourcesDirectory() throws -> String {
         let fm = FileManager.default
-        if let r = ProcessInfo.processInfo.environment["SANDBOX_RESOURCES"], !r.isEmpty { return r }
-        var candidates: [String] = []
-        if let exe = try? fm.destinationOfSymbolicLink(atPath: "/proc/self/exe") { candidates.append(exe) }
-        candidates.append(fm.currentDirectoryPath + "/x")
-        for start in candidates {
-            var dir = (start as NSString).deletingLastPathComponent
+        func holdsRecipes(_ dir: String) -> Bool { fm.isExecutableFile(atPath: dir + "/kernel/build-kernel") }
+        if let r = ProcessInfo.processInfo.environment["SANDBOX_RESOURCES"], !r.isEmpty {
+            guard holdsRecipes(r) else {
+                throw SandboxError.invalidInput("SANDBOX_RESOURCES=\(r) is not a Sandboxes/ recipes folder (no kernel/build-kernel in it)")
+            }
+            return r
+        }
+        var tried: [String] = []
+        let checkout = packageCheckout + "/Sandboxes"
+        if holdsRecipes(checkout) { return checkout }
+        tried.append(checkout)
+        if let exe = try? fm.destinationOfSymbolicLink(atPath: "/proc/self/exe") {
+            var dir = (exe as NSString).deletingLastPathComponent
             while dir != "/" && !dir.isEmpty {
-                let probe = dir + "/Sandboxes/kernel/build-kernel"
-                if fm.isExecutableFile(atPath: probe) { return dir + "/Sandboxes" }
+                if holdsRecipes(dir + "/Sandboxes") { return dir + "/Sandboxes" }
                 dir = (dir as NSString).deletingLastPathComponent
             }
+            tried.append("Sandboxes/ above \(exe)")
         }
-        throw SandboxError.infrastructure("cannot find the Sandboxes/ recipes folder next to this executable; set SANDBOX_RESOURCES to the repository's Sandboxes/ directory")
+        throw SandboxError.infrastructure("cannot find the Sandboxes/ recipes folder (tried \(tried.joined(separator: ", "))); the package checkout this library was built from seems to be gone; set SANDBOX_RESOURCES to a checkout's Sandboxes/ directory")
     }
+
+    /// The root of the package checkout this file was compiled from (three levels above
+    /// `Sources/Sandbox/Paths.swift`).
+    static let packageCheckout: String = {
+        var url = URL(fileURLWithPath: #filePath)
+        for _ in 0..<3 { url.deleteLastPathComponent() }
+        return url.path
+    }()
 }
 
 /// The library's public error.

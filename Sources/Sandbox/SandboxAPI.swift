@@ -30,6 +30,11 @@ public struct SandboxConfiguration: Sendable {
     public var cpus: Int = 1
     /// Wall-clock limit for the command; nil = none.
     public var timeout: Duration? = .seconds(300)
+    /// How long the guest may take from the VMM's start until its agent answers; nil =
+    /// `$SANDBOX_BOOT_TIMEOUT` seconds, else 60 s. A guest still booting at the limit is
+    /// stopped and reported as an infrastructure error that says it was slow (never as a
+    /// crash); emulated or heavily loaded hosts may need more.
+    public var bootTimeout: Duration?
     /// Extra environment for the command (PATH, HOME and TERM have defaults).
     public var environment: [String: String] = [:]
     public var workingDirectory: String = "/"
@@ -127,4 +132,25 @@ public struct ExecResult: Sendable {
 public enum OutputEvent: Sendable {
     case stdout([UInt8])
     case stderr([UInt8])
+}
+
+extension SandboxConfiguration {
+    /// The boot limit used when neither the configuration nor `$SANDBOX_BOOT_TIMEOUT` sets one.
+    public static let defaultBootTimeoutSeconds: Double = 60
+
+    /// The boot limit in seconds: `configured`, else `$SANDBOX_BOOT_TIMEOUT`, else 60.
+    static func resolvedBootTimeout(_ configured: Duration?) throws -> Double {
+        if let configured {
+            let s = Double(configured.components.seconds) + Double(configured.components.attoseconds) / 1e18
+            guard s > 0 else { throw SandboxError.invalidInput("bootTimeout must be positive (got \(configured))") }
+            return s
+        }
+        guard let raw = ProcessInfo.processInfo.environment["SANDBOX_BOOT_TIMEOUT"], !raw.isEmpty else {
+            return defaultBootTimeoutSeconds
+        }
+        guard let s = Double(raw), s.isFinite, s > 0, s <= 86_400 else {
+            throw SandboxError.invalidInput("SANDBOX_BOOT_TIMEOUT=\(raw) is not a number of seconds between 0 and 86400")
+        }
+        return s
+    }
 }

@@ -59,8 +59,14 @@ public enum SandboxRunner {
             return result
         }
         let commandTimeout = config.timeout.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
+        let bootTimeout: Double
+        do { bootTimeout = try SandboxConfiguration.resolvedBootTimeout(config.bootTimeout) } catch {
+            result.outcome = .infrastructureError("\(error)")
+            return result
+        }
         let vmConfig = VMMConfig(kernelPath: kernel, imagePath: image, memoryMiB: config.memoryMiB, cpus: config.cpus,
-                                 vmTimeoutSeconds: (commandTimeout ?? 86_400) + 30, extraCommandLine: "",
+                                 vmTimeoutSeconds: bootTimeout + (commandTimeout ?? 86_400) + 30,
+                                 bootTimeoutSeconds: bootTimeout, extraCommandLine: "",
                                  keepDiskPath: config.keepDiskPath, streamConsoleTo: config.consoleFD.map { _ in 2 })
         let vmm: VMMProcess
         do { vmm = try VMMProcess.spawn(vmConfig, consoleFD: config.consoleFD) } catch {

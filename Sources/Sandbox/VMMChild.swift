@@ -60,7 +60,7 @@ public enum VMMChild {
         // Connect to the agent over vsock as soon as it listens. The agent also writes the
         // boot-timer mark 2 when ready, which wakes us early; connection attempts before
         // that are refused by the guest at once, so polling costs little.
-        let bootDeadline = monotonicNanos() + UInt64(min(config.vmTimeoutSeconds, 120) * 1e9)
+        let bootDeadline = monotonicNanos() + UInt64(max(0, min(config.bootTimeoutSeconds, config.vmTimeoutSeconds)) * 1e9)
         var connection: VsockConnection?
         var lastError = "no attempt"
         let debug = ProcessInfo.processInfo.environment["SANDBOX_DEBUG_VMM"] != nil
@@ -77,8 +77,12 @@ public enum VMMChild {
                 if debug { FileHandle.standardError.write(Data("vmm: connect failed at \((monotonicNanos() - machine.startNanos) / 1_000_000) ms after \((monotonicNanos() - attempt) / 1_000_000) ms: \(error)\n".utf8)) }
             }
         }
+        // A guest still booting at the limit is slow, not crashed: stop it and say so
+        // (unless its console shows a crash, which the stop report then names).
+        var bootTimedOut = false
         if connection == nil && resultBox.isEmpty {
-            machine.requestStop(.guestCrash("the guest agent did not accept a vsock connection on port 1024 within the boot limit (\(lastError))"))
+            bootTimedOut = true
+            machine.requestStop(.stopRequested)
         }
         if let connection {
             let marks = machine.bootTimer.recorded
@@ -104,10 +108,15 @@ public enum VMMChild {
             case .guestReset, .powerOff, .halted: kind = GuestCrashDetector.crashReason(consoleTail: tail) == nil ? "clean" : "crash"
             case .timeout: kind = "timeout"
             case .guestCrash: kind = "crash"
+            case .stopRequested where bootTimedOut:
+                kind = GuestCrashDetector.crashReason(consoleTail: tail) == nil ? "bootTimeout" : "crash"
             case .stopRequested: kind = "stopped"
             case .kvmError: kind = "kvm"
             }
-            report(VMMEvent(kind: .stopped, reason: result.reason.description, reasonKind: kind, consoleTail: tail,
+            let reason = bootTimedOut
+                ? "the guest agent did not accept a vsock connection on port 1024 within the boot limit of \(String(format: "%g", config.bootTimeoutSeconds)) s (last attempt: \(lastError))"
+                : result.reason.description
+            report(VMMEvent(kind: .stopped, reason: reason, reasonKind: kind, consoleTail: tail,
                             runMillis: Double(result.stopNanos - result.startNanos) / 1e6, error: keepError))
         } else {
             report(VMMEvent(kind: .failed, error: err ?? "the VM thread ended without a result"))

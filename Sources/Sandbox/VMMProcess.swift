@@ -118,6 +118,8 @@ final class VMMProcess: @unchecked Sendable {
                 let why = "[sandbox: the VM stopped before the agent answered: \(e.reason ?? "unknown")]"
                 return .guestCrashed(consoleTail: tail.isEmpty ? why : tail + "\n" + why)
             case "timeout": return .timedOut
+            case "bootTimeout":
+                return .infrastructureError("the guest did not finish booting in time: \(e.reason ?? "no agent"); the VM was still running and its console shows no crash (a slow or overloaded host? raise SandboxConfiguration.bootTimeout or SANDBOX_BOOT_TIMEOUT)")
             default: return .infrastructureError(e.reason ?? "the VM stopped before the agent was ready")
             }
         case .ready: return .infrastructureError("unexpected ready event")

@@ -11,6 +11,9 @@ public struct VMMConfig: Codable, Sendable {
     public var cpus: Int
     /// Hard wall-clock limit for the whole VM (the backstop behind the command timeout).
     public var vmTimeoutSeconds: Double
+    /// How long the guest may take to start its agent; past it the VM is stopped and
+    /// reported with `reasonKind` "bootTimeout" (slow, not crashed).
+    public var bootTimeoutSeconds: Double
     public var extraCommandLine: String
     public var keepDiskPath: String?
     public var streamConsoleTo: Int32?
@@ -26,7 +29,9 @@ public struct VMMEvent: Codable, Sendable {
     public var connectedMillis: Double?
     /// ready: milliseconds from VMM start to the first KVM_RUN.
     public var vcpuStartMillis: Double?
-    /// stopped: why, and whether it was a clean end.
+    /// stopped: why, and how it ended: "clean", "crash", "timeout", "bootTimeout" (the
+    /// agent did not answer within the boot limit and the console shows no crash),
+    /// "stopped", "kvm".
     public var reason: String?
     public var reasonKind: String?
     public var consoleTail: String?

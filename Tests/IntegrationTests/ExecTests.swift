@@ -39,6 +39,24 @@ struct ExecTests {
         if !Fixture.inLab { #expect(r.seconds < 10, "took \(r.seconds) s") }
     }
 
+    @Test("a guest still booting at the boot limit is reported as slow (125), not as a crash")
+    func slowBootIsNotACrash() throws {
+        let r = try Fixture.run(Fixture.sandboxBinary, ["exec"] + timeoutArgs + ["--", "true"],
+                                timeout: Fixture.inLab ? 900 : 120, environment: ["SANDBOX_BOOT_TIMEOUT": "0.001"])
+        #expect(r.status == 125, "\(r.stderr)")
+        #expect(r.stderr.contains("did not finish booting"), "\(r.stderr)")
+        #expect(r.stderr.contains("boot limit of 0.001 s"), "\(r.stderr)")
+        #expect(!r.stderr.contains("guest crashed") && !r.stderr.contains("kernel crash"), "\(r.stderr)")
+    }
+
+    @Test("a malformed SANDBOX_BOOT_TIMEOUT is refused with its value")
+    func badBootTimeout() throws {
+        let r = try Fixture.run(Fixture.sandboxBinary, ["exec", "--", "true"], timeout: 60,
+                                environment: ["SANDBOX_BOOT_TIMEOUT": "soon"])
+        #expect(r.status == 125, "\(r.stderr)")
+        #expect(r.stderr.contains("SANDBOX_BOOT_TIMEOUT=soon"), "\(r.stderr)")
+    }
+
     @Test("50 MB of output arrives intact")
     func largeOutput() throws {
         let r = try exec(timeoutArgs + ["--", "sh", "-c",

@@ -68,10 +68,14 @@ enum Fixture {
     }
 
     /// Runs a program to completion, capturing its output.
-    static func run(_ path: String, _ args: [String], timeout: Double = 300, stdinFile: String? = nil) throws -> Result {
+    static func run(_ path: String, _ args: [String], timeout: Double = 300, stdinFile: String? = nil,
+                    environment: [String: String] = [:]) throws -> Result {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: path)
         p.arguments = args
+        if !environment.isEmpty {
+            p.environment = ProcessInfo.processInfo.environment.merging(environment) { _, new in new }
+        }
         let base = NSTemporaryDirectory() + "sandbox-it-run-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
         FileManager.default.createFile(atPath: base + ".out", contents: nil)
         FileManager.default.createFile(atPath: base + ".err", contents: nil)
