@@ -1,18 +1,35 @@
 // swift-tools-version:6.1
 import PackageDescription
 
+// Layers, lowest first; a target depends only on targets above it in this list
+// (Scripts/check-layers checks the imports against it; Docs/Architecture.md draws it).
+//
+//   C shims        CKVM CURing CJail CInit CSystem        (the only C headers)
+//   shared         SandboxABI (host/guest numbers)  AgentProtocol (wire format)
+//                  SandboxCore (the public error)
+//   system         SystemShims  GuestMemory
+//   devices        Bus (MMIO/port bus, device protocols)  KVM
+//                  VirtIO (virtqueues, mmio transport, blk, vsock)  MicroVM (the VM)
+//   VMM process    VMMProtocol (library <-> VMM)  sandbox-vmm (executable)
+//   library        SandboxImages (kernels, images, recipes)  Sandbox (public API)
+//                  SandboxBatch (job files; Yams)  SandboxTesting
+//   executables    sandbox (CLI)  sandbox-init (guest PID 1)
 let package = Package(
     name: "sandbox",
-    platforms: [.macOS(.v14)],
+    // Linux only: KVM, io_uring, vsock, seccomp. (SwiftPM has no way to say "Linux only";
+    // no Apple platform is listed because none is supported.)
     products: [
         .library(name: "Sandbox", targets: ["Sandbox"]),
         .library(name: "SandboxTesting", targets: ["SandboxTesting"]),
+        .library(name: "SandboxBatch", targets: ["SandboxBatch"]),
         .executable(name: "sandbox", targets: ["sandbox"]),
+        .executable(name: "sandbox-vmm", targets: ["sandbox-vmm"]),
         .executable(name: "sandbox-init", targets: ["sandbox-init"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
         .package(url: "https://github.com/jpsim/Yams", from: "5.0.1"),
+        .package(url: "https://github.com/apple/swift-crypto", from: "3.12.3"),
     ],
     targets: [
         // C shims: the only place C headers are imported. Each exposes small wrappers
@@ -23,35 +40,56 @@ let package = Package(
         .target(name: "CInit"),
         .target(name: "CSystem"),
 
-        // Lowest Swift layer: file descriptors, errno, mmap, eventfd.
+        // What host and guest must agree on: ports, CIDs, boot marks, crash lines.
+        .target(name: "SandboxABI"),
+        // Host <-> guest agent wire format; Foundation-free, shared with sandbox-init.
+        .target(name: "AgentProtocol"),
+        // The library's one public error type (also reported by the VMM process).
+        .target(name: "SandboxCore"),
+
+        // Lowest Swift layer: file descriptors, errno, mmap, eventfd, threads, spawn.
         .target(name: "SystemShims", dependencies: ["CSystem"]),
         // Bounds-checked guest physical memory.
         .target(name: "GuestMemory", dependencies: ["SystemShims"]),
+        // The device bus: MMIO and port-I/O device protocols, interrupt triggers, routing.
+        .target(name: "Bus"),
         // Thin, typed wrappers over the KVM ioctls.
         .target(name: "KVM", dependencies: ["CKVM", "SystemShims", "GuestMemory"]),
         // virtio-mmio transport, split virtqueues and devices (block, vsock).
-        .target(name: "VirtIO", dependencies: ["SystemShims", "GuestMemory", "CURing"]),
-        // The VMM: boot loaders, legacy devices, vCPU run loop, VM assembly.
-        .target(name: "MicroVM", dependencies: ["KVM", "GuestMemory", "VirtIO", "SystemShims"]),
-        // Host <-> guest agent wire format; Foundation-free, shared with sandbox-init.
-        .target(name: "AgentProtocol"),
-        // Public async API, kernel and image stores.
-        .target(name: "Sandbox", dependencies: ["MicroVM", "KVM", "VirtIO", "AgentProtocol", "SystemShims", "CJail", "CURing", "CSystem",
-                                                .product(name: "Yams", package: "Yams")]),
+        .target(name: "VirtIO", dependencies: ["Bus", "SystemShims", "GuestMemory", "CURing"]),
+        // The VM: boot loaders, legacy devices, vCPU run loop, VM assembly.
+        .target(name: "MicroVM", dependencies: ["KVM", "GuestMemory", "Bus", "VirtIO", "SystemShims", "SandboxABI"]),
+
+        // What the library and the VMM process say to each other.
+        .target(name: "VMMProtocol", dependencies: ["SandboxCore"]),
+        // The VMM process: one per sandbox, started by the library.
+        .executableTarget(name: "sandbox-vmm", dependencies: [
+            "MicroVM", "KVM", "VirtIO", "SystemShims", "CSystem", "CJail", "SandboxABI", "SandboxCore", "VMMProtocol",
+        ]),
+
+        // Kernels, images, recipes, content hashes.
+        .target(name: "SandboxImages", dependencies: [
+            "SandboxCore", "SystemShims", .product(name: "Crypto", package: "swift-crypto"),
+        ]),
+        // Public API: sandboxes, one-shot runs, the pool, outcomes.
+        .target(name: "Sandbox", dependencies: ["SandboxCore", "SandboxImages", "VMMProtocol", "AgentProtocol", "SandboxABI", "SystemShims"]),
+        // Batch job files (YAML/JSON), the batch runner and its reports.
+        .target(name: "SandboxBatch", dependencies: ["Sandbox", "SystemShims", .product(name: "Yams", package: "Yams")]),
         // Helpers for XCTest and Swift Testing suites that spawn sandboxes.
         .target(name: "SandboxTesting", dependencies: ["Sandbox"]),
         .executableTarget(name: "sandbox", dependencies: [
-            "Sandbox", "MicroVM", "VirtIO",
+            "Sandbox", "SandboxBatch", "SystemShims",
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // The guest's PID 1. Built as a static executable by the image store.
-        .executableTarget(name: "sandbox-init", dependencies: ["AgentProtocol", "CInit"]),
+        .executableTarget(name: "sandbox-init", dependencies: ["AgentProtocol", "SandboxABI", "CInit"]),
 
-        .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "GuestMemory", "KVM", "VirtIO", "SystemShims"]),
-        .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVM", "GuestMemory", "VirtIO", "SystemShims"]),
-        .testTarget(name: "VirtIOTests", dependencies: ["VirtIO", "GuestMemory"]),
-        .testTarget(name: "IntegrationTests", dependencies: ["Sandbox", "MicroVM"]),
-        .testTarget(name: "SandboxTestingTests", dependencies: ["SandboxTesting", "Sandbox"]),
+        .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "Bus", "GuestMemory", "KVM", "VirtIO", "SystemShims", "SandboxABI"]),
+        .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVM", "Bus", "GuestMemory", "VirtIO", "SystemShims"]),
+        .testTarget(name: "VirtIOTests", dependencies: ["VirtIO", "Bus", "GuestMemory", "SystemShims"]),
+        // Builds the executables it runs (sandbox, sandbox-vmm) through these dependencies.
+        .testTarget(name: "IntegrationTests", dependencies: ["Sandbox", "SandboxBatch", "sandbox", "sandbox-vmm"]),
+        .testTarget(name: "SandboxTestingTests", dependencies: ["SandboxTesting", "Sandbox", "sandbox-vmm"]),
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"], exclude: ["Corpus"]),
     ]
 )

@@ -10,14 +10,6 @@ public enum AgentProtocolVersion {
     public static let supported: ClosedRange<UInt16> = 1...1
 }
 
-/// Well-known addresses of the agent.
-public enum AgentEndpoint {
-    /// The vsock port sandbox-init listens on (host connects to guest CID ``guestCID``).
-    public static let vsockPort: UInt32 = 1024
-    /// The guest's context id as configured by the VMM.
-    public static let guestCID: UInt32 = 3
-}
-
 /// Size limits enforced by both the encoder and the decoder.
 public enum AgentProtocolLimits {
     /// Largest payload of one frame (1 MiB).

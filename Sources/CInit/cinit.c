@@ -82,9 +82,9 @@ int cinit_loopback_up(void) {
     return rc;
 }
 
-int cinit_boot_marker(uint8_t value) {
-    if (ioperm(CINIT_BOOT_PORT, 1, 1) < 0) return -errno;
-    outb(value, CINIT_BOOT_PORT);
+int cinit_boot_marker(uint16_t port, uint8_t value) {
+    if (ioperm(port, 1, 1) < 0) return -errno;
+    outb(value, port);
     return 0;
 }
 

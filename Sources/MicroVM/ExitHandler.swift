@@ -1,3 +1,4 @@
+import Bus
 import KVM
 
 /// Why a VM stopped.

@@ -1,48 +1,75 @@
-import CJail
 import Foundation
-import KVM
-import VirtIO
+import SandboxCore
+import SandboxImages
+import SystemShims
+import VMMProtocol
 
-/// What `sandbox doctor` reports about this host.
+/// What `sandbox doctor` reports about this host. The KVM facts come from the VMM
+/// executable (`sandbox-vmm probe`), the only process of ours that opens /dev/kvm.
 public struct HostReport: Sendable {
     public var lines: [String] = []
     /// Whether sandboxes can run here.
     public var canRun = true
     public var text: String { lines.joined(separator: "\n") }
 
-    public static func gather() -> HostReport {
+    public static func gather(vmmExecutable: String? = nil) -> HostReport {
         var r = HostReport()
         let host = HostKind.detect()
         r.lines.append("host kind:      \(host)")
+        var probe: HostProbe?
+        do {
+            let exe = try VMMExecutable.locate(explicit: vmmExecutable)
+            r.lines.append("VMM:            \(exe)")
+            probe = try Self.probe(exe)
+        } catch {
+            r.canRun = false
+            r.lines.append("VMM:            \(error)")
+        }
         switch host {
         case .none:
             r.canRun = false
             r.lines.append("/dev/kvm:       missing. Fix: enable VT-x/AMD-V (or nested virtualization) and load kvm_intel/kvm_amd.")
         case .hardware, .pvm:
-            do {
-                let kvm = try KVMSystem()
-                r.lines.append("/dev/kvm:       ok (API 12, irqchip, irqfd, ioeventfd \(kvm.check(.ioeventfd) > 0 ? "yes" : "no"), max vCPUs \(max(kvm.check(.maxVCPUs), kvm.check(.nrVCPUs))))")
-            } catch {
-                r.canRun = false
-                r.lines.append("/dev/kvm:       \(error)")
+            if let probe {
+                if !probe.kvmUsable { r.canRun = false }
+                r.lines.append("/dev/kvm:       \(probe.kvmUsable ? "ok (\(probe.kvmDetail))" : probe.kvmDetail)")
             }
         }
-        let engine = BlockEngineKind.auto
-        r.lines.append("block I/O:      \(engine.kind) engine (\(engine.reason))")
-        let sv = cjail_seccomp_version()
-        r.lines.append("libseccomp:     \(sv > 0 ? "\(sv / 10000).\(sv / 100 % 100).\(sv % 100)" : "unavailable")")
+        if let probe {
+            r.lines.append("block I/O:      \(probe.blockEngine) engine (\(probe.blockEngineReason))")
+            r.lines.append("libseccomp:     \(probe.libseccomp ?? "unavailable")")
+        }
         let flavor = KernelFlavor.forHost(host)
         if let k = ProcessInfo.processInfo.environment["SANDBOX_KERNEL"], !k.isEmpty {
             r.lines.append("guest kernel:   \(k) (from SANDBOX_KERNEL); this host needs the \(flavor.rawValue) flavor")
-        } else if let p = try? KernelStore.cachedPath(flavor: flavor) {
-            let built = FileManager.default.fileExists(atPath: p)
-            r.lines.append("guest kernel:   \(flavor.rawValue) flavor (the one that boots on this host), \(built ? "cached at \(p)" : "not built yet: run `sandbox kernel build` (about 10 minutes on 2 cores) or let the first run build it")")
         } else {
-            r.lines.append("guest kernel:   \(flavor.rawValue) flavor; the recipes folder was not found (set SANDBOX_RESOURCES)")
+            do {
+                let p = try KernelStore.cachedPath(flavor: flavor)
+                let built = FileManager.default.fileExists(atPath: p)
+                r.lines.append("guest kernel:   \(flavor.rawValue) flavor (the one that boots on this host), \(built ? "cached at \(p)" : "not built yet: run `sandbox kernel build` (about 8 minutes on 2 cores) or let the first run build it")")
+            } catch {
+                r.lines.append("guest kernel:   \(flavor.rawValue) flavor; \(error)")
+            }
         }
         if host == .pvm {
             r.lines.append("note:           PVM host: only the pvm kernel flavor boots natively here; a standard kernel falls into emulation and dies.")
         }
         return r
+    }
+
+    /// Runs `sandbox-vmm probe` and decodes its report.
+    static func probe(_ exe: String) throws -> HostProbe {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: exe)
+        p.arguments = ["probe"]
+        let pipe = Pipe()
+        p.standardOutput = pipe
+        do { try p.run() } catch { throw SandboxError(.vmm, "cannot run \(exe) probe", underlying: SandboxError.Described(description: "\(error)")) }
+        let out = pipe.fileHandleForReading.readDataToEndOfFile()
+        p.waitUntilExit()
+        guard p.terminationStatus == 0, let probe = try? JSONDecoder().decode(HostProbe.self, from: out) else {
+            throw SandboxError(.vmm, "\(exe) probe failed (exit status \(p.terminationStatus))")
+        }
+        return probe
     }
 }

@@ -1,11 +1,12 @@
 import Foundation
+import SandboxCore
 import SystemShims
 
 /// The public async entry points. Each run boots its own VM in its own VMM process;
 /// the blocking work happens on a dedicated thread, never on the cooperative pool.
 public enum Sandbox {
     /// Runs `command` in a fresh sandbox and returns its typed result. Cancelling the
-    /// calling task stops the VM (the outcome is then `.infrastructureError("cancelled")`).
+    /// calling task stops the VM (the outcome is then `.infrastructureError(.cancelled)`).
     public static func run(_ command: [String], configuration: SandboxConfiguration = SandboxConfiguration(),
                            stdin: [UInt8]? = nil) async -> ExecResult {
         let token = CancelToken()
@@ -16,7 +17,7 @@ public enum Sandbox {
                         cont.resume(returning: SandboxRunner.run(command, configuration: configuration, stdin: stdin, cancel: token))
                     }
                 } catch {
-                    cont.resume(returning: ExecResult(command: command, outcome: .infrastructureError("\(error)"), stdout: [], stderr: [],
+                    cont.resume(returning: ExecResult(command: command, outcome: .infrastructureError(SandboxError(.host, "cannot start a thread for the run", underlying: error)), stdout: [], stderr: [],
                                                       timings: PhaseTimings(), consoleTail: ""))
                 }
             }
@@ -49,7 +50,7 @@ public enum Sandbox {
                     continuation.finish()
                 }
             } catch {
-                continuation.yield(.finished(ExecResult(command: command, outcome: .infrastructureError("\(error)"), stdout: [], stderr: [],
+                continuation.yield(.finished(ExecResult(command: command, outcome: .infrastructureError(SandboxError(.host, "cannot start a thread for the run", underlying: error)), stdout: [], stderr: [],
                                                         timings: PhaseTimings(), consoleTail: "")))
                 continuation.finish()
             }

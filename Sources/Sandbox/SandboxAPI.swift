@@ -1,6 +1,7 @@
 import AgentProtocol
 import Foundation
-import MicroVM
+import SandboxABI
+import SandboxCore
 
 /// A file to copy between host and guest.
 public struct FileCopy: Sendable, Equatable {
@@ -50,6 +51,9 @@ public struct SandboxConfiguration: Sendable {
     public var keepDiskPath: String?
     /// Copy the guest console to this host descriptor (debugging).
     public var consoleFD: Int32?
+    /// The VMM executable; nil finds it by the rule of ``VMMExecutable`` (`$SANDBOX_VMM`,
+    /// else `sandbox-vmm` next to the running executable).
+    public var vmmExecutable: String?
 
     public init() {}
 }
@@ -61,7 +65,8 @@ public enum Outcome: Equatable, Sendable, CustomStringConvertible {
     case timedOut
     case outOfMemory
     case guestCrashed(consoleTail: String)
-    case infrastructureError(String)
+    /// The sandbox itself failed (not the command): the error says what and why.
+    case infrastructureError(SandboxError)
 
     public var description: String {
         switch self {
@@ -112,6 +117,8 @@ public struct PhaseTimings: Sendable, Equatable {
     public var teardown: Double = 0
     /// The whole call.
     public var total: Double = 0
+
+    public init() {}
 }
 
 /// The result of running one command in a sandbox.

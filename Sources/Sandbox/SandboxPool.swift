@@ -1,3 +1,4 @@
+import Synchronization
 import SystemShims
 
 /// Bounds how many sandboxes run at once and queues the rest, first come first served.
@@ -10,7 +11,7 @@ import SystemShims
 ///     let r = await pool.run(["make", "test"], configuration: config)
 ///
 /// Cancellation: a caller cancelled while queued leaves the queue at once and gets an
-/// `.infrastructureError("cancelled")` result; a caller cancelled while its sandbox
+/// `.infrastructureError(.cancelled)` result; a caller cancelled while its sandbox
 /// runs stops that VM (`Sandbox.run` handles it) and frees its slot.
 public final class SandboxPool: Sendable {
     /// Runs one command; `Sandbox.run` unless a test injects something else.
@@ -22,7 +23,7 @@ public final class SandboxPool: Sendable {
     public var maxConcurrent: Int { limits.maxConcurrent }
 
     private let runner: Runner
-    private let state = Protected(State())
+    private let state = Mutex(State())
 
     private struct State {
         var running = 0
@@ -58,14 +59,14 @@ public final class SandboxPool: Sendable {
     public var queuedCount: Int { state.withLock { $0.waiters.count } }
 
     /// Runs `command` in a fresh sandbox once a slot is free.
-    /// - Returns: the run's result; `.infrastructureError("cancelled")` if the calling
+    /// - Returns: the run's result; `.infrastructureError(.cancelled)` if the calling
     ///   task was cancelled before the sandbox started.
     public func run(_ command: [String], configuration: SandboxConfiguration = SandboxConfiguration(),
                     stdin: [UInt8]? = nil) async -> ExecResult {
         do {
             return try await withSlot { await runner(command, configuration, stdin) }
         } catch {
-            return ExecResult(command: command, outcome: .infrastructureError("cancelled"), stdout: [], stderr: [],
+            return ExecResult(command: command, outcome: .infrastructureError(.cancelled), stdout: [], stderr: [],
                               timings: PhaseTimings(), consoleTail: "")
         }
     }
@@ -127,16 +128,5 @@ public final class SandboxPool: Sendable {
             return nil
         }
         next?.resume()
-    }
-}
-
-/// A value behind a `Lock` (SystemShims), for `Sendable` classes with mutable state.
-final class Protected<Value>: @unchecked Sendable {
-    // @unchecked: `value` is only touched inside `lock`.
-    private let lock = Lock()
-    private var value: Value
-    init(_ value: Value) { self.value = value }
-    func withLock<R>(_ body: (inout Value) throws -> R) rethrows -> R {
-        try lock.withLock { try body(&value) }
     }
 }

@@ -1,7 +1,10 @@
 import AgentProtocol
 import Foundation
-import KVM
+import SandboxCore
+import SandboxImages
+import Synchronization
 import SystemShims
+import VMMProtocol
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -10,25 +13,6 @@ import Glibc
 /// agent through it, tears everything down. Blocking: call from a dedicated thread
 /// (the async API does that for you).
 public enum SandboxRunner {
-    /// The `sandbox` executable used as the VMM process: `$SANDBOX_VMM`, the running
-    /// executable if it is `sandbox`, one next to it (test bundles), or one on PATH.
-    public static func vmmExecutable() throws -> String {
-        let fm = FileManager.default
-        if let p = ProcessInfo.processInfo.environment["SANDBOX_VMM"], !p.isEmpty { return p }
-        let exe = (try? fm.destinationOfSymbolicLink(atPath: "/proc/self/exe")) ?? ""
-        if (exe as NSString).lastPathComponent == "sandbox" { return exe }
-        var dir = (exe as NSString).deletingLastPathComponent
-        while !dir.isEmpty && dir != "/" {
-            let c = dir + "/sandbox"
-            if fm.isExecutableFile(atPath: c) { return c }
-            dir = (dir as NSString).deletingLastPathComponent
-        }
-        for d in (ProcessInfo.processInfo.environment["PATH"] ?? "").split(separator: ":") where fm.isExecutableFile(atPath: "\(d)/sandbox") {
-            return "\(d)/sandbox"
-        }
-        throw SandboxError.infrastructure("cannot find the `sandbox` executable for the VMM process; set SANDBOX_VMM")
-    }
-
     /// Runs `command`. Output chunks go to `onOutput` as they arrive (and are collected
     /// into the result up to `configuration.outputLimit`).
     public static func run(_ command: [String], configuration config: SandboxConfiguration,
@@ -37,40 +21,41 @@ public enum SandboxRunner {
                            cancel: CancelToken? = nil,
                            onOutput: (OutputEvent) -> Void = { _ in }) -> ExecResult {
         let t0 = monotonicNanos()
-        var result = ExecResult(command: command, outcome: .infrastructureError("not started"), stdout: [], stderr: [],
+        var result = ExecResult(command: command, outcome: .infrastructureError(.internal("not started")), stdout: [], stderr: [],
                                 timings: PhaseTimings(), consoleTail: "")
         func ms(_ from: UInt64, _ to: UInt64 = monotonicNanos()) -> Double { Double(to &- from) / 1e6 }
         guard !command.isEmpty else {
-            result.outcome = .infrastructureError("no command given")
+            result.outcome = .infrastructureError(.invalidInput("no command given"))
             return result
         }
         // Resolve inputs before starting anything.
         let kernel: String, image: String
         do {
             kernel = try config.kernel ?? KernelStore.defaultKernelPath(progress: progress)
-            image = try RootDisk.resolveImage(config.image, progress: { line in
+            image = try RootImage.resolve(config.image, progress: { line in
                 if !line.contains("is up to date") { progress(line) }
             })
             for c in config.copyIn where !FileManager.default.isReadableFile(atPath: c.hostPath) {
                 throw SandboxError.invalidInput("--copy-in: \(c.hostPath) is not a readable file")
             }
         } catch {
-            result.outcome = .infrastructureError("\(error)")
+            result.outcome = .infrastructureError(.from(error, code: .host))
             return result
         }
         let commandTimeout = config.timeout.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
         let bootTimeout: Double
         do { bootTimeout = try SandboxConfiguration.resolvedBootTimeout(config.bootTimeout) } catch {
-            result.outcome = .infrastructureError("\(error)")
+            result.outcome = .infrastructureError(.from(error, code: .invalidInput))
             return result
         }
-        let vmConfig = VMMConfig(kernelPath: kernel, imagePath: image, memoryMiB: config.memoryMiB, cpus: config.cpus,
+        let vmConfig = VMMConfig(mode: .agent, kernelPath: kernel, imagePath: image, overlayDirectory: SandboxPaths.overlayDirectory,
+                                 memoryMiB: config.memoryMiB, cpus: config.cpus,
                                  vmTimeoutSeconds: bootTimeout + (commandTimeout ?? 86_400) + 30,
-                                 bootTimeoutSeconds: bootTimeout, extraCommandLine: "",
-                                 keepDiskPath: config.keepDiskPath, streamConsoleTo: config.consoleFD.map { _ in 2 })
+                                 bootTimeoutSeconds: bootTimeout, keepDiskPath: config.keepDiskPath,
+                                 streamConsole: config.consoleFD != nil)
         let vmm: VMMProcess
-        do { vmm = try VMMProcess.spawn(vmConfig, consoleFD: config.consoleFD) } catch {
-            result.outcome = .infrastructureError("\(error)")
+        do { vmm = try VMMProcess.spawn(vmConfig, executable: config.vmmExecutable, stderr: config.consoleFD) } catch {
+            result.outcome = .infrastructureError(error)
             return result
         }
         cancel?.onCancel { vmm.requestStop() }
@@ -78,7 +63,7 @@ public enum SandboxRunner {
         let spawned = monotonicNanos()
 
         // Wait for the agent (or the VM's end).
-        let first = vmm.nextEvent(timeoutMillis: Int32(min(vmConfig.vmTimeoutSeconds * 1000, Double(Int32.max))))
+        let first = vmm.nextEvent(timeoutMillis: Int32(min((vmConfig.vmTimeoutSeconds ?? 86_400) * 1000, Double(Int32.max))))
         guard let ready = first, ready.kind == .ready else {
             result.outcome = vmm.outcomeForEarlyEnd(first)
             result.consoleTail = vmm.lastStopped?.consoleTail ?? ""
@@ -87,7 +72,7 @@ public enum SandboxRunner {
         }
         let client = AgentClient(fd: vmm.agent)
         var status: CommandStatus?
-        var failure: String?
+        var failure: SandboxError?
         var tExec = monotonicNanos()
         do {
             try client.hello()
@@ -143,7 +128,7 @@ public enum SandboxRunner {
             }
             client.shutdown()
         } catch {
-            failure = "\(error)"
+            failure = .from(error, code: .agent, context: "talking to the guest agent failed")
         }
         result.timings.exec = ms(tExec)
         let tDown = monotonicNanos()
@@ -153,7 +138,7 @@ public enum SandboxRunner {
         let stopped = vmm.waitStopped(timeoutMillis: patience)
         result.consoleTail = stopped?.consoleTail ?? ""
         if cancel?.isCancelled == true {
-            result.outcome = .infrastructureError("cancelled")
+            result.outcome = .infrastructureError(.cancelled)
         } else if let status {
             switch status {
             case .exited(let c): result.outcome = .exited(c)
@@ -166,12 +151,18 @@ public enum SandboxRunner {
                 result.stderr += Array(line.utf8)
                 onOutput(.stderr(Array(line.utf8)))
             }
-        } else if let stopped, stopped.reasonKind == "crash" {
+        } else if let stopped, stopped.stop == .crash {
             result.outcome = .guestCrashed(consoleTail: stopped.consoleTail ?? "")
-        } else if let stopped, stopped.reasonKind == "timeout" {
+        } else if let stopped, stopped.stop == .timeout {
             result.outcome = .timedOut
+        } else if let stopped {
+            // The VM ended on its own (the guest powered off or reset) before the command did.
+            let why = "the VM stopped before the command finished (\(stopped.reason ?? "no reason given"))"
+            result.outcome = .infrastructureError(SandboxError(.guest, why, underlying: failure))
         } else {
-            result.outcome = .infrastructureError(failure ?? "the VM stopped before the command finished")
+            // No stop report: the VMM process itself went away.
+            let how = vmm.reap(patienceMillis: 1000).map(Self.describeExit) ?? "ended"
+            result.outcome = .infrastructureError(SandboxError(.vmm, "the VMM process \(how) before the command finished", underlying: failure))
         }
         if let keepError = stopped?.error {
             // The command ran, but what the caller asked to keep is missing: say so loudly.
@@ -184,27 +175,37 @@ public enum SandboxRunner {
     }
 }
 
+extension SandboxRunner {
+    /// "exited with status N" / "was killed by signal N" for a `waitpid` status.
+    static func describeExit(_ status: Int32) -> String {
+        let signal = status & 0x7f
+        if signal == 0 { return "exited with status \((status >> 8) & 0xff)" }
+        return "was killed by signal \(signal)"
+    }
+}
+
 /// Cooperative cancellation for a blocking run: `cancel()` stops the VM.
-public final class CancelToken: @unchecked Sendable {
-    // @unchecked: guarded by `lock`.
-    private let lock = Lock()
-    private var cancelled = false
-    private var handlers: [() -> Void] = []
+public final class CancelToken: Sendable {
+    private struct State {
+        var cancelled = false
+        var handlers: [@Sendable () -> Void] = []
+    }
+    private let state = Mutex(State())
     public init() {}
-    public var isCancelled: Bool { lock.withLock { cancelled } }
+    public var isCancelled: Bool { state.withLock { $0.cancelled } }
     public func cancel() {
-        let hs: [() -> Void] = lock.withLock {
-            if cancelled { return [] }
-            cancelled = true
-            defer { handlers = [] }
-            return handlers
+        let hs: [@Sendable () -> Void] = state.withLock { s in
+            if s.cancelled { return [] }
+            s.cancelled = true
+            defer { s.handlers = [] }
+            return s.handlers
         }
         for h in hs { h() }
     }
-    func onCancel(_ h: @escaping () -> Void) {
-        let now: Bool = lock.withLock {
-            if cancelled { return true }
-            handlers.append(h)
+    func onCancel(_ h: @escaping @Sendable () -> Void) {
+        let now: Bool = state.withLock { s in
+            if s.cancelled { return true }
+            s.handlers.append(h)
             return false
         }
         if now { h() }

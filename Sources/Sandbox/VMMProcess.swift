@@ -1,22 +1,56 @@
 import Foundation
+import SandboxCore
+import Synchronization
 import SystemShims
+import VMMProtocol
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// The library's handle on one VMM child process (`sandbox _vmm`).
-final class VMMProcess: @unchecked Sendable {
-    // @unchecked: `pid`/`reaped`/`buffer` are guarded by `lock`; the descriptors are immutable.
+/// Where the VMM executable (`sandbox-vmm`) is, by one rule, in order:
+/// 1. an explicit path (`SandboxConfiguration.vmmExecutable`);
+/// 2. `$SANDBOX_VMM`;
+/// 3. `sandbox-vmm` in the directory of the running executable: where SwiftPM puts it
+///    when the package (or its test target) depends on the `sandbox-vmm` product, and
+///    where `swift build` puts it next to the `sandbox` CLI.
+public enum VMMExecutable {
+    public static let name = "sandbox-vmm"
+
+    public static func locate(explicit: String? = nil) throws(SandboxError) -> String {
+        let fm = FileManager.default
+        var tried: [String] = []
+        func usable(_ p: String, _ origin: String) throws(SandboxError) -> String {
+            guard fm.isExecutableFile(atPath: p) else {
+                throw SandboxError(.vmm, "the VMM executable \(p) (\(origin)) does not exist or is not executable")
+            }
+            return p
+        }
+        if let explicit, !explicit.isEmpty { return try usable(explicit, "SandboxConfiguration.vmmExecutable") }
+        if let env = ProcessInfo.processInfo.environment["SANDBOX_VMM"], !env.isEmpty { return try usable(env, "SANDBOX_VMM") }
+        if let exe = try? fm.destinationOfSymbolicLink(atPath: "/proc/self/exe") {
+            let candidate = (exe as NSString).deletingLastPathComponent + "/" + name
+            if fm.isExecutableFile(atPath: candidate) { return candidate }
+            tried.append(candidate)
+        }
+        throw SandboxError(.vmm, "cannot find the VMM executable `\(name)` (tried \(tried.isEmpty ? "nothing: /proc/self/exe is unreadable" : tried.joined(separator: ", "))); depend on the `\(name)` product from the target that runs sandboxes so that SwiftPM builds it next to it, or set SandboxConfiguration.vmmExecutable or SANDBOX_VMM")
+    }
+}
+
+/// The library's handle on one VMM process (`sandbox-vmm run`).
+final class VMMProcess: Sendable {
     let pid: pid_t
-    /// The agent byte stream (relayed by the child to the guest's vsock port).
+    /// The agent byte stream (relayed by the VMM to the guest agent's vsock port).
     let agent: FileDescriptor
     /// Control channel: JSON-line events in, "stop" out.
     let control: FileDescriptor
-    private let lock = Lock()
-    private var reaped = false
-    private var buffer: [UInt8] = []
-    private(set) var lastStopped: VMMEvent?
-    private var lastFailure: VMMEvent?
+
+    private struct State {
+        var reaped = false
+        var buffer: [UInt8] = []
+        var lastStopped: VMMEvent?
+        var lastFailure: VMMEvent?
+    }
+    private let state = Mutex(State())
 
     private init(pid: pid_t, agent: FileDescriptor, control: FileDescriptor) {
         self.pid = pid
@@ -24,38 +58,41 @@ final class VMMProcess: @unchecked Sendable {
         self.control = control
     }
 
-    static func socketPair() throws -> (FileDescriptor, FileDescriptor) {
+    var lastStopped: VMMEvent? { state.withLock { $0.lastStopped } }
+
+    static func socketPair() throws(SandboxError) -> (FileDescriptor, FileDescriptor) {
         var fds: [Int32] = [-1, -1]
         guard socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0, &fds) == 0 else {
-            throw SandboxError.infrastructure("socketpair: \(String(cString: strerror(errno)))")
+            throw SandboxError(.host, "socketpair", underlying: SystemError("socketpair", errno: errno))
         }
         return (FileDescriptor(owning: fds[0]), FileDescriptor(owning: fds[1]))
     }
 
-    /// Spawns `sandbox _vmm` with the agent and control sockets at fds 3 and 4.
-    static func spawn(_ config: VMMConfig, consoleFD: Int32?) throws -> VMMProcess {
-        let exe = try SandboxRunner.vmmExecutable()
+    /// Starts `sandbox-vmm run` with `config`. The child gets /dev/null as stdin, `stdout`
+    /// and `stderr` (default /dev/null), the agent socket at fd 3 and the control socket
+    /// at fd 4, and nothing else of this process.
+    static func spawn(_ config: VMMConfig, executable: String?, stdout: Int32? = nil, stderr: Int32? = nil) throws(SandboxError) -> VMMProcess {
+        let exe = try VMMExecutable.locate(explicit: executable)
         let (agentParent, agentChild) = try socketPair()
         let (controlParent, controlChild) = try socketPair()
-        let json = String(decoding: try JSONEncoder().encode(config), as: UTF8.self)
+        let json: String
+        do { json = String(decoding: try JSONEncoder().encode(config), as: UTF8.self) } catch {
+            throw SandboxError(.internal, "cannot encode the VMM configuration", underlying: SandboxError.Described(description: "\(error)"))
+        }
         var env = ProcessInfo.processInfo.environment
-        env["SANDBOX_VMM_CONFIG"] = json
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, "/dev/null", O_WRONLY, 0)
-        if let c = consoleFD { posix_spawn_file_actions_adddup2(&actions, c, 2) }
-        posix_spawn_file_actions_adddup2(&actions, agentChild.rawValue, VMMFileDescriptors.agent)
-        posix_spawn_file_actions_adddup2(&actions, controlChild.rawValue, VMMFileDescriptors.control)
-        let argv = [exe, "_vmm"]
-        let envp = env.map { "\($0.key)=\($0.value)" }
-        var cArgv = argv.map { strdup($0) } + [nil]
-        var cEnv = envp.map { strdup($0) } + [nil]
-        defer { for p in cArgv { free(p) }; for p in cEnv { free(p) } }
-        var pid: pid_t = 0
-        let rc = posix_spawn(&pid, exe, &actions, nil, &cArgv, &cEnv)
-        guard rc == 0 else { throw SandboxError.infrastructure("cannot start the VMM process \(exe): \(String(cString: strerror(rc)))") }
+        env[VMMConfig.environmentKey] = json
+        let null = open("/dev/null", O_RDWR | O_CLOEXEC)
+        guard null >= 0 else { throw SandboxError(.host, "/dev/null", underlying: SystemError("open(/dev/null)", errno: errno)) }
+        defer { Glibc.close(null) }
+        let pid: pid_t
+        do {
+            pid = try spawnProcess(exe, arguments: ["run"], environment: env.map { "\($0.key)=\($0.value)" }, descriptors: [
+                (null, 0), (stdout ?? null, 1), (stderr ?? null, 2),
+                (agentChild.rawValue, VMMFileDescriptors.agent), (controlChild.rawValue, VMMFileDescriptors.control),
+            ])
+        } catch {
+            throw SandboxError(.vmm, "cannot start the VMM process \(exe)", underlying: error)
+        }
         agentChild.close()
         controlChild.close()
         return VMMProcess(pid: pid, agent: agentParent, control: controlParent)
@@ -64,23 +101,27 @@ final class VMMProcess: @unchecked Sendable {
     /// The next control event, or nil on timeout / EOF.
     func nextEvent(timeoutMillis: Int32) -> VMMEvent? {
         let deadline = monotonicNanos() + UInt64(max(timeoutMillis, 0)) * 1_000_000
+        var chunk = [UInt8](repeating: 0, count: 64 * 1024)
         while true {
-            if let nl = buffer.firstIndex(of: 0x0A) {
-                let line = Array(buffer[..<nl])
-                buffer.removeFirst(nl + 1)
-                guard let e = try? JSONDecoder().decode(VMMEvent.self, from: Data(line)) else { continue }
-                if e.kind == .stopped { lastStopped = e }
-                if e.kind == .failed { lastFailure = e }
+            let line: [UInt8]? = state.withLock { s in
+                guard let nl = s.buffer.firstIndex(of: 0x0A) else { return nil }
+                defer { s.buffer.removeFirst(nl + 1) }
+                return Array(s.buffer[..<nl])
+            }
+            if let line {
+                guard let e = VMMEvent.decode(line) else { continue }
+                state.withLock { s in
+                    if e.kind == .stopped { s.lastStopped = e }
+                    if e.kind == .failed { s.lastFailure = e }
+                }
                 return e
             }
             let now = monotonicNanos()
             guard now < deadline else { return nil }
             guard waitReadable(control.rawValue, timeoutMillis: Int32(min((deadline - now) / 1_000_000 + 1, UInt64(Int32.max)))) else { return nil }
-            var chunk = [UInt8](repeating: 0, count: 64 * 1024)
-            let n = chunk.withUnsafeMutableBytes { read(control.rawValue, $0.baseAddress, $0.count) }
-            if n < 0 && errno == EINTR { continue }
+            let n = (try? chunk.withUnsafeMutableBytes { try readSome(control.rawValue, into: $0) }) ?? 0
             if n <= 0 { return nil }
-            buffer += chunk[0..<n]
+            state.withLock { $0.buffer += chunk[0..<n] }
         }
     }
 
@@ -91,7 +132,7 @@ final class VMMProcess: @unchecked Sendable {
         var budget = timeoutMillis
         while true {
             guard let e = nextEvent(timeoutMillis: budget) else {
-                if asked || lastFailure != nil { return lastStopped }
+                if asked || state.withLock({ $0.lastFailure != nil }) { return lastStopped }
                 requestStop()
                 asked = true
                 budget = max(5000, timeoutMillis)
@@ -102,27 +143,31 @@ final class VMMProcess: @unchecked Sendable {
         }
     }
 
+    /// The VMM's set-up failure, if it reported one.
+    var failure: SandboxError? { state.withLock { $0.lastFailure?.error } }
+
     /// What to report when the VM ended (or failed) before the agent was reachable.
     func outcomeForEarlyEnd(_ event: VMMEvent?) -> Outcome {
         var e = event
-        if e?.kind != .stopped && e?.kind != .failed { e = waitStopped(timeoutMillis: 2000) ?? lastFailure }
-        guard let e else { return .infrastructureError("the VMM process ended without reporting (crashed?)") }
+        if e?.kind != .stopped && e?.kind != .failed { e = waitStopped(timeoutMillis: 2000) ?? state.withLock { $0.lastFailure } }
+        guard let e else { return .infrastructureError(.vmm("the VMM process ended without reporting (it crashed or was killed)")) }
         switch e.kind {
-        case .failed: return .infrastructureError(e.error ?? "VMM set-up failed")
+        case .failed: return .infrastructureError(e.error ?? .vmm("the VMM failed to set the VM up"))
         case .stopped:
-            switch e.reasonKind {
-            case "crash", "clean":
+            switch e.stop {
+            case .crash?, .clean?:
                 // Keep the VMM's reason with the console tail: a guest that resets before
                 // printing anything (quiet kernel) would otherwise say nothing at all.
                 let tail = e.consoleTail ?? ""
                 let why = "[sandbox: the VM stopped before the agent answered: \(e.reason ?? "unknown")]"
                 return .guestCrashed(consoleTail: tail.isEmpty ? why : tail + "\n" + why)
-            case "timeout": return .timedOut
-            case "bootTimeout":
-                return .infrastructureError("the guest did not finish booting in time: \(e.reason ?? "no agent"); the VM was still running and its console shows no crash (a slow or overloaded host? raise SandboxConfiguration.bootTimeout or SANDBOX_BOOT_TIMEOUT)")
-            default: return .infrastructureError(e.reason ?? "the VM stopped before the agent was ready")
+            case .timeout?: return .timedOut
+            case .bootTimeout?:
+                return .infrastructureError(.guest("the guest did not finish booting in time: \(e.reason ?? "no agent"); the VM was still running and its console shows no crash (a slow or overloaded host? raise SandboxConfiguration.bootTimeout or SANDBOX_BOOT_TIMEOUT)"))
+            case .kvm?: return .infrastructureError(SandboxError(.vmm, e.reason ?? "KVM failed"))
+            case .stopped?, nil: return .infrastructureError(.guest(e.reason ?? "the VM stopped before the agent was ready"))
             }
-        case .ready: return .infrastructureError("unexpected ready event")
+        case .ready: return .infrastructureError(.internal("unexpected ready event"))
         }
     }
 
@@ -132,19 +177,23 @@ final class VMMProcess: @unchecked Sendable {
         s.withUnsafeBytes { _ = send(control.rawValue, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
     }
 
-    /// Waits for the child to exit (killing it if it does not within `patienceMillis`). Idempotent.
-    func reap(patienceMillis: Int32 = 3000) {
-        let already: Bool = lock.withLock { defer { reaped = true }; return reaped }
-        if already { return }
+    /// Waits for the child to exit (killing it if it does not within `patienceMillis`).
+    /// Idempotent. Returns how the process ended (nil when an earlier call reaped it).
+    @discardableResult
+    func reap(patienceMillis: Int32 = 3000) -> Int32? {
+        let already: Bool = state.withLock { s in defer { s.reaped = true }; return s.reaped }
+        if already { return nil }
         agent.close()
         var status: Int32 = 0
         for _ in 0..<max(1, Int(patienceMillis) / 10) {
             let r = waitpid(pid, &status, WNOHANG)
-            if r == pid || (r < 0 && errno == ECHILD) { control.close(); return }
+            if r == pid { control.close(); return status }
+            if r < 0 && errno == ECHILD { control.close(); return nil }
             usleep(10_000)
         }
         kill(pid, SIGKILL)
         _ = waitpid(pid, &status, 0)
         control.close()
+        return status
     }
 }

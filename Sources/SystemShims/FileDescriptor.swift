@@ -81,6 +81,12 @@ public func writeAll(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws(Syste
     }
 }
 
+/// Reads what `fd` has (at most `buffer.count` bytes), retrying EINTR. Returns 0 at end
+/// of file.
+public func readSome(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> Int {
+    try retryingEINTR("read") { Glibc.read(fd, buffer.baseAddress, buffer.count) }
+}
+
 /// A minimal pthread mutex (no Foundation dependency in the low layers).
 public final class Lock: @unchecked Sendable {
     // @unchecked: the mutex itself is the synchronisation primitive.

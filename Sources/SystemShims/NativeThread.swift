@@ -81,3 +81,19 @@ public func unblockSignalInCurrentThread(_ signal: Int32) {
     sigaddset(&set, signal)
     pthread_sigmask(SIG_UNBLOCK, &set, nil)
 }
+
+/// Starts `path` with `arguments` (argv[1...]) and `environment` (`NAME=value`). The child
+/// gets exactly the descriptors in `descriptors` (`source` in this process becomes
+/// `target` in the child; the numbers may overlap) and no other: nothing else this
+/// process has open leaks into it.
+public func spawnProcess(_ path: String, arguments: [String], environment: [String],
+                         descriptors: [(source: Int32, target: Int32)]) throws(SystemError) -> pid_t {
+    var cArgv: [UnsafeMutablePointer<CChar>?] = ([path] + arguments).map { strdup($0) } + [nil]
+    var cEnv: [UnsafeMutablePointer<CChar>?] = environment.map { strdup($0) } + [nil]
+    defer { for p in cArgv { free(p) }; for p in cEnv { free(p) } }
+    let sources = descriptors.map(\.source), targets = descriptors.map(\.target)
+    var pid: Int32 = 0
+    let rc = csystem_spawn(path, &cArgv, &cEnv, sources, targets, Int32(descriptors.count), &pid)
+    guard rc == 0 else { throw SystemError("posix_spawn(\(path))", errno: rc) }
+    return pid
+}

@@ -1,5 +1,6 @@
 import AgentProtocol
 import CInit
+import SandboxABI
 import Glibc
 
 /// What PID 1 does before serving: file systems, loopback, boot markers.
@@ -35,9 +36,10 @@ enum Boot {
         if getenv("PATH") == nil { setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1) }
     }
 
-    /// Writes a boot-timer marker to port 0x440; silently does nothing without ioperm.
-    static func marker(_ value: Int32) {
-        _ = cinit_boot_marker(UInt8(truncatingIfNeeded: value))
+    /// Writes a boot-timer mark to the boot-timer port; silently does nothing without
+    /// ioperm (the kernel config has CONFIG_X86_IOPL_IOPERM off).
+    static func marker(_ mark: GuestABI.BootMark) {
+        _ = cinit_boot_marker(GuestABI.bootTimerPort, mark.rawValue)
     }
 
     /// Syncs and ends the VM (PID 1 only): reboot(RB_AUTOBOOT) with the guest's

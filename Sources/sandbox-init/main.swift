@@ -5,6 +5,7 @@
 //   sandbox-init --selftest         run `/bin/sh -c 'echo hi'` locally and print the result
 import AgentProtocol
 import CInit
+import SandboxABI
 import Glibc
 
 let initStarted = nowNanos()
@@ -47,11 +48,11 @@ case "--listen-unix":
 
 case nil:
     if isPID1 {
-        Boot.marker(CINIT_BOOT_INIT_STARTED)
+        Boot.marker(.initStarted)
         Boot.setUpSystem()
     }
     let reaper = makeReaper()
-    let port = AgentEndpoint.vsockPort
+    let port = GuestABI.agentVsockPort
     let fd = cinit_vsock_listen(port, 16)
     guard fd >= 0 else {
         log("cannot listen on vsock port \(port): \(errnoDescription(-fd)) (errno \(-fd))")
@@ -74,7 +75,7 @@ case nil:
             Boot.powerOff()
         }
         log("vsock guest CID \(cid)")
-        Boot.marker(CINIT_BOOT_AGENT_READY)
+        Boot.marker(.agentReady)
     }
     Agent(reaper: reaper, initStartedNanos: initStarted).serve(listenFD: fd)
     log("shutdown requested")

@@ -1,6 +1,8 @@
 import ArgumentParser
 import Foundation
 import Sandbox
+import SandboxBatch
+import Synchronization
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -98,86 +100,93 @@ struct Batch: ParsableCommand {
 }
 
 /// Counters, the progress display and the JSON Lines stream (all under one lock).
-final class BatchProgress: @unchecked Sendable {
-    // @unchecked: every mutable field is guarded by `lock`.
+final class BatchProgress: Sendable {
     let total: Int
     let tty: Bool
     private let jsonlFD: Int32
-    private let lock = NSLock()
-    private var done = 0, passed = 0, failed = 0
-    private var running: Set<String> = []
-    private var lastLine = Date()
-    private var lastStatus = ""
-    private var drawn = false
-    private var lastDrawn = ""
-    private var stopped = false
+    private let display: Mutex<Display>
 
     init(total: Int, tty: Bool, jsonlFD: Int32) {
         self.total = total
         self.tty = tty
         self.jsonlFD = jsonlFD
+        display = Mutex(Display(total: total))
     }
 
     func handle(_ event: BatchEvent) {
-        lock.lock()
-        defer { lock.unlock() }
-        switch event {
-        case .started(let name, _):
-            running.insert(name)
-        case .finished(let r):
-            running.remove(r.name)
-            done += 1
-            if r.passed { passed += 1 } else if r.verdict != .interrupted { failed += 1 }
-            if jsonlFD >= 0 { writeAll(jsonlFD, BatchReport.jsonLine(r) + "\n") }
-            if !tty && !r.passed && r.verdict != .interrupted {
-                printError("sandbox batch: \(r.verdict.rawValue.uppercased()) \(r.name): \(r.outcome) (expected \(r.expectation))")
+        display.withLock { d in
+            switch event {
+            case .started(let name, _):
+                d.running.insert(name)
+            case .finished(let r):
+                d.running.remove(r.name)
+                d.done += 1
+                if r.passed { d.passed += 1 } else if r.verdict != .interrupted { d.failed += 1 }
+                if jsonlFD >= 0 { writeAll(jsonlFD, BatchReport.jsonLine(r) + "\n") }
+                if !tty && !r.passed && r.verdict != .interrupted {
+                    printError("sandbox batch: \(r.verdict.rawValue.uppercased()) \(r.name): \(r.outcome) (expected \(r.expectation))")
+                }
+                if tty { d.draw() }
             }
-            if tty { draw() }
         }
     }
 
     func interrupted(signal: Int32) {
-        lock.lock()
-        defer { lock.unlock() }
-        stopped = true
-        if drawn { writeAll(2, "\n"); drawn = false }
-        printError("sandbox batch: \(signal == SIGINT ? "SIGINT" : "SIGTERM"): stopping \(running.count) running job\(running.count == 1 ? "" : "s"); no new jobs start")
+        display.withLock { d in
+            d.stopped = true
+            if d.drawn { writeAll(2, "\n"); d.drawn = false }
+            printError("sandbox batch: \(signal == SIGINT ? "SIGINT" : "SIGTERM"): stopping \(d.running.count) running job\(d.running.count == 1 ? "" : "s"); no new jobs start")
+        }
     }
 
     func tick() {
-        lock.lock()
-        defer { lock.unlock() }
-        if tty {
-            draw()
-        } else if Date().timeIntervalSince(lastLine) >= 5 {
-            printStatusLine()
+        display.withLock { d in
+            if tty {
+                d.draw()
+            } else if Date().timeIntervalSince(d.lastLine) >= 5 {
+                d.printStatusLine()
+            }
         }
     }
 
     func finish() {
-        lock.lock()
-        defer { lock.unlock() }
-        if tty && drawn { draw(); writeAll(2, "\n"); drawn = false } else if !tty && status() != lastStatus { printStatusLine() }
+        display.withLock { d in
+            if tty && d.drawn { d.draw(); writeAll(2, "\n"); d.drawn = false } else if !tty && d.status() != d.lastStatus { d.printStatusLine() }
+        }
     }
 
-    private func printStatusLine() {
-        lastLine = Date()
-        lastStatus = status()
-        printError("sandbox batch: \(lastStatus)")
-    }
+    /// The counters and what the progress line last showed.
+    private struct Display {
+        let total: Int
+        var done = 0, passed = 0, failed = 0
+        var running: Set<String> = []
+        var lastLine = Date()
+        var lastStatus = ""
+        var drawn = false
+        var lastDrawn = ""
+        var stopped = false
 
-    private func status() -> String {
-        "\(done)/\(total) passed \(passed) failed \(failed) running \(running.count)"
-    }
+        init(total: Int) { self.total = total }
 
-    private func draw() {
-        let width = 30
-        let filled = total > 0 ? done * width / total : width
-        let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
-        let line = "[\(bar)] \(status())\(stopped ? " (stopping)" : "")"
-        if drawn && line == lastDrawn { return }
-        writeAll(2, "\r\u{1B}[K" + line)
-        lastDrawn = line
-        drawn = true
+        mutating func printStatusLine() {
+            lastLine = Date()
+            lastStatus = status()
+            printError("sandbox batch: \(lastStatus)")
+        }
+
+        func status() -> String {
+            "\(done)/\(total) passed \(passed) failed \(failed) running \(running.count)"
+        }
+
+        mutating func draw() {
+            let width = 30
+            let filled = total > 0 ? done * width / total : width
+            let bar = String(repeating: "#", count: filled) + String(repeating: ".", count: width - filled)
+            let line = "[\(bar)] \(status())\(stopped ? " (stopping)" : "")"
+            if drawn && line == lastDrawn { return }
+            writeAll(2, "\r\u{1B}[K" + line)
+            lastDrawn = line
+            drawn = true
+        }
     }
 }

@@ -1,7 +1,5 @@
 import ArgumentParser
-import MicroVM
 import Sandbox
-import VirtIO
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -35,77 +33,40 @@ struct Boot: ParsableCommand {
     var keepDisk: String?
 
     func run() throws {
-        let kernelPath: String
-        if let kernel {
-            kernelPath = kernel
-        } else {
-            do { kernelPath = try KernelStore.defaultKernelPath(progress: { printError($0) }) } catch {
-                printError("sandbox boot: \(error)")
-                throw ExitCode(2)
-            }
-        }
-        var config = MachineConfiguration(kernelPath: kernelPath)
-        config.initrdPath = initrd
-        config.extraCommandLine = append
-        var rootDisk: BlockDevice?
-        if let image {
-            let imagePath: String
-            do { imagePath = try RootDisk.resolveImage(image, progress: { printError($0) }) } catch {
-                printError("sandbox boot: \(error)")
-                throw ExitCode(2)
-            }
-            do {
-                let disk = try RootDisk.open(imagePath: imagePath)
-                rootDisk = disk
-                config.virtioDevices.append(disk)
-                config.extraCommandLine = "root=/dev/vda rw " + append
-            } catch {
-                printError("sandbox boot: \(error)")
-                throw ExitCode(2)
-            }
-        }
-        defer { rootDisk?.close() }
-        config.memoryMiB = memory
-        config.cpus = cpus
-        config.timeoutSeconds = timeout > 0 ? timeout : nil
-        if !quietConsole {
-            config.consoleSink = { bytes in writeAll(1, bytes) }
-        }
-        let machine: Machine
-        do { machine = try Machine(config) } catch {
+        var c = GuestBoot.Configuration()
+        c.kernel = kernel
+        c.initrd = initrd
+        c.image = image
+        c.extraCommandLine = append
+        c.memoryMiB = memory
+        c.cpus = cpus
+        c.timeoutSeconds = timeout > 0 ? timeout : nil
+        c.keepDiskPath = keepDisk
+        c.consoleFD = quietConsole ? nil : 1
+        let result: GuestBoot.Result
+        do { result = try GuestBoot.run(c, progress: { printError($0) }) } catch {
             printError("sandbox boot: \(error)")
-            if case MachineError.kvm = error { throw ExitCode(3) }
-            throw ExitCode(2)
-        }
-        let result = try machine.run()
-        if let keepDisk, let rootDisk {
-            do { try RootDisk.export(rootDisk, to: keepDisk) } catch {
-                printError("sandbox boot: could not keep the disk: \(error)")
-                throw ExitCode(1)
+            switch error.code {
+            case .noKVM, .vmm: throw ExitCode(3)
+            default: throw ExitCode(2)
             }
-            printError("sandbox boot: disk kept at \(keepDisk)")
         }
-        let elapsed = Double(result.stopNanos - result.startNanos) / 1e6
-        var summary = "sandbox boot: \(result.reason) after \(String(format1: elapsed)) ms"
-        if let initMs = result.millis(toMark: 1) { summary += ", init reached at \(String(format1: initMs)) ms" }
-        let crashed = GuestCrashDetector.crashReason(consoleTail: result.console.tail(16384))
-        switch result.reason {
-        case .guestReset, .powerOff, .halted:
-            if let crashed {
-                printError("\(summary)\nsandbox boot: guest crashed: \(crashed)")
-                throw ExitCode(1)
-            }
+        if let keepDisk { printError("sandbox boot: disk kept at \(keepDisk)") }
+        var summary = "sandbox boot: \(result.reason) after \(String(format1: result.runMillis)) ms"
+        if let initMs = result.initMillis { summary += ", init reached at \(String(format1: initMs)) ms" }
+        switch result.ending {
+        case .clean:
             printError(summary)
+        case .crash:
+            printError(summary + (result.crashLine.map { "\nsandbox boot: guest crashed: \($0)" } ?? ""))
+            throw ExitCode(1)
         case .timeout:
             printError(summary)
             throw ExitCode(124)
-        case .guestCrash:
-            printError(summary)
-            throw ExitCode(1)
         case .kvmError:
             printError(summary)
             throw ExitCode(3)
-        case .stopRequested:
+        case .stopped:
             printError(summary)
             throw ExitCode(1)
         }

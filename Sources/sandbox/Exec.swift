@@ -101,11 +101,3 @@ struct Exec: ParsableCommand {
         if status != 0 { throw ExitCode(status) }
     }
 }
-
-struct VMMCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "_vmm", abstract: "Internal: the VMM process of one sandbox.", shouldDisplay: false)
-    func run() throws {
-        let rc = VMMChild.main()
-        if rc != 0 { throw ExitCode(rc) }
-    }
-}

@@ -15,7 +15,7 @@ struct KernelCommand: ParsableCommand {
         var flavor: KernelFlavor?
         func run() throws {
             do {
-                let p = try KernelStore.defaultKernelPath(flavor: flavor ?? KernelFlavor.forHost(.detect()), progress: { printError($0) })
+                let p = try KernelStore.defaultKernelPath(flavor: flavor ?? KernelFlavor.forThisHost, progress: { printError($0) })
                 printError("sandbox: kernel ready: \(p)")
             } catch {
                 printError("sandbox kernel build: \(error)")
@@ -30,7 +30,7 @@ struct KernelCommand: ParsableCommand {
         var flavor: KernelFlavor?
         func run() throws {
             do {
-                print(try KernelStore.defaultKernelPath(flavor: flavor ?? KernelFlavor.forHost(.detect()), progress: { printError($0) }))
+                print(try KernelStore.defaultKernelPath(flavor: flavor ?? KernelFlavor.forThisHost, progress: { printError($0) }))
             } catch {
                 printError("sandbox kernel path: \(error)")
                 throw ExitCode(1)

@@ -7,7 +7,7 @@ struct SandboxCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sandbox",
         abstract: "Boot throwaway KVM micro-VMs and run commands in them.",
-        subcommands: [Exec.self, Batch.self, Boot.self, Doctor.self, KernelCommand.self, ImageCommand.self, VMMCommand.self])
+        subcommands: [Exec.self, Batch.self, Boot.self, Doctor.self, KernelCommand.self, ImageCommand.self])
 }
 
 #if canImport(Glibc)

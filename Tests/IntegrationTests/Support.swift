@@ -1,5 +1,4 @@
 import Foundation
-import KVM
 import Sandbox
 
 /// Paths and helpers shared by the real-VM tests.
@@ -29,7 +28,7 @@ enum Fixture {
 
     /// The cached kernel for this host's flavor; the test suite's set-up builds it.
     static func kernel() throws -> String {
-        let flavor = KernelFlavor.forHost(HostKind.detect())
+        let flavor = KernelFlavor.forThisHost
         let path = try KernelStore.cachedPath(flavor: flavor)
         guard FileManager.default.fileExists(atPath: path) else {
             throw FixtureError("the \(flavor.rawValue) kernel is not built (\(path)); run `sandbox kernel build --flavor \(flavor.rawValue)` first")

@@ -1,3 +1,4 @@
+import Bus
 import GuestMemory
 import KVM
 @testable import MicroVM

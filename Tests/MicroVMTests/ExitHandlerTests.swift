@@ -1,5 +1,7 @@
+import Bus
 import Testing
 import KVM
+import SandboxABI
 import VirtIO
 @testable import MicroVM
 

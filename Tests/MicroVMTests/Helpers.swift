@@ -1,3 +1,4 @@
+import Bus
 import GuestMemory
 import SystemShims
 import VirtIO

@@ -5,5 +5,5 @@ import Testing
     #expect(Outcome.exited(3).exitStatus == 3)
     #expect(Outcome.signalled(9).exitStatus == 137)
     #expect(Outcome.timedOut.exitStatus == 124)
-    #expect(Outcome.infrastructureError("x").exitStatus == 125)
+    #expect(Outcome.infrastructureError(.internal("x")).exitStatus == 125)
 }

@@ -115,7 +115,7 @@ import Testing
 
         a.cancel()
         let ra = await a.value // returns while the holder still holds the only slot
-        #expect(ra.outcome == .infrastructureError("cancelled"))
+        #expect(ra.outcome == .infrastructureError(.cancelled))
         #expect(pool.queuedCount == 1)
         #expect(pool.runningCount == 1)
 
@@ -137,7 +137,7 @@ import Testing
             withUnsafeCurrentTask { $0?.cancel() }
             return await pool.run(["never"])
         }
-        #expect(await t.value.outcome == .infrastructureError("cancelled"))
+        #expect(await t.value.outcome == .infrastructureError(.cancelled))
         #expect(await tracker.started.isEmpty)
         #expect(pool.runningCount == 0)
     }
@@ -147,14 +147,14 @@ import Testing
             guard command[0] == "long" else { return ExecResult(command: command, outcome: .exited(0)) }
             // Like Sandbox.run: a cancelled run stops early and says so.
             do { try await Task.sleep(for: .seconds(60)) } catch {
-                return ExecResult(command: command, outcome: .infrastructureError("cancelled"))
+                return ExecResult(command: command, outcome: .infrastructureError(.cancelled))
             }
             return ExecResult(command: command, outcome: .exited(0))
         }
         let long = Task { await pool.run(["long"]) }
         #expect(await eventually { pool.runningCount == 1 })
         long.cancel()
-        #expect(await long.value.outcome == .infrastructureError("cancelled"))
+        #expect(await long.value.outcome == .infrastructureError(.cancelled))
         #expect(pool.runningCount == 0)
         // The slot is free again: a new run does not wait.
         #expect(await pool.run(["next"]).outcome == .exited(0))

@@ -16,7 +16,7 @@ let package = Package(
             // The VMM executable each sandbox runs in. Depending on the product makes
             // SwiftPM build it next to the test bundle, where the library looks for it;
             // without this, a dependency's executables are not built at all.
-            .product(name: "sandbox", package: "sandbox"),
+            .product(name: "sandbox-vmm", package: "sandbox"),
         ]),
     ]
 )

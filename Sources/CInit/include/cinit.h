@@ -13,10 +13,6 @@ extern int cinit_early_proc_mount_errno;
 int cinit_proc_mount_errno(void);
 
 /// I/O port the VMM timestamps for boot-time measurement.
-#define CINIT_BOOT_PORT 0x440
-/// Values written to CINIT_BOOT_PORT.
-#define CINIT_BOOT_INIT_STARTED 0x01
-#define CINIT_BOOT_AGENT_READY 0x02
 
 /// CLOCK_BOOTTIME in nanoseconds.
 uint64_t cinit_boottime_ns(void);
@@ -37,8 +33,9 @@ unsigned long cinit_ms_noexec(void);
 /// Sets IFF_UP on the loopback interface "lo". Returns 0 or -errno.
 int cinit_loopback_up(void);
 
-/// ioperm + outb of `value` to CINIT_BOOT_PORT. Returns 0 or -errno (ioperm failed).
-int cinit_boot_marker(uint8_t value);
+/// ioperm + outb of `value` to I/O port `port` (the boot-timer port, GuestABI in
+/// Swift). Returns 0 or -errno (ioperm failed).
+int cinit_boot_marker(uint16_t port, uint8_t value);
 
 /// Sets the signal mask to exactly {SIGCHLD}, ignores SIGPIPE, and returns a non-blocking, close-on-exec
 /// signalfd that becomes readable when a child changes state, or -errno.

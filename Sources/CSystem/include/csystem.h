@@ -17,4 +17,9 @@ int csystem_gettid(void);
 int csystem_set_parent_death_signal(int sig);
 /// Names a thread (at most 15 characters are kept).
 void csystem_set_thread_name(const char *name);
+/// posix_spawn of `path` where the child gets exactly the descriptors in `targets`
+/// (target[i] is a copy of source[i]; any numbers may overlap) and every other
+/// descriptor closed. Returns 0 and the child's pid, or an errno value.
+int csystem_spawn(const char *path, char *const argv[], char *const envp[],
+                  const int *sources, const int *targets, int count, int *pid);
 #endif

@@ -1,4 +1,5 @@
 import GuestMemory
+import SandboxABI
 
 /// The guest physical memory map (see Docs/MemoryMap.md). Everything the VMM places
 /// in guest memory before the first instruction lives at one of these addresses.
@@ -48,7 +49,7 @@ public enum Layout {
     public static let serialIRQ: UInt32 = 4
     /// The boot-timer port: the guest writes a byte here at milestones (1 = init started,
     /// 2 = agent ready); the VMM timestamps each write.
-    public static let bootTimerPort: UInt16 = 0x440
+    public static let bootTimerPort: UInt16 = GuestABI.bootTimerPort
     /// i8042 command port: writing 0xFE resets the machine (`reboot=k`).
     public static let i8042Command: UInt16 = 0x64
 }

@@ -1,3 +1,4 @@
+import Bus
 import SystemShims
 
 /// The boot-timer port: the guest writes a milestone byte and the VMM records when.

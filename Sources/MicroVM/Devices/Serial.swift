@@ -1,5 +1,5 @@
 import SystemShims
-import VirtIO
+import Bus
 
 /// A 16550A-compatible UART (enough of it for the Linux 8250 driver and early console).
 ///
@@ -129,5 +129,14 @@ public final class Serial: @unchecked Sendable {
             state.iir = Self.iirNone
         }
         return state.iir != Self.iirNone && (state.iir != before || thrEmpty == true)
+    }
+}
+
+extension Serial: PortIODevice {
+    public func portRead(offset: UInt16, data: UnsafeMutableRawBufferPointer) {
+        for i in 0..<data.count { data[i] = read(offset: UInt8(truncatingIfNeeded: offset) &+ UInt8(truncatingIfNeeded: i)) }
+    }
+    public func portWrite(offset: UInt16, data: UnsafeRawBufferPointer) {
+        for (i, b) in data.enumerated() { write(offset: UInt8(truncatingIfNeeded: offset) &+ UInt8(truncatingIfNeeded: i), value: b) }
     }
 }

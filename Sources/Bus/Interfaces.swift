@@ -1,6 +1,3 @@
-import GuestMemory
-import SystemShims
-
 /// Raises the device's interrupt line in the guest (irqfd or KVM_IRQ_LINE behind it).
 public protocol InterruptTrigger: Sendable {
     func trigger()

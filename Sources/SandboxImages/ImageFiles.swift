@@ -1,9 +1,12 @@
+import Crypto
 import Foundation
+import SandboxCore
+import SystemShims
 #if canImport(Glibc)
 import Glibc
 #endif
 
-/// File, process and hashing helpers for the image store: SHA-256 through `sha256sum`,
+/// File, process and hashing helpers for the image store: SHA-256 (swift-crypto),
 /// ext4 superblock checks, fsync, flock and atomic writes.
 enum ImageFiles {
     static let mebibyte: UInt64 = 1 << 20
@@ -24,7 +27,7 @@ enum ImageFiles {
         p.standardError = err
         p.standardInput = FileHandle.nullDevice
         do { try p.run() } catch {
-            throw SandboxError.infrastructure("cannot run \(tool): \(error.localizedDescription)")
+            throw SandboxError.image("cannot run \(tool): \(error.localizedDescription)")
         }
         let group = DispatchGroup()
         nonisolated(unsafe) var errData = Data()
@@ -53,58 +56,52 @@ enum ImageFiles {
         if let t = findTool(name) { return t }
         progress("[image] \(name) is not installed; installing \(package) with apt-get…")
         guard let apt = findTool("apt-get") else {
-            throw SandboxError.infrastructure("\(name) is not installed and apt-get is not available; install \(package)")
+            throw SandboxError.image("\(name) is not installed and apt-get is not available; install \(package)")
         }
         let (status, _) = try runTool(apt, ["install", "-y", "-q", package])
         guard status == 0, let t = findTool(name) else {
-            throw SandboxError.infrastructure("installing \(package) for \(name) failed (apt-get exit status \(status)); install it by hand")
+            throw SandboxError.image("installing \(package) for \(name) failed (apt-get exit status \(status)); install it by hand")
         }
         return t
     }
 
-    // MARK: SHA-256 (sha256sum from coreutils: fast, and always there on Debian)
+    // MARK: SHA-256 (swift-crypto, streamed: no process and no temporary file per hash)
 
     /// SHA-256 of each file, keyed by the path as given.
     static func sha256(files: [String]) throws -> [String: String] {
-        if files.isEmpty { return [:] }
-        guard let tool = findTool("sha256sum") else { throw SandboxError.infrastructure("sha256sum (coreutils) is not installed") }
         var result: [String: String] = [:]
-        var start = 0
-        while start < files.count {  // batches keep the argument list short
-            let batch = Array(files[start..<min(start + 500, files.count)])
-            start += batch.count
-            let r = try capture(tool, ["--binary", "--"] + batch)
-            guard r.status == 0 else {
-                throw SandboxError.infrastructure("sha256sum failed (status \(r.status)): \(r.stderr.trimmingCharacters(in: .whitespacesAndNewlines))")
-            }
-            // Lines are "HASH *PATH" in argument order (names with newlines are escaped
-            // with a leading backslash; we only rely on the order).
-            let lines = r.stdout.split(separator: "\n")
-            guard lines.count == batch.count else { throw SandboxError.infrastructure("sha256sum printed \(lines.count) lines for \(batch.count) files") }
-            for (file, line) in zip(batch, lines) {
-                var l = Substring(line)
-                if l.hasPrefix("\\") { l = l.dropFirst() }
-                result[file] = String(l.prefix(64))
-            }
-        }
+        for f in files { result[f] = try sha256(file: f) }
         return result
     }
 
+    /// SHA-256 of a file's contents, read in 1 MiB chunks.
     static func sha256(file: String) throws -> String {
-        guard let h = try sha256(files: [file])[file], h.count == 64 else {
-            throw SandboxError.infrastructure("cannot hash \(file)")
+        let fd = open(file, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw SandboxError(.image, "cannot hash \(file)", underlying: SystemError("open(\(file))", errno: errno)) }
+        defer { close(fd) }
+        var hasher = SHA256()
+        var buffer = [UInt8](repeating: 0, count: 1 << 20)
+        while true {
+            let n: Int
+            do { n = try buffer.withUnsafeMutableBytes { try readSome(fd, into: $0) } } catch {
+                throw SandboxError(.image, "cannot hash \(file)", underlying: error)
+            }
+            if n == 0 { break }
+            buffer.withUnsafeBytes { hasher.update(bufferPointer: UnsafeRawBufferPointer(rebasing: $0[0..<n])) }
         }
-        return h
+        return hex(hasher.finalize())
     }
 
-    static func sha256(text: String) throws -> String {
-        // Through a temp file rather than a stdin pipe: simple, and no pipe to keep open.
-        let tmp = NSTemporaryDirectory() + "sandbox-sha256-\(getpid())-\(UInt64.random(in: 0...UInt64.max))"
-        guard FileManager.default.createFile(atPath: tmp, contents: Data(text.utf8)) else {
-            throw SandboxError.infrastructure("cannot write \(tmp) to hash it")
-        }
-        defer { unlink(tmp) }
-        return try sha256(file: tmp)
+    /// SHA-256 of a string's UTF-8 bytes.
+    static func sha256(text: String) -> String {
+        hex(SHA256.hash(data: Array(text.utf8)))
+    }
+
+    static func hex(_ digest: SHA256.Digest) -> String {
+        digest.map { byte in
+            let h = String(byte, radix: 16)
+            return byte < 16 ? "0" + h : h
+        }.joined()
     }
 
     /// "HASH  relative/path" lines, sorted by path, for every regular file under each
@@ -172,9 +169,9 @@ enum ImageFiles {
     /// fsync(2) on `path` (a file or a directory).
     static func fsync(path: String) throws {
         let fd = open(path, O_RDONLY | O_CLOEXEC)
-        guard fd >= 0 else { throw SandboxError.infrastructure("cannot open \(path) to sync it: \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw SandboxError.image("cannot open \(path) to sync it: \(String(cString: strerror(errno)))") }
         defer { close(fd) }
-        guard Glibc.fsync(fd) == 0 else { throw SandboxError.infrastructure("fsync \(path): \(String(cString: strerror(errno)))") }
+        guard Glibc.fsync(fd) == 0 else { throw SandboxError.image("fsync \(path): \(String(cString: strerror(errno)))") }
     }
 
     /// Writes `data` to a temp file next to `path`, fsyncs it, renames it over `path`
@@ -183,7 +180,7 @@ enum ImageFiles {
         let dir = (path as NSString).deletingLastPathComponent
         let tmp = path + ".\(getpid()).\(UInt32.random(in: 0...UInt32.max)).tmp"
         let fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw SandboxError.infrastructure("cannot create \(tmp): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw SandboxError.image("cannot create \(tmp): \(String(cString: strerror(errno)))") }
         var ok = false
         defer { if !ok { unlink(tmp) } }
         let wrote: Bool = data.withUnsafeBytes { buf in
@@ -197,8 +194,8 @@ enum ImageFiles {
         }
         let err = errno
         close(fd)
-        guard wrote else { throw SandboxError.infrastructure("cannot write \(tmp): \(String(cString: strerror(err)))") }
-        guard rename(tmp, path) == 0 else { throw SandboxError.infrastructure("cannot rename \(tmp) to \(path): \(String(cString: strerror(errno)))") }
+        guard wrote else { throw SandboxError.image("cannot write \(tmp): \(String(cString: strerror(err)))") }
+        guard rename(tmp, path) == 0 else { throw SandboxError.image("cannot rename \(tmp) to \(path): \(String(cString: strerror(errno)))") }
         ok = true
         try fsync(path: dir)
     }
@@ -206,11 +203,11 @@ enum ImageFiles {
     /// Runs `body` holding an exclusive flock(2) on `lockPath` (created if needed).
     static func withLock<T>(_ lockPath: String, _ body: () throws -> T) throws -> T {
         let fd = open(lockPath, O_RDWR | O_CREAT | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw SandboxError.infrastructure("cannot open the lock file \(lockPath): \(String(cString: strerror(errno)))") }
+        guard fd >= 0 else { throw SandboxError.image("cannot open the lock file \(lockPath): \(String(cString: strerror(errno)))") }
         defer { close(fd) }  // closing releases the lock
         while flock(fd, LOCK_EX) != 0 {
             if errno == EINTR { continue }
-            throw SandboxError.infrastructure("cannot lock \(lockPath): \(String(cString: strerror(errno)))")
+            throw SandboxError.image("cannot lock \(lockPath): \(String(cString: strerror(errno)))")
         }
         return try body()
     }
@@ -222,7 +219,7 @@ enum ImageFiles {
         var isDir: ObjCBool = false
         if fm.fileExists(atPath: dir, isDirectory: &isDir) {
             guard isDir.boolValue else {
-                throw SandboxError.infrastructure("the \(what) \(dir) is not a directory (a file is in the way); remove it or set SANDBOX_CACHE to a writable directory")
+                throw SandboxError.image("the \(what) \(dir) is not a directory (a file is in the way); remove it or set SANDBOX_CACHE to a writable directory")
             }
         } else {
             // Find the nearest existing ancestor to say precisely what is wrong.
@@ -231,26 +228,26 @@ enum ImageFiles {
                 ancestor = (ancestor as NSString).deletingLastPathComponent
             }
             if fm.fileExists(atPath: ancestor, isDirectory: &isDir), !isDir.boolValue {
-                throw SandboxError.infrastructure("cannot create the \(what) \(dir): \(ancestor) is a file, not a directory; set SANDBOX_CACHE to a writable directory")
+                throw SandboxError.image("cannot create the \(what) \(dir): \(ancestor) is a file, not a directory; set SANDBOX_CACHE to a writable directory")
             }
             if !ancestor.isEmpty, access(ancestor, W_OK) != 0 {
-                throw SandboxError.infrastructure("cannot create the \(what) \(dir): \(ancestor) is not writable (\(String(cString: strerror(errno)))); set SANDBOX_CACHE to a writable directory")
+                throw SandboxError.image("cannot create the \(what) \(dir): \(ancestor) is not writable (\(String(cString: strerror(errno)))); set SANDBOX_CACHE to a writable directory")
             }
             do { try fm.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch {
-                throw SandboxError.infrastructure("cannot create the \(what) \(dir): \(error.localizedDescription)")
+                throw SandboxError.image("cannot create the \(what) \(dir): \(error.localizedDescription)")
             }
         }
         guard access(dir, W_OK) == 0 else {
-            throw SandboxError.infrastructure("the \(what) \(dir) is not writable (\(String(cString: strerror(errno)))); set SANDBOX_CACHE to a writable directory")
+            throw SandboxError.image("the \(what) \(dir) is not writable (\(String(cString: strerror(errno)))); set SANDBOX_CACHE to a writable directory")
         }
     }
 
     /// Allocated bytes under `dir` (du, counting hard links once) and the number of entries.
     static func usage(of dir: String) throws -> (bytes: UInt64, entries: Int) {
-        guard let du = findTool("du") else { throw SandboxError.infrastructure("du (coreutils) is not installed") }
+        guard let du = findTool("du") else { throw SandboxError.image("du (coreutils) is not installed") }
         let r = try capture(du, ["-s", "-x", "--block-size=1", dir])
         guard r.status == 0, let bytes = UInt64(r.stdout.split(whereSeparator: { $0 == "\t" || $0 == " " }).first ?? "") else {
-            throw SandboxError.infrastructure("du \(dir) failed (status \(r.status)): \(r.stderr)")
+            throw SandboxError.image("du \(dir) failed (status \(r.status)): \(r.stderr)")
         }
         var entries = 1
         if let e = FileManager.default.enumerator(atPath: dir) { while e.nextObject() != nil { entries += 1 } }

@@ -1,4 +1,5 @@
 import Foundation
+import SandboxCore
 
 /// The guest agent (`sandbox-init`, the guest's PID 1) that the store copies into
 /// every image as `/sbin/sandbox-init`.
@@ -20,7 +21,7 @@ extension ImageStore {
     public func agentSourceKey() throws -> String {
         let repo = try repositoryRoot()
         for d in Self.agentSourceDirectories where !FileManager.default.fileExists(atPath: repo + "/" + d) {
-            throw SandboxError.infrastructure("cannot find the guest agent sources \(repo)/\(d) to build sandbox-init; set SANDBOX_INIT to a static sandbox-init binary")
+            throw SandboxError.image("cannot find the guest agent sources \(repo)/\(d) to build sandbox-init; set SANDBOX_INIT to a static sandbox-init binary")
         }
         return try ImageFiles.sha256(text: "sandbox-init sources v1\n" + ImageFiles.manifest(of: Self.agentSourceDirectories, relativeTo: repo))
     }
@@ -31,7 +32,7 @@ extension ImageStore {
     /// - Parameter progress: receives a line before a build starts.
     /// - Returns: the path of a static `sandbox-init` executable.
     /// - Throws: `SandboxError.invalidInput` for a bad override path,
-    ///   `.infrastructure` if the build fails.
+    ///   `.image` if the build fails.
     public func agentBinary(progress: (String) -> Void = { _ in }) throws -> String {
         if let override = agentOverride {
             guard FileManager.default.isExecutableFile(atPath: override) else {
@@ -53,7 +54,7 @@ extension ImageStore {
             let script = try repositoryRoot() + "/Scripts/build-init"
             let (status, _) = try runTool(script, [binary])
             guard status == 0, FileManager.default.isExecutableFile(atPath: binary) else {
-                throw SandboxError.infrastructure("building the guest agent with \(script) failed (exit status \(status)); see its output above, or set SANDBOX_INIT to a static sandbox-init binary")
+                throw SandboxError.image("building the guest agent with \(script) failed (exit status \(status)); see its output above, or set SANDBOX_INIT to a static sandbox-init binary")
             }
             progress("[image] guest agent built in \(String(format: "%.1f", Date().timeIntervalSince(started))) s: \(binary)")
             return binary
@@ -79,7 +80,7 @@ extension ImageStore {
             try fm.copyItem(atPath: agent, toPath: dest)
             try fm.setAttributes([.posixPermissions: 0o755, .ownerAccountID: 0, .groupOwnerAccountID: 0], ofItemAtPath: dest)
         } catch {
-            throw SandboxError.infrastructure("cannot add the guest agent to \(sbin): \(error.localizedDescription)")
+            throw SandboxError.image("cannot add the guest agent to \(sbin): \(error.localizedDescription)")
         }
     }
 }

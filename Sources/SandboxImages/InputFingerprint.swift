@@ -1,4 +1,5 @@
 import Foundation
+import SandboxCore
 
 /// A cheap stand-in for hashing a set of input files: their paths, sizes and
 /// modification times. Used to remember what an expensive key (kernel or image

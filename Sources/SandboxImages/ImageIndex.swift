@@ -1,4 +1,5 @@
 import Foundation
+import SandboxCore
 
 /// `<cache>/images/index.json`: image names mapped to their content-addressed files.
 ///
@@ -32,7 +33,7 @@ struct ImageIndex: Codable {
     static func load(_ path: String) throws -> ImageIndex {
         guard let data = FileManager.default.contents(atPath: path) else {
             if FileManager.default.fileExists(atPath: path) {
-                throw SandboxError.infrastructure("cannot read the image index \(path)")
+                throw SandboxError.image("cannot read the image index \(path)")
             }
             return ImageIndex()
         }
@@ -41,11 +42,11 @@ struct ImageIndex: Codable {
         do {
             let index = try d.decode(ImageIndex.self, from: data)
             guard index.format == currentFormat else {
-                throw SandboxError.infrastructure("the image index \(path) has format \(index.format); this sandbox reads format \(currentFormat)")
+                throw SandboxError.image("the image index \(path) has format \(index.format); this sandbox reads format \(currentFormat)")
             }
             return index
         } catch let e as SandboxError { throw e } catch {
-            throw SandboxError.infrastructure("the image index \(path) is corrupt (\(error)); remove it and rebuild the images")
+            throw SandboxError.image("the image index \(path) is corrupt (\(error)); remove it and rebuild the images")
         }
     }
 

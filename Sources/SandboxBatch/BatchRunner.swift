@@ -1,4 +1,6 @@
+import Sandbox
 import Foundation
+import Synchronization
 import SystemShims
 
 /// How a batch job ended, relative to its expectation.
@@ -82,8 +84,7 @@ struct OutputTail {
 ///
 /// `run` blocks; `stop()` may be called from any thread: no new job or attempt starts,
 /// and running VMs are cancelled (their results are `.interrupted`).
-public final class BatchRunner: @unchecked Sendable {
-    // @unchecked: the mutable state below is guarded by `lock`; `condition` wakes `run`.
+public final class BatchRunner: Sendable {
     public struct Options: Sendable {
         /// Worker threads (VMs running at once).
         public var parallel: Int = 1
@@ -100,28 +101,29 @@ public final class BatchRunner: @unchecked Sendable {
     public let jobs: [BatchJob]
     public let options: Options
 
-    private let lock = Lock()
-    private let condition = NSCondition()
-    private var next = 0
-    private var stopping = false
-    private var running: [Int: CancelToken] = [:]
-    private var results: [BatchResult?]
-    private var workersLeft = 0
+    private struct State {
+        var next = 0
+        var stopping = false
+        var running: [Int: CancelToken] = [:]
+        var results: [BatchResult?]
+        var workersLeft = 0
+    }
+    private let state: Mutex<State>
 
     public init(jobs: [BatchJob], options: Options) {
         self.jobs = jobs
         self.options = options
-        results = Array(repeating: nil, count: jobs.count)
+        state = Mutex(State(results: Array(repeating: nil, count: jobs.count)))
     }
 
     /// True once `stop()` was called.
-    public var isStopping: Bool { lock.withLock { stopping } }
+    public var isStopping: Bool { state.withLock { $0.stopping } }
 
     /// Stops the batch: nothing new starts; running VMs are cancelled.
     public func stop() {
-        let tokens: [CancelToken] = lock.withLock {
-            stopping = true
-            return Array(running.values)
+        let tokens: [CancelToken] = state.withLock { s in
+            s.stopping = true
+            return Array(s.running.values)
         }
         for t in tokens { t.cancel() }
     }
@@ -136,48 +138,45 @@ public final class BatchRunner: @unchecked Sendable {
                     onEvent: @escaping @Sendable (BatchEvent) -> Void = { _ in }) throws -> [BatchResult] {
         let count = max(1, min(options.parallel, jobs.count))
         var threads: [NativeThread] = []
-        condition.withLock { workersLeft = count }
+        // Each worker that ends signals `finished`; the calling thread ticks until all did.
+        let finished = try EventFD()
+        state.withLock { $0.workersLeft = count }
         for i in 0..<count {
             do {
                 threads.append(try NativeThread(name: "batch-\(i)") { [self] in
                     work(onEvent: onEvent)
-                    condition.withLock {
-                        workersLeft -= 1
-                        condition.broadcast()
-                    }
+                    state.withLock { $0.workersLeft -= 1 }
+                    finished.signal()
                 })
             } catch {
-                condition.withLock { workersLeft -= count - i }
+                state.withLock { $0.workersLeft -= count - i }
                 if threads.isEmpty { throw error }
                 break
             }
         }
-        condition.lock()
-        while workersLeft > 0 {
-            condition.unlock()
+        let tickMillis = Int32(max(1, min(tickInterval * 1000, 60_000)))
+        while state.withLock({ $0.workersLeft }) > 0 {
             onTick()
-            condition.lock()
-            if workersLeft > 0 { _ = condition.wait(until: Date(timeIntervalSinceNow: tickInterval)) }
+            if waitReadable(finished.fd.rawValue, timeoutMillis: tickMillis) { _ = finished.wait() }
         }
-        condition.unlock()
         for t in threads { t.join() }
         onTick()
-        return lock.withLock { results.compactMap { $0 } }
+        return state.withLock { $0.results.compactMap { $0 } }
     }
 
     /// The next job index to run, or nil when done or stopping.
     private func take() -> Int? {
-        lock.withLock {
-            guard !stopping, next < jobs.count else { return nil }
-            defer { next += 1 }
-            return next
+        state.withLock { s in
+            guard !s.stopping, s.next < jobs.count else { return nil }
+            defer { s.next += 1 }
+            return s.next
         }
     }
 
     private func work(onEvent: @Sendable (BatchEvent) -> Void) {
         while let index = take() {
             let result = runJob(index, onEvent: onEvent)
-            lock.withLock { results[index] = result }
+            state.withLock { $0.results[index] = result }
             onEvent(.finished(result))
         }
     }
@@ -192,16 +191,16 @@ public final class BatchRunner: @unchecked Sendable {
         while true {
             attempt += 1
             let token = CancelToken()
-            let admitted: Bool = lock.withLock {
-                if stopping { return false }
-                running[index] = token
+            let admitted: Bool = state.withLock { s in
+                if s.stopping { return false }
+                s.running[index] = token
                 return true
             }
             if !admitted { token.cancel() }
             onEvent(.started(name: job.name, attempt: attempt))
             var out = OutputTail(capacity: options.tailBytes)
             var err = OutputTail(capacity: options.tailBytes)
-            var outcome = Outcome.infrastructureError("cancelled")
+            var outcome = Outcome.infrastructureError(.cancelled)
             var timings = PhaseTimings()
             var consoleTail = ""
             if admitted {
@@ -213,7 +212,7 @@ public final class BatchRunner: @unchecked Sendable {
                 }
                 (outcome, timings, consoleTail) = (r.outcome, r.timings, r.consoleTail)
             }
-            lock.withLock { _ = running.removeValue(forKey: index) }
+            state.withLock { _ = $0.running.removeValue(forKey: index) }
             // A VM that ended on its own while the batch stopped (a terminal's Ctrl-C reaches the
             // VMM processes too) counts as interrupted unless it met its expectation.
             let cancelled = token.isCancelled || (isStopping && !job.expectation.isMet(by: outcome))

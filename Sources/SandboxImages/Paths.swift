@@ -1,4 +1,5 @@
 import Foundation
+import SandboxCore
 
 /// Where the project keeps its caches and finds its recipes.
 public enum SandboxPaths {
@@ -9,6 +10,9 @@ public enum SandboxPaths {
         if let x = env["XDG_CACHE_HOME"], !x.isEmpty { return x + "/sandbox" }
         return (env["HOME"] ?? "/root") + "/.cache/sandbox"
     }
+
+    /// Where VMMs create per-sandbox disk overlays (each is unlinked at once).
+    public static var overlayDirectory: String { cacheDirectory + "/overlays" }
 
     /// The `Sandboxes/` folder with kernel and image recipes, found by one rule, in order:
     /// 1. `$SANDBOX_RESOURCES` (an override; it must hold `kernel/build-kernel`);
@@ -37,31 +41,16 @@ public enum SandboxPaths {
             }
             tried.append("Sandboxes/ above \(exe)")
         }
-        throw SandboxError.infrastructure("cannot find the Sandboxes/ recipes folder (tried \(tried.joined(separator: ", "))); the package checkout this library was built from seems to be gone; set SANDBOX_RESOURCES to a checkout's Sandboxes/ directory")
+        throw SandboxError(.host, "cannot find the Sandboxes/ recipes folder (tried \(tried.joined(separator: ", "))); the package checkout this library was built from seems to be gone; set SANDBOX_RESOURCES to a checkout's Sandboxes/ directory")
     }
 
     /// The root of the package checkout this file was compiled from (three levels above
-    /// `Sources/Sandbox/Paths.swift`).
+    /// `Sources/SandboxImages/Paths.swift`).
     static let packageCheckout: String = {
         var url = URL(fileURLWithPath: #filePath)
         for _ in 0..<3 { url.deleteLastPathComponent() }
         return url.path
     }()
-}
-
-/// The library's public error.
-public enum SandboxError: Error, Sendable, CustomStringConvertible {
-    /// Bad input from the caller (flags, paths, job files).
-    case invalidInput(String)
-    /// Something on the host failed (KVM, files, builds).
-    case infrastructure(String)
-
-    public var description: String {
-        switch self {
-        case .invalidInput(let s): return s
-        case .infrastructure(let s): return s
-        }
-    }
 }
 
 /// Runs a helper program, streaming its stderr/stdout to ours; returns its exit status.
@@ -72,7 +61,7 @@ func runTool(_ path: String, _ arguments: [String], captureStdout: Bool = false)
     let pipe = Pipe()
     if captureStdout { p.standardOutput = pipe } else { p.standardOutput = FileHandle.standardError }
     p.standardError = FileHandle.standardError
-    do { try p.run() } catch { throw SandboxError.infrastructure("cannot run \(path): \(error.localizedDescription)") }
+    do { try p.run() } catch { throw SandboxError(.host, "cannot run \(path)", underlying: error) }
     var out = Data()
     if captureStdout { out = pipe.fileHandleForReading.readDataToEndOfFile() }
     p.waitUntilExit()

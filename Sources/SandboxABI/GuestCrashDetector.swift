@@ -1,4 +1,5 @@
-/// Recognises a guest kernel crash in its console output. Linux guests without ACPI
+/// Recognises a guest kernel crash in its console output (the kernel and the host agree
+/// on these console lines as they agree on the ports in ``GuestABI``). Linux guests without ACPI
 /// end every run with a reset (`reboot=t`), and `panic=-1` turns a panic into the
 /// same reset, so the console is what tells a crash from a clean end.
 public enum GuestCrashDetector {

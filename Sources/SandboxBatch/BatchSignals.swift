@@ -1,3 +1,4 @@
+import Sandbox
 import SystemShims
 #if canImport(Glibc)
 import Glibc

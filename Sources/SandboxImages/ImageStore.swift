@@ -1,4 +1,5 @@
 import Foundation
+import SandboxCore
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -136,7 +137,7 @@ public struct ImageStore: Sendable {
     ///   - name: a recipe in `Sandboxes/images/`; default `busybox`.
     ///   - progress: receives `[image] ...` lines while building.
     /// - Throws: `SandboxError.invalidInput` for an unknown recipe,
-    ///   `.infrastructure` for an unwritable cache, a failing recipe or mkfs.
+    ///   `.image` for an unwritable cache, a failing recipe or mkfs.
     @discardableResult
     public func build(name: String = ImageStore.defaultImageName, progress: (String) -> Void = { _ in }) throws -> ImageBuildResult {
         let started = Date()
@@ -157,7 +158,7 @@ public struct ImageStore: Sendable {
                 progress("[image] running recipe \(name)… (\(recipeDir)/recipe)")
                 let (status, _) = try runTool(recipeDir + "/recipe", [rootfs])
                 guard status == 0 else {
-                    throw SandboxError.infrastructure("recipe \(name) failed with exit status \(status) (\(recipeDir)/recipe); see its output above")
+                    throw SandboxError.image("recipe \(name) failed with exit status \(status) (\(recipeDir)/recipe); see its output above")
                 }
             }
         }
@@ -186,9 +187,9 @@ public struct ImageStore: Sendable {
         let (source, agent) = try prepareImport(name: name, path: path, directory: true, progress: progress)
         return try make(name: name, recipe: "import-dir:" + source, recipeKey: "", agent: agent, started: started, progress: progress) { rootfs in
             progress("[image] copying \(source) into a work directory…")
-            guard let cp = ImageFiles.findTool("cp") else { throw SandboxError.infrastructure("cp (coreutils) is not installed") }
+            guard let cp = ImageFiles.findTool("cp") else { throw SandboxError.image("cp (coreutils) is not installed") }
             let (status, _) = try runTool(cp, ["-a", "--", source + "/.", rootfs + "/"])
-            guard status == 0 else { throw SandboxError.infrastructure("copying \(source) failed (cp exit status \(status)); see its output above") }
+            guard status == 0 else { throw SandboxError.image("copying \(source) failed (cp exit status \(status)); see its output above") }
         }
     }
 
@@ -201,7 +202,7 @@ public struct ImageStore: Sendable {
         let (source, agent) = try prepareImport(name: name, path: path, directory: false, progress: progress)
         return try make(name: name, recipe: "import-tar:" + source, recipeKey: "", agent: agent, started: started, progress: progress) { rootfs in
             progress("[image] extracting \(source)…")
-            guard let tar = ImageFiles.findTool("tar") else { throw SandboxError.infrastructure("tar is not installed") }
+            guard let tar = ImageFiles.findTool("tar") else { throw SandboxError.image("tar is not installed") }
             let (status, _) = try runTool(tar, ["-xpf", source, "-C", rootfs, "--numeric-owner"])
             guard status == 0 else { throw SandboxError.invalidInput("cannot import \(source): tar -xpf failed with exit status \(status); see its output above") }
         }
@@ -222,7 +223,7 @@ public struct ImageStore: Sendable {
         try ImageFiles.ensureWritableDirectory(tmpRoot, what: "image cache directory")
         var template = Array("\(tmpRoot)/image-\(name)-XXXXXX".utf8CString)
         guard let made = mkdtemp(&template) else {
-            throw SandboxError.infrastructure("cannot create a work directory in \(tmpRoot): \(String(cString: strerror(errno)))")
+            throw SandboxError.image("cannot create a work directory in \(tmpRoot): \(String(cString: strerror(errno)))")
         }
         let work = String(cString: made)
         defer { try? fm.removeItem(atPath: work) }
@@ -245,17 +246,17 @@ public struct ImageStore: Sendable {
         progress("[image] mkfs.ext4 -d (\(entries) files, \(bytes / 1024) KiB of content) → \(sizeMiB) MiB image…")
         let r = try ImageFiles.capture(mkfs, args)
         guard r.status == 0 else {
-            throw SandboxError.infrastructure("mkfs.ext4 failed with exit status \(r.status): \(r.stderr.trimmingCharacters(in: .whitespacesAndNewlines))")
+            throw SandboxError.image("mkfs.ext4 failed with exit status \(r.status): \(r.stderr.trimmingCharacters(in: .whitespacesAndNewlines))")
         }
         try ImageFiles.fsync(path: image)
         if let problem = ImageFiles.ext4Problem(image) {
-            throw SandboxError.infrastructure("mkfs.ext4 made an unusable image (\(problem))")
+            throw SandboxError.image("mkfs.ext4 made an unusable image (\(problem))")
         }
         let hash = try ImageFiles.sha256(file: image)
         let final = imagePath(hash: hash)
         chmod(image, 0o444)  // base images are never written
         guard rename(image, final) == 0 else {
-            throw SandboxError.infrastructure("cannot move the new image to \(final): \(String(cString: strerror(errno)))")
+            throw SandboxError.image("cannot move the new image to \(final): \(String(cString: strerror(errno)))")
         }
         try ImageFiles.fsync(path: imagesDirectory)
         var st = stat()

@@ -1,5 +1,6 @@
 import Foundation
-import KVM
+import SandboxCore
+import SystemShims
 
 /// Guest kernel flavors.
 public enum KernelFlavor: String, Sendable, CaseIterable {
@@ -10,6 +11,9 @@ public enum KernelFlavor: String, Sendable, CaseIterable {
 
     /// The flavor that boots on `host`.
     public static func forHost(_ host: HostKind) -> KernelFlavor { host == .pvm ? .pvm : .standard }
+
+    /// The flavor that boots on this machine.
+    public static var forThisHost: KernelFlavor { forHost(HostKind.detect()) }
 }
 
 /// Builds guest kernels from Debian's linux-source package with the recipes in
@@ -24,7 +28,7 @@ public enum KernelStore {
         let (status, out) = try runTool(res + "/kernel/key-inputs", [flavor.rawValue], captureStdout: true)
         let key = out.trimmingCharacters(in: .whitespacesAndNewlines)
         guard status == 0, key.count == 64 else {
-            throw SandboxError.infrastructure("computing the kernel cache key failed (status \(status)); is linux-source-6.12 installed? run `sandbox kernel build`")
+            throw SandboxError.kernel("computing the kernel cache key failed (status \(status)); is linux-source-6.12 installed? run `sandbox kernel build`")
         }
         return key
     }
@@ -46,7 +50,7 @@ public enum KernelStore {
     /// for this host's flavor, built first if needed.
     public static func defaultKernelPath(flavor: KernelFlavor? = nil, progress: (String) -> Void) throws -> String {
         if flavor == nil, let k = ProcessInfo.processInfo.environment["SANDBOX_KERNEL"], !k.isEmpty { return k }
-        return try path(flavor: flavor ?? KernelFlavor.forHost(HostKind.detect()), progress: progress)
+        return try path(flavor: flavor ?? KernelFlavor.forThisHost, progress: progress)
     }
 
     /// The kernel for `flavor`, building it first if it is not cached.
@@ -62,12 +66,12 @@ public enum KernelStore {
         let res = try SandboxPaths.resourcesDirectory()
         let dir = (target as NSString).deletingLastPathComponent
         do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch {
-            throw SandboxError.infrastructure("cannot create \(dir): \(error.localizedDescription)")
+            throw SandboxError.kernel("cannot create \(dir): \(error.localizedDescription)")
         }
         progress("sandbox: building the \(flavor.rawValue) guest kernel (first use only, about 4 minutes on 2 cores) into \(dir)")
         let (status, _) = try runTool(res + "/kernel/build-kernel", ["--flavor", flavor.rawValue, "--out", target])
         guard status == 0, FileManager.default.fileExists(atPath: target) else {
-            throw SandboxError.infrastructure("building the \(flavor.rawValue) kernel failed (status \(status)); see the output above")
+            throw SandboxError.kernel("building the \(flavor.rawValue) kernel failed (status \(status)); see the output above")
         }
     }
 }

@@ -1,3 +1,4 @@
+import Sandbox
 import Foundation
 
 /// Renders batch results: JSON Lines records, JUnit XML, and the summary table.

@@ -1,5 +1,3 @@
-import VirtIO
-
 /// A device on the x86 I/O port bus. Offsets are relative to the device's base port.
 public protocol PortIODevice: AnyObject, Sendable {
     func portRead(offset: UInt16, data: UnsafeMutableRawBufferPointer)
@@ -50,14 +48,5 @@ public struct DeviceBus: Sendable {
     public func mmio(_ address: UInt64) -> (any MMIODevice, UInt64)? {
         for r in mmio where address >= r.base && address - r.base < r.size { return (r.device, address - r.base) }
         return nil
-    }
-}
-
-extension Serial: PortIODevice {
-    public func portRead(offset: UInt16, data: UnsafeMutableRawBufferPointer) {
-        for i in 0..<data.count { data[i] = read(offset: UInt8(truncatingIfNeeded: offset) &+ UInt8(truncatingIfNeeded: i)) }
-    }
-    public func portWrite(offset: UInt16, data: UnsafeRawBufferPointer) {
-        for (i, b) in data.enumerated() { write(offset: UInt8(truncatingIfNeeded: offset) &+ UInt8(truncatingIfNeeded: i), value: b) }
     }
 }
