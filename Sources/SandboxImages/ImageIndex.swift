@@ -21,6 +21,17 @@ struct ImageIndex: Codable {
     static let currentFormat = 1
     var format: Int = ImageIndex.currentFormat
     var images: [String: Entry] = [:]
+    /// Image files no name refers to any more, with when they were replaced. They are
+    /// deleted only after ``retirementSeconds``, so that a run which resolved the old
+    /// file a moment before a rebuild (another process, another version of this
+    /// library sharing the cache) still finds it when its VMM opens it.
+    var retired: [String: Retired]? = nil
+    struct Retired: Codable, Equatable {
+        /// The name it was the image of, and when it stopped being that.
+        var name: String
+        var since: Date
+    }
+    static let retirementSeconds: TimeInterval = 15 * 60
 
     static func encoder() -> JSONEncoder {
         let e = JSONEncoder()

@@ -268,16 +268,32 @@ public struct ImageStore: Sendable {
         return ImageBuildResult(image: info(name, entry), reused: false, seconds: s)
     }
 
-    /// Read-modify-write of the index under its flock; afterwards deletes image files
-    /// that no name refers to any more.
-    private func updateIndex(_ change: (inout ImageIndex) throws -> Void) throws {
+    /// Read-modify-write of the index under its flock. Image files that no name refers
+    /// to any more are deleted at once when `deleteOrphans` (an explicit `rm`), else
+    /// retired: deleted by a later update once they have been unreferenced for
+    /// `ImageIndex.retirementSeconds` (open VMs keep their descriptor either way).
+    private func updateIndex(deleteOrphans: Bool = false, _ change: (inout ImageIndex) throws -> Void) throws {
         try ImageFiles.withLock(indexLockPath) {
             var index = try ImageIndex.load(indexPath)
-            let before = Set(index.images.values.map(\.hash))
+            let before = index
             try change(&index)
+            let after = index
+            let now = Date()
+            var retired = index.retired ?? [:]
+            var doomed: [String] = []
+            for (name, entry) in before.images where after.images[name]?.hash != entry.hash {
+                if deleteOrphans { doomed.append(entry.hash) } else { retired[entry.hash] = .init(name: name, since: now) }
+            }
+            let live = Set(after.images.values.map(\.hash))
+            for (hash, r) in retired where live.contains(hash) || (deleteOrphans && after.images[r.name] == nil)
+                || now.timeIntervalSince(r.since) > ImageIndex.retirementSeconds {
+                retired[hash] = nil
+                doomed.append(hash)
+            }
+            doomed.removeAll { live.contains($0) }
+            index.retired = retired.isEmpty ? nil : retired
             try index.save(indexPath)
-            let after = Set(index.images.values.map(\.hash))
-            for orphan in before.subtracting(after) { unlink(imagePath(hash: orphan)) }  // open VMs keep their fd
+            for hash in Set(doomed) { unlink(imagePath(hash: hash)) }
         }
     }
 
@@ -378,7 +394,7 @@ public struct ImageStore: Sendable {
     public func remove(_ name: String) throws {
         guard try ImageIndex.load(indexPath).images[name] != nil else { throw unknownImage(name) }
         try ensureWritable()
-        try updateIndex { index in
+        try updateIndex(deleteOrphans: true) { index in
             guard index.images.removeValue(forKey: name) != nil else { throw unknownImage(name) }
         }
     }

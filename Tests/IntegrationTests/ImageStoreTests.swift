@@ -131,6 +131,26 @@ struct ImageStoreTests {
         #expect(Self.errorMessage { try store.importTarball(path: dir + "/junk.tar", name: "x") }.contains("tar -xpf failed with exit status"))
     }
 
+    /// A rebuild under the same name must not pull the file from under a run that
+    /// resolved the old one a moment earlier (another process, or another version of the
+    /// library sharing the cache): the old file is retired, not deleted; `rm` deletes.
+    @Test func replacedImageIsRetiredNotDeleted() throws {
+        let (store, dir) = try Self.makeStore()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let src = dir + "/src"
+        try FileManager.default.createDirectory(atPath: src + "/bin", withIntermediateDirectories: true)
+        try FileManager.default.copyItem(atPath: "/bin/busybox", toPath: src + "/bin/busybox")
+        try "one\n".write(toFile: src + "/marker", atomically: true, encoding: .utf8)
+        let first = try store.importDirectory(path: src, name: "x").image.path
+        try "two\n".write(toFile: src + "/marker", atomically: true, encoding: .utf8)
+        let second = try store.importDirectory(path: src, name: "x").image.path
+        #expect(first != second)
+        #expect(try store.path("x") == second)
+        #expect(FileManager.default.fileExists(atPath: first), "the replaced image was deleted at once")
+        try store.remove("x")
+        #expect(!FileManager.default.fileExists(atPath: first) && !FileManager.default.fileExists(atPath: second))
+    }
+
     @Test func badImageFiles() throws {
         let (store, dir) = try Self.makeStore()
         defer { try? FileManager.default.removeItem(atPath: dir) }
