@@ -82,7 +82,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // The guest's PID 1. Built as a static executable by the image store.
-        .executableTarget(name: "sandbox-init", dependencies: ["AgentProtocol", "SandboxABI", "CInit"]),
+        .executableTarget(name: "sandbox-init", dependencies: ["AgentProtocol", "SandboxABI", "SystemShims", "CInit"]),
 
         .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "Bus", "GuestMemory", "KVM", "VirtIO", "SystemShims", "SandboxABI"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVM", "Bus", "GuestMemory", "VirtIO", "SystemShims"]),

@@ -198,19 +198,19 @@ static void child_fail(int report_fd, int stage, int err) {
     _exit(127);
 }
 
-static const char *env_path(char *const *envp) {
+static const char *env_path(char *const *envp, const char *fallback) {
     for (char *const *e = envp; e && *e; e++)
         if (strncmp(*e, "PATH=", 5) == 0) return *e + 5;
-    return "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+    return fallback ? fallback : "/bin";
 }
 
 // Like execvpe, but PATH comes from the new environment, and no /bin/sh fallback.
-static int exec_search(char *const *argv, char *const *envp) {
+static int exec_search(char *const *argv, char *const *envp, const char *default_path) {
     const char *file = argv[0];
     if (file[0] == '\0') return ENOENT;
     if (strchr(file, '/')) { execve(file, argv, envp); return errno; }
     size_t flen = strlen(file);
-    const char *p = env_path(envp);
+    const char *p = env_path(envp, default_path);
     int saw_eacces = 0;
     char buf[4096 + 256];
     for (;;) {
@@ -302,7 +302,7 @@ int cinit_spawn(const struct cinit_spawn_request *req, struct cinit_spawn_result
             if (setgid(req->gid) < 0) child_fail(report, CINIT_STAGE_SETGID, errno);
             if (setuid(req->uid) < 0) child_fail(report, CINIT_STAGE_SETUID, errno);
         }
-        child_fail(report, CINIT_STAGE_EXEC, exec_search(req->argv, req->envp));
+        child_fail(report, CINIT_STAGE_EXEC, exec_search(req->argv, req->envp, req->default_path));
     }
     // Parent.
     close(rep[1]); rep[1] = -1;

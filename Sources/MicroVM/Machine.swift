@@ -1,6 +1,7 @@
 import Bus
 import GuestMemory
 import KVM
+import Synchronization
 import SystemShims
 import VirtIO
 #if canImport(Glibc)
@@ -82,9 +83,7 @@ final class IRQFDTrigger: InterruptTrigger {
 }
 
 /// One micro-VM: guest memory, vCPUs, devices and the run loop. One use: build, `run()`, done.
-public final class Machine: @unchecked Sendable {
-    // @unchecked: configuration state is immutable after init; the stop state is
-    // guarded by `stopLock`; vCPUs are each owned by their run thread during `run()`.
+public final class Machine: Sendable {
     public let configuration: MachineConfiguration
     public let memory: GuestMemory
     public let console: ConsoleLog
@@ -96,15 +95,17 @@ public final class Machine: @unchecked Sendable {
     public let startNanos: UInt64
     private let irqEvents: [EventFD]
     private let transports: [MMIOTransport]
-    private let stopLock = Lock()
-    private var stopReason: StopReason?
     private let stopEvent: EventFD
-    private var threads: [NativeThread] = []
-    private var ran = false
-    private var runStart: UInt64 = 0
+    private struct State {
+        var stopReason: StopReason?
+        var threads: [NativeThread] = []
+        var ran = false
+        var runStart: UInt64 = 0
+    }
+    private let state = Mutex(State())
 
     /// When `run()` started the vCPUs (monotonic ns), or 0 before that.
-    public var runStartNanos: UInt64 { stopLock.withLock { runStart } }
+    public var runStartNanos: UInt64 { state.withLock { $0.runStart } }
 
     /// The signal used to kick vCPU threads out of KVM_RUN.
     static let kickSignal = SIGUSR2
@@ -237,44 +238,47 @@ public final class Machine: @unchecked Sendable {
     /// Boots the guest and blocks until it stops (guest reset/power-off, crash, timeout,
     /// KVM error, or `requestStop`). Call once.
     public func run() throws -> MachineResult {
+        let ran = state.withLock { s in
+            defer { s.ran = true }
+            return s.ran
+        }
         precondition(!ran, "Machine.run() may only be called once")
-        ran = true
         installKickSignalHandler(Self.kickSignal)
         for t in transports { try t.start() }
         defer { for t in transports { t.stop() } }
         let runNanos = monotonicNanos()
-        stopLock.withLock { runStart = runNanos }
+        state.withLock { $0.runStart = runNanos }
         let bus = self.bus
         for vcpu in vcpus {
             let t = try NativeThread(name: "vcpu\(vcpu.id)") { [self] in
                 self.runLoop(vcpu, bus: bus)
             }
-            stopLock.withLock { threads.append(t) }
+            state.withLock { $0.threads.append(t) }
         }
         // Wait for the first stop or the deadline.
         let timeoutMillis: Int32 = configuration.timeoutSeconds.map { Int32(min(max($0 * 1000, 1), Double(Int32.max))) } ?? -1
         if !waitReadable(stopEvent.fd.rawValue, timeoutMillis: timeoutMillis) {
             requestStop(.timeout)
         }
-        let all = stopLock.withLock { threads }
+        let all = state.withLock { $0.threads }
         for t in all { t.join() }
-        let reason = stopLock.withLock { stopReason } ?? .stopRequested
+        let reason = state.withLock { $0.stopReason } ?? .stopRequested
         return MachineResult(reason: reason, console: console, bootMarks: bootTimer.recorded,
                              startNanos: startNanos, runNanos: runNanos, stopNanos: monotonicNanos())
     }
 
     /// Asks the VM to stop; the first reason wins. Safe from any thread.
     public func requestStop(_ reason: StopReason) {
-        let toKick: [NativeThread] = stopLock.withLock {
-            if stopReason == nil { stopReason = reason }
-            return threads
+        let toKick: [NativeThread] = state.withLock { s in
+            if s.stopReason == nil { s.stopReason = reason }
+            return s.threads
         }
         for v in vcpus { v.requestExit() }
         for t in toKick { t.kill(Self.kickSignal) }
         stopEvent.signal()
     }
 
-    private var stopping: Bool { stopLock.withLock { stopReason != nil } }
+    private var stopping: Bool { state.withLock { $0.stopReason != nil } }
 
     private func runLoop(_ vcpu: VCPU, bus: DeviceBus) {
         unblockSignalInCurrentThread(Self.kickSignal)
@@ -293,7 +297,12 @@ public final class Machine: @unchecked Sendable {
 }
 
 /// Lets a device callback reach the machine without a retain cycle.
-private final class WeakStopper: @unchecked Sendable {
-    // @unchecked: set once during Machine.init before any vCPU runs.
-    weak var machine: Machine?
+private final class WeakStopper: Sendable {
+    private struct Ref { weak var machine: Machine? }
+    private let ref = Mutex(Ref())
+    /// Set once during Machine.init, before any vCPU runs.
+    var machine: Machine? {
+        get { ref.withLock { $0.machine } }
+        set { ref.withLock { $0.machine = newValue } }
+    }
 }

@@ -1,4 +1,5 @@
 import AgentProtocol
+import Synchronization
 import SystemShims
 #if canImport(Glibc)
 import Glibc
@@ -16,13 +17,17 @@ public enum CommandStatus: Equatable, Sendable {
 /// The host side of the agent protocol over a connected byte stream (a socket to the
 /// VMM process, which relays it to the guest's vsock port; or a Unix socket in tests).
 /// Blocking; use it from a dedicated thread, never the async cooperative pool.
-public final class AgentClient: @unchecked Sendable {
-    // @unchecked: one session thread reads; writes are serialised by `writeLock`
-    // (the stdin pump writes from its own thread).
+public final class AgentClient: Sendable {
     public let fd: FileDescriptor
-    private var decoder = FrameDecoder()
-    private let writeLock = Lock()
-    private var nextID: UInt32 = 1
+    /// Held for each whole frame's send(2)s, so frames from the session thread and
+    /// the stdin pump (its own thread) never interleave.
+    private let writeLock = Mutex(())
+    /// The session thread's state (never held across I/O).
+    private struct State {
+        var decoder = FrameDecoder()
+        var nextID: UInt32 = 1
+    }
+    private let state = Mutex(State())
 
     public enum Error: Swift.Error, CustomStringConvertible, Sendable {
         case connectionClosed
@@ -46,7 +51,7 @@ public final class AgentClient: @unchecked Sendable {
         let bytes: [UInt8]
         do { bytes = try message.encode(id: id) } catch { throw Error.protocolError("\(error)") }
         // send(MSG_NOSIGNAL), not write: a VM that went away must not SIGPIPE the caller.
-        try writeLock.withLock {
+        try writeLock.withLock { _ in
             try bytes.withUnsafeBytes { raw in
                 var done = 0
                 while done < raw.count {
@@ -65,8 +70,8 @@ public final class AgentClient: @unchecked Sendable {
     public func receive() throws -> Frame {
         var buffer = [UInt8](repeating: 0, count: 64 * 1024)
         while true {
-            do {
-                if let f = try decoder.next() { return f }
+            do throws(AgentProtocolError) {
+                if let f = try state.withLock({ (s: inout State) throws(AgentProtocolError) in try s.decoder.next() }) { return f }
             } catch { throw Error.protocolError("\(error)") }
             let n = buffer.withUnsafeMutableBytes { Glibc.read(fd.rawValue, $0.baseAddress, $0.count) }
             if n < 0 {
@@ -74,7 +79,7 @@ public final class AgentClient: @unchecked Sendable {
                 throw Error.io(SystemError("read(agent)", errno: errno))
             }
             if n == 0 { throw Error.connectionClosed }
-            decoder.append(buffer[0..<n])
+            state.withLock { $0.decoder.append(buffer[0..<n]) }
         }
     }
 
@@ -90,7 +95,7 @@ public final class AgentClient: @unchecked Sendable {
 
     /// Ping: the agent answers with its boot timestamps.
     public func ping() throws -> Pong {
-        let token = UInt64(nextID)
+        let token = UInt64(state.withLock { $0.nextID })
         try send(.ping(token))
         while true {
             let f = try receive()
@@ -107,8 +112,7 @@ public final class AgentClient: @unchecked Sendable {
                      onOutput: (StdioStream, [UInt8]) -> Void) throws -> CommandStatus {
         var e = exec
         e.stdin = (stdin != nil || stdinFD != nil) ? .stream : .closed
-        let id = nextID
-        nextID &+= 1
+        let id = takeID()
         try send(.exec(e), id: id)
         var pump: NativeThread?
         if let stdin {
@@ -151,8 +155,7 @@ public final class AgentClient: @unchecked Sendable {
 
     /// Writes a file in the guest (copy-in).
     public func writeFile(path: String, mode: UInt32, contents: [UInt8]) throws {
-        let id = nextID
-        nextID &+= 1
+        let id = takeID()
         let chunk = AgentProtocolLimits.maxChunkSize
         var offset = 0
         repeat {
@@ -174,8 +177,7 @@ public final class AgentClient: @unchecked Sendable {
 
     /// Reads a file from the guest (copy-out).
     public func readFile(path: String) throws -> [UInt8] {
-        let id = nextID
-        nextID &+= 1
+        let id = takeID()
         try send(.readFile(path: path), id: id)
         var out: [UInt8] = []
         while true {
@@ -187,6 +189,15 @@ public final class AgentClient: @unchecked Sendable {
             case .error(let m): throw Error.agentError(m.message)
             default: continue
             }
+        }
+    }
+
+    /// The next request ID.
+    private func takeID() -> UInt32 {
+        state.withLock { s in
+            let id = s.nextID
+            s.nextID &+= 1
+            return id
         }
     }
 

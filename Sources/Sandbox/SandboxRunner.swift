@@ -1,5 +1,6 @@
 import AgentProtocol
 import Foundation
+import SandboxABI
 import SandboxCore
 import SandboxImages
 import Synchronization
@@ -95,7 +96,7 @@ public enum SandboxRunner {
                 let mode = ((try? FileManager.default.attributesOfItem(atPath: c.hostPath)[.posixPermissions]) as? NSNumber)?.uint32Value ?? 0o644
                 try client.writeFile(path: c.guestPath, mode: mode, contents: bytes)
             }
-            var env = ["PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", "HOME=/root", "TERM=dumb"]
+            var env = ["PATH=" + GuestABI.defaultPath, "HOME=/root", "TERM=dumb"]
             for (k, v) in config.environment.sorted(by: { $0.key < $1.key }) {
                 env.removeAll { $0.hasPrefix(k + "=") }
                 env.append("\(k)=\(v)")

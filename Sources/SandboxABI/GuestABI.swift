@@ -11,6 +11,10 @@ public enum GuestABI {
     /// The boot-timer I/O port: a guest byte written here is timestamped by the VMM.
     public static let bootTimerPort: UInt16 = 0x440
 
+    /// PATH for guest commands when the caller sets none (the host sends it; the agent
+    /// falls back to it).
+    public static let defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
     /// The milestones a guest writes to ``bootTimerPort``.
     public enum BootMark: UInt8, Sendable, CaseIterable {
         /// PID 1 (`sandbox-init`) started.

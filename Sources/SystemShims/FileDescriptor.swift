@@ -81,6 +81,15 @@ public func writeAll(_ fd: Int32, _ buffer: UnsafeRawBufferPointer) throws(Syste
     }
 }
 
+/// Writes all of `bytes` to the raw descriptor `fd` (see the buffer variant).
+public func writeAll(_ fd: Int32, _ bytes: [UInt8]) throws(SystemError) {
+    var failure: SystemError?
+    bytes.withUnsafeBytes { b in
+        do throws(SystemError) { try writeAll(fd, b) } catch { failure = error }
+    }
+    if let failure { throw failure }
+}
+
 /// Reads what `fd` has (at most `buffer.count` bytes), retrying EINTR. Returns 0 at end
 /// of file.
 public func readSome(_ fd: Int32, into buffer: UnsafeMutableRawBufferPointer) throws(SystemError) -> Int {

@@ -1,20 +1,21 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Synchronization
 import SystemShims
 
 /// One thread per device that waits on the device's queue-notify eventfds (which
 /// either the transport signals on a QueueNotify MMIO exit, or KVM signals directly
 /// through KVM_IOEVENTFD) and calls the handler for each signalled queue. vCPU
 /// threads never wait on device I/O.
-final class DeviceWorker: @unchecked Sendable {
-    // @unchecked: `thread` is written by start() and read by stop(), both under `lock`;
-    // the eventfds are immutable.
+final class DeviceWorker: Sendable {
     private let notifiers: [EventFD]
     private let stopEvent: EventFD
     private let handler: @Sendable (Int) -> Void
-    private let lock = Lock()
-    private var thread: pthread_t? = nil
+    private struct State {
+        var thread: pthread_t? = nil
+    }
+    private let state = Mutex(State())
 
     /// - Parameters:
     ///   - notifiers: one non-blocking eventfd per queue.
@@ -26,35 +27,35 @@ final class DeviceWorker: @unchecked Sendable {
     }
 
     /// Whether the thread is running.
-    var isRunning: Bool { lock.withLock { thread != nil } }
+    var isRunning: Bool { state.withLock { $0.thread != nil } }
 
     /// Starts the thread (no-op if running).
     func start() throws(SystemError) {
-        lock.lock()
-        defer { lock.unlock() }
-        guard thread == nil else { return }
-        stopEvent.wait()  // drain a stale stop request
-        let box = Unmanaged.passRetained(self).toOpaque()
-        var tid = pthread_t()
-        let rc = pthread_create(&tid, nil, { arg in
-            // SAFETY: `arg` is the retained self passed below; released exactly once here.
-            let worker = Unmanaged<DeviceWorker>.fromOpaque(arg!).takeRetainedValue()
-            worker.run()
-            return nil
-        }, box)
-        if rc != 0 {
-            Unmanaged<DeviceWorker>.fromOpaque(box).release()
-            throw SystemError("pthread_create(virtio worker)", errno: rc)
+        try state.withLock { (s: inout State) throws(SystemError) in
+            guard s.thread == nil else { return }
+            stopEvent.wait()  // drain a stale stop request
+            let box = Unmanaged.passRetained(self).toOpaque()
+            var tid = pthread_t()
+            let rc = pthread_create(&tid, nil, { arg in
+                // SAFETY: `arg` is the retained self passed below; released exactly once here.
+                let worker = Unmanaged<DeviceWorker>.fromOpaque(arg!).takeRetainedValue()
+                worker.run()
+                return nil
+            }, box)
+            if rc != 0 {
+                Unmanaged<DeviceWorker>.fromOpaque(box).release()
+                throw SystemError("pthread_create(virtio worker)", errno: rc)
+            }
+            s.thread = tid
         }
-        thread = tid
     }
 
     /// Stops and joins the thread (no-op if not running). Must not be called from
     /// the worker thread itself.
     func stop() {
-        let t: pthread_t? = lock.withLock {
-            let t = thread
-            thread = nil
+        let t: pthread_t? = state.withLock { s in
+            let t = s.thread
+            s.thread = nil
             return t
         }
         guard let t else { return }

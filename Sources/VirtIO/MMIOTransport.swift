@@ -1,5 +1,6 @@
 import Bus
 import GuestMemory
+import Synchronization
 import SystemShims
 
 /// virtio-mmio register offsets, version 2 (virtio spec 4.2.2).
@@ -53,11 +54,7 @@ public struct MMIOTransportState: Sendable, Equatable {
 /// the ioeventfd, a QueueNotify MMIO write signals the same eventfd. The device
 /// worker thread (`start()`/`stop()`) waits on those eventfds and calls
 /// `VirtioDevice.queueNotify`.
-public final class MMIOTransport: MMIODevice, @unchecked Sendable {
-    // @unchecked: all mutable state is guarded by `lock`; `device`, `memory`,
-    // `interrupt`, the eventfds and the worker are immutable references to
-    // thread-safe objects.
-
+public final class MMIOTransport: MMIODevice, Sendable {
     /// "virt" little-endian.
     public static let magic: UInt32 = 0x7472_6976
     /// Our vendor ID (QEMU's is 0x554D4551; any value is fine for Linux).
@@ -74,20 +71,27 @@ public final class MMIOTransport: MMIODevice, @unchecked Sendable {
     private let memory: GuestMemory
     private let notifiers: [EventFD]
     private let worker: DeviceWorker
-    private let lock = Lock()
 
-    // Registers (guarded by lock).
-    private var status: UInt32 = 0
-    private var deviceFeaturesSel: UInt32 = 0
-    private var driverFeaturesSel: UInt32 = 0
-    private var driverFeatures: UInt64 = 0
-    private var queueSel: UInt32 = 0
-    private var queues: [VirtQueue]
+    /// The registers.
+    private struct State {
+        var status: UInt32 = 0
+        var deviceFeaturesSel: UInt32 = 0
+        var driverFeaturesSel: UInt32 = 0
+        var driverFeatures: UInt64 = 0
+        var queueSel: UInt32 = 0
+        var queues: [VirtQueue]
+        /// Guest accesses that were ignored.
+        var ignored = 0
+
+        var selectedQueue: Int? {
+            Int(queueSel) < queues.count ? Int(queueSel) : nil
+        }
+    }
+    private let registers: Mutex<State>
 
     /// Count of guest accesses that were ignored (bad size, offset or state); for
     /// diagnostics and tests.
-    public var ignoredAccesses: Int { lock.withLock { ignored } }
-    private var ignored = 0
+    public var ignoredAccesses: Int { registers.withLock { $0.ignored } }
 
     /// - Parameters:
     ///   - device: the device model.
@@ -97,7 +101,7 @@ public final class MMIOTransport: MMIODevice, @unchecked Sendable {
         self.device = device
         self.memory = memory
         self.interrupt = VirtioInterrupt(trigger: interrupt)
-        self.queues = device.queueMaxSizes.map { VirtQueue(maxSize: $0) }
+        self.registers = Mutex(State(queues: device.queueMaxSizes.map { VirtQueue(maxSize: $0) }))
         var fds: [EventFD] = []
         for _ in device.queueMaxSizes { fds.append(try EventFD(nonBlocking: true)) }
         self.notifiers = fds
@@ -122,19 +126,19 @@ public final class MMIOTransport: MMIODevice, @unchecked Sendable {
     public func stop() { worker.stop() }
 
     /// The Status register.
-    public var deviceStatus: UInt32 { lock.withLock { statusValue } }
+    public var deviceStatus: UInt32 { registers.withLock { r in statusValue(r) } }
 
-    private var statusValue: UInt32 {
-        status | (interrupt.needsReset ? VirtioStatus.deviceNeedsReset : 0)
+    private func statusValue(_ r: State) -> UInt32 {
+        r.status | (interrupt.needsReset ? VirtioStatus.deviceNeedsReset : 0)
     }
 
     /// The transport's state as plain values.
     public var state: MMIOTransportState {
-        lock.withLock {
-            let live = status & VirtioStatus.driverOK != 0 ? device.queueStates() : nil
-            return MMIOTransportState(status: status, deviceFeaturesSel: deviceFeaturesSel,
-                                      driverFeaturesSel: driverFeaturesSel, driverFeatures: driverFeatures,
-                                      queueSel: queueSel, queues: live ?? queues.map(\.state),
+        registers.withLock { r in
+            let live = r.status & VirtioStatus.driverOK != 0 ? device.queueStates() : nil
+            return MMIOTransportState(status: r.status, deviceFeaturesSel: r.deviceFeaturesSel,
+                                      driverFeaturesSel: r.driverFeaturesSel, driverFeatures: r.driverFeatures,
+                                      queueSel: r.queueSel, queues: live ?? r.queues.map(\.state),
                                       interruptStatus: interrupt.interruptStatus,
                                       configGeneration: interrupt.configGeneration,
                                       needsReset: interrupt.needsReset)
@@ -151,10 +155,10 @@ public final class MMIOTransport: MMIODevice, @unchecked Sendable {
             return
         }
         guard data.count == 4, offset % 4 == 0 else {
-            lock.withLock { ignored += 1 }
+            registers.withLock { $0.ignored += 1 }
             return zeroFill(data)
         }
-        let value: UInt32 = lock.withLock { readRegister(offset) }
+        let value: UInt32 = registers.withLock { r in readRegister(&r, offset) }
         // SAFETY: data.count == 4 was checked above.
         data.storeBytes(of: value.littleEndian, as: UInt32.self)
     }
@@ -166,100 +170,96 @@ public final class MMIOTransport: MMIODevice, @unchecked Sendable {
             return
         }
         guard data.count == 4, offset % 4 == 0 else {
-            lock.withLock { ignored += 1 }
+            registers.withLock { $0.ignored += 1 }
             return
         }
         // SAFETY: data.count == 4 was checked above.
         let value = UInt32(littleEndian: data.loadUnaligned(as: UInt32.self))
         if offset == VirtioMMIORegister.queueNotify {
             // The doorbell: same path as KVM_IOEVENTFD, no lock, no device work here.
-            if let n = notifyEventFD(forQueue: Int(value)) { n.signal() } else { lock.withLock { ignored += 1 } }
+            if let n = notifyEventFD(forQueue: Int(value)) { n.signal() } else { registers.withLock { $0.ignored += 1 } }
             return
         }
-        lock.withLock { writeRegister(offset, value) }
+        registers.withLock { r in writeRegister(&r, offset, value) }
     }
 
     private func zeroFill(_ data: UnsafeMutableRawBufferPointer) {
         data.initializeMemory(as: UInt8.self, repeating: 0)
     }
 
-    // MARK: Registers (called with lock held)
+    // MARK: Registers (called inside `registers.withLock`)
 
-    private var selectedQueue: Int? {
-        Int(queueSel) < queues.count ? Int(queueSel) : nil
-    }
-
-    private func readRegister(_ offset: UInt64) -> UInt32 {
+    private func readRegister(_ r: inout State, _ offset: UInt64) -> UInt32 {
         switch offset {
         case VirtioMMIORegister.magicValue: return Self.magic
         case VirtioMMIORegister.version: return 2
         case VirtioMMIORegister.deviceID: return device.deviceType
         case VirtioMMIORegister.vendorID: return Self.vendor
         case VirtioMMIORegister.deviceFeatures:
-            switch deviceFeaturesSel {
+            switch r.deviceFeaturesSel {
             case 0: return UInt32(truncatingIfNeeded: device.deviceFeatures)
             case 1: return UInt32(truncatingIfNeeded: device.deviceFeatures >> 32)
             default: return 0
             }
         case VirtioMMIORegister.queueNumMax:
-            return selectedQueue.map { UInt32(queues[$0].maxSize) } ?? 0
+            return r.selectedQueue.map { UInt32(r.queues[$0].maxSize) } ?? 0
         case VirtioMMIORegister.queueReady:
-            return selectedQueue.map { queues[$0].ready ? 1 : 0 } ?? 0
+            return r.selectedQueue.map { r.queues[$0].ready ? 1 : 0 } ?? 0
         case VirtioMMIORegister.interruptStatus: return interrupt.interruptStatus
-        case VirtioMMIORegister.status: return statusValue
+        case VirtioMMIORegister.status: return statusValue(r)
         case VirtioMMIORegister.configGeneration: return interrupt.configGeneration
         case VirtioMMIORegister.queueNum:
-            return selectedQueue.map { UInt32(queues[$0].size) } ?? 0
+            return r.selectedQueue.map { UInt32(r.queues[$0].size) } ?? 0
         case VirtioMMIORegister.queueDescLow, VirtioMMIORegister.queueDescHigh,
              VirtioMMIORegister.queueDriverLow, VirtioMMIORegister.queueDriverHigh,
              VirtioMMIORegister.queueDeviceLow, VirtioMMIORegister.queueDeviceHigh:
-            guard let q = selectedQueue else { return 0 }
+            guard let q = r.selectedQueue else { return 0 }
             let addr: GuestAddress
             switch offset & ~0x7 {
-            case VirtioMMIORegister.queueDescLow: addr = queues[q].descTable
-            case VirtioMMIORegister.queueDriverLow: addr = queues[q].availRing
-            default: addr = queues[q].usedRing
+            case VirtioMMIORegister.queueDescLow: addr = r.queues[q].descTable
+            case VirtioMMIORegister.queueDriverLow: addr = r.queues[q].availRing
+            default: addr = r.queues[q].usedRing
             }
             return UInt32(truncatingIfNeeded: offset & 4 == 0 ? addr.rawValue : addr.rawValue >> 32)
         default:
-            ignored += 1
+            r.ignored += 1
             return 0
         }
     }
 
-    private func writeRegister(_ offset: UInt64, _ value: UInt32) {
+    private func writeRegister(_ r: inout State, _ offset: UInt64, _ value: UInt32) {
         switch offset {
-        case VirtioMMIORegister.deviceFeaturesSel: deviceFeaturesSel = value
-        case VirtioMMIORegister.driverFeaturesSel: driverFeaturesSel = value
+        case VirtioMMIORegister.deviceFeaturesSel: r.deviceFeaturesSel = value
+        case VirtioMMIORegister.driverFeaturesSel: r.driverFeaturesSel = value
         case VirtioMMIORegister.driverFeatures:
             // Only while negotiating (spec 3.1.1: before FEATURES_OK).
-            guard status & VirtioStatus.driver != 0, status & VirtioStatus.featuresOK == 0,
-                  driverFeaturesSel < 2 else { ignored += 1; return }
-            let shift = UInt64(driverFeaturesSel) * 32
-            driverFeatures = (driverFeatures & ~(UInt64(0xffff_ffff) << shift)) | (UInt64(value) << shift)
-        case VirtioMMIORegister.queueSel: queueSel = value
+            guard r.status & VirtioStatus.driver != 0, r.status & VirtioStatus.featuresOK == 0,
+                  r.driverFeaturesSel < 2 else { r.ignored += 1; return }
+            let shift = UInt64(r.driverFeaturesSel) * 32
+            r.driverFeatures = (r.driverFeatures & ~(UInt64(0xffff_ffff) << shift)) | (UInt64(value) << shift)
+        case VirtioMMIORegister.queueSel: r.queueSel = value
         case VirtioMMIORegister.interruptACK: interrupt.acknowledge(value)
-        case VirtioMMIORegister.status: writeStatus(value)
+        case VirtioMMIORegister.status: writeStatus(&r, value)
         case VirtioMMIORegister.queueNum, VirtioMMIORegister.queueReady,
              VirtioMMIORegister.queueDescLow, VirtioMMIORegister.queueDescHigh,
              VirtioMMIORegister.queueDriverLow, VirtioMMIORegister.queueDriverHigh,
              VirtioMMIORegister.queueDeviceLow, VirtioMMIORegister.queueDeviceHigh:
-            writeQueueRegister(offset, value)
+            writeQueueRegister(&r, offset, value)
         default:
-            ignored += 1
+            r.ignored += 1
         }
     }
 
-    private func writeQueueRegister(_ offset: UInt64, _ value: UInt32) {
+    private func writeQueueRegister(_ r: inout State, _ offset: UInt64, _ value: UInt32) {
         // Queue setup happens after FEATURES_OK and before DRIVER_OK (spec 3.1.1).
-        guard let q = selectedQueue, status & VirtioStatus.featuresOK != 0,
-              status & VirtioStatus.driverOK == 0 else { ignored += 1; return }
+        guard let q = r.selectedQueue, r.status & VirtioStatus.featuresOK != 0,
+              r.status & VirtioStatus.driverOK == 0 else { r.ignored += 1; return }
         if offset == VirtioMMIORegister.queueReady {
-            queues[q].ready = value == 1
+            r.queues[q].ready = value == 1
             return
         }
         // The layout must not change while the queue is enabled.
-        guard !queues[q].ready else { ignored += 1; return }
+        guard !r.queues[q].ready else { r.ignored += 1; return }
         func set(_ a: inout GuestAddress) {
             let v = UInt64(value)
             a = GuestAddress(offset & 4 == 0 ? (a.rawValue & ~0xffff_ffff) | v : (a.rawValue & 0xffff_ffff) | (v << 32))
@@ -267,42 +267,42 @@ public final class MMIOTransport: MMIODevice, @unchecked Sendable {
         switch offset {
         case VirtioMMIORegister.queueNum:
             // Validated at DRIVER_OK (power of two, <= max); keep what the driver wrote.
-            queues[q].size = UInt16(truncatingIfNeeded: min(value, 0xffff))
-        case VirtioMMIORegister.queueDescLow, VirtioMMIORegister.queueDescHigh: set(&queues[q].descTable)
-        case VirtioMMIORegister.queueDriverLow, VirtioMMIORegister.queueDriverHigh: set(&queues[q].availRing)
-        default: set(&queues[q].usedRing)
+            r.queues[q].size = UInt16(truncatingIfNeeded: min(value, 0xffff))
+        case VirtioMMIORegister.queueDescLow, VirtioMMIORegister.queueDescHigh: set(&r.queues[q].descTable)
+        case VirtioMMIORegister.queueDriverLow, VirtioMMIORegister.queueDriverHigh: set(&r.queues[q].availRing)
+        default: set(&r.queues[q].usedRing)
         }
     }
 
     /// The device status state machine (spec 2.1, 3.1.1).
-    private func writeStatus(_ value: UInt32) {
+    private func writeStatus(_ r: inout State, _ value: UInt32) {
         if value == 0 {
-            resetDevice()
+            resetDevice(&r)
             return
         }
-        let added = value & ~status
+        let added = value & ~r.status
         // The driver may only set bits, never clear them (except by writing 0).
-        guard value & status == status, added & VirtioStatus.deviceNeedsReset == 0 else {
-            ignored += 1
+        guard value & r.status == r.status, added & VirtioStatus.deviceNeedsReset == 0 else {
+            r.ignored += 1
             return
         }
         if added & VirtioStatus.failed != 0 {
-            status |= VirtioStatus.failed
+            r.status |= VirtioStatus.failed
             return
         }
-        switch (status, added) {
+        switch (r.status, added) {
         case (0, VirtioStatus.acknowledge):
-            status = value
+            r.status = value
         case (VirtioStatus.acknowledge, VirtioStatus.driver):
-            status = value
+            r.status = value
         case (VirtioStatus.acknowledge | VirtioStatus.driver, VirtioStatus.featuresOK):
             // FEATURES_OK sticks only if we accept the subset (the driver re-reads it).
-            if featuresAcceptable(driverFeatures) { status = value }
+            if featuresAcceptable(r.driverFeatures) { r.status = value }
         case (VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK, VirtioStatus.driverOK):
-            status = value
-            activateDevice()
+            r.status = value
+            activateDevice(r)
         default:
-            ignored += 1
+            r.ignored += 1
         }
     }
 
@@ -310,11 +310,11 @@ public final class MMIOTransport: MMIODevice, @unchecked Sendable {
         features & ~device.deviceFeatures == 0 && features & VIRTIO_F_VERSION_1 != 0 && device.acceptsFeatures(features)
     }
 
-    private func activateDevice() {
+    private func activateDevice(_ r: State) {
         var active: [VirtQueue] = []
-        for var q in queues {
-            q.eventIndex = driverFeatures & VIRTIO_F_EVENT_IDX != 0
-            q.indirectDescriptors = driverFeatures & VIRTIO_F_INDIRECT_DESC != 0
+        for var q in r.queues {
+            q.eventIndex = r.driverFeatures & VIRTIO_F_EVENT_IDX != 0
+            q.indirectDescriptors = r.driverFeatures & VIRTIO_F_INDIRECT_DESC != 0
             // A queue the driver did not enable stays unused; an enabled one must be valid.
             if q.ready, (try? q.validate(memory: memory)) == nil {
                 interrupt.signalNeedsReset()
@@ -323,20 +323,20 @@ public final class MMIOTransport: MMIODevice, @unchecked Sendable {
             active.append(q)
         }
         do {
-            try device.activate(memory: memory, queues: active, features: driverFeatures, interrupt: interrupt)
+            try device.activate(memory: memory, queues: active, features: r.driverFeatures, interrupt: interrupt)
         } catch {
             interrupt.signalNeedsReset()
         }
     }
 
-    private func resetDevice() {
+    private func resetDevice(_ r: inout State) {
         device.reset()
-        status = 0
-        deviceFeaturesSel = 0
-        driverFeaturesSel = 0
-        driverFeatures = 0
-        queueSel = 0
-        for i in queues.indices { queues[i].reset() }
+        r.status = 0
+        r.deviceFeaturesSel = 0
+        r.driverFeaturesSel = 0
+        r.driverFeatures = 0
+        r.queueSel = 0
+        for i in r.queues.indices { r.queues[i].reset() }
         interrupt.reset()
         for n in notifiers { n.wait() }  // drop doorbells meant for the old queues
     }

@@ -1,6 +1,7 @@
 import AgentProtocol
 import CInit
 import Glibc
+import SystemShims
 
 /// Serves the agent protocol on a listening socket, one connection at a time. A
 /// connection that breaks or sends garbage is closed and the next one accepted.
@@ -149,7 +150,7 @@ final class Agent {
         var offset: UInt64 = 0
         while true {
             let result: ReadResult
-            do { result = try readSome(fd, max: AgentProtocolLimits.maxChunkSize) } catch { return try fail("read", error.errno) }
+            do { result = try readChunk(fd, max: AgentProtocolLimits.maxChunkSize) } catch { return try fail("read", error.errno) }
             guard case .data(let bytes) = result else { break }
             try send(.fileData(FileData(offset: offset, data: bytes)), id)
             offset += UInt64(bytes.count)

@@ -2,6 +2,7 @@ import AgentProtocol
 import CInit
 import SandboxABI
 import Glibc
+import SystemShims
 
 /// What PID 1 does before serving: file systems, loopback, boot markers.
 enum Boot {
@@ -33,7 +34,7 @@ enum Boot {
         if stdio < 0 { log("stdio: \(errnoDescription(-stdio))") }
         let lo = cinit_loopback_up()
         if lo < 0 { log("loopback up: \(errnoDescription(-lo))") }
-        if getenv("PATH") == nil { setenv("PATH", "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin", 1) }
+        if getenv("PATH") == nil { setenv("PATH", GuestABI.defaultPath, 1) }
     }
 
     /// Writes a boot-timer mark to the boot-timer port; silently does nothing without

@@ -1,6 +1,8 @@
 import AgentProtocol
 import CInit
 import Glibc
+import SandboxABI
+import SystemShims
 
 /// Runs one ``Exec``: spawns the command in its own session/process group, forwards
 /// stdin from the host, streams stdout/stderr as ordered ``Output`` frames, enforces
@@ -8,7 +10,7 @@ import Glibc
 /// Exited, Signalled, TimedOut or ExecFailed.
 final class ExecRunner {
     /// Largest read from a pipe, hence the largest Output payload data.
-    static let readChunk = 64 * 1024
+    static let chunkSize = 64 * 1024
     /// Stop reading the connection while this many stdin bytes wait for the command.
     static let stdinBacklogLimit = 8 << 20
     /// After the command exits, how long stragglers may keep the pipes open.
@@ -61,9 +63,11 @@ final class ExecRunner {
         let rc: Int32 = withCStringArray(exec.arguments) { argv in
             withCStringArray(exec.environment) { envp in
                 exec.workingDirectory.withCString { workdir in
-                    var request = cinit_spawn_request(argv: argv, envp: envp, workdir: workdir, uid: exec.uid, gid: exec.gid,
-                                                      change_ids: changeIDs ? 1 : 0, stdin_mode: stdinMode)
-                    return cinit_spawn(&request, &spawn)
+                    GuestABI.defaultPath.withCString { defaultPath in
+                        var request = cinit_spawn_request(argv: argv, envp: envp, default_path: defaultPath, workdir: workdir,
+                                                          uid: exec.uid, gid: exec.gid, change_ids: changeIDs ? 1 : 0, stdin_mode: stdinMode)
+                        return cinit_spawn(&request, &spawn)
+                    }
                 }
             }
         }
@@ -138,7 +142,7 @@ final class ExecRunner {
                 switch roles[k] {
                 case 0, 1:
                     let stream = roles[k]
-                    switch try readSome(pipes[stream], max: Self.readChunk) {
+                    switch try readChunk(pipes[stream], max: Self.chunkSize) {
                     case .data(let bytes): try forward(bytes, stream: stream)
                     case .endOfFile: close(pipes[stream]); pipes[stream] = -1
                     case .wouldBlock: break
@@ -228,7 +232,7 @@ final class ExecRunner {
             return
         }
         if stdinPendingOffset == stdinPending.count {
-            stdinPending.removeAll(keepingCapacity: stdinPending.count <= Self.readChunk)
+            stdinPending.removeAll(keepingCapacity: stdinPending.count <= Self.chunkSize)
             stdinPendingOffset = 0
             if stdinEOFRequested { closeStdin() }
         } else if stdinPendingOffset > Self.stdinBacklogLimit {

@@ -1,5 +1,6 @@
 import AgentProtocol
 import Glibc
+import SystemShims
 
 /// Why a connection ended.
 enum ConnectionError: Error, CustomStringConvertible {
@@ -48,7 +49,7 @@ final class FrameConnection {
     /// - Throws: `.closedByPeer` at end of stream, `.malformed` on undecodable bytes.
     func readOnce() throws(ConnectionError) {
         let result: ReadResult
-        do { result = try readSome(fd, max: 64 * 1024) } catch { throw .system(error) }
+        do { result = try readChunk(fd, max: 64 * 1024) } catch { throw .system(error) }
         switch result {
         case .wouldBlock: return
         case .endOfFile:

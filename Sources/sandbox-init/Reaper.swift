@@ -1,5 +1,6 @@
 import CInit
 import Glibc
+import SystemShims
 
 /// Reaps every child (as PID 1 also orphans re-parented to us) and keeps the wait
 /// status of the children someone asked to track, so the exec'd command's status is
@@ -13,7 +14,7 @@ final class Reaper {
     /// Blocks SIGCHLD, ignores SIGPIPE and opens the signalfd.
     init() throws(SystemError) {
         let fd = cinit_sigchld_fd()
-        guard fd >= 0 else { throw SystemError(call: "signalfd", errno: -fd) }
+        guard fd >= 0 else { throw SystemError("signalfd", errno: -fd) }
         self.fd = fd
     }
 

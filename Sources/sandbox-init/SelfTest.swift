@@ -1,5 +1,6 @@
 import AgentProtocol
 import Glibc
+import SystemShims
 
 /// `--selftest`: one local exec without vsock, printing every message.
 enum SelfTest {

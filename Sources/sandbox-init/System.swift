@@ -1,12 +1,6 @@
 import CInit
 import Glibc
-
-/// A failed system call: which call and its errno.
-struct SystemError: Error, CustomStringConvertible {
-    let call: String
-    let errno: Int32
-    var description: String { "\(call): \(errnoDescription(errno)) (errno \(errno))" }
-}
+import SystemShims
 
 /// strerror text for an errno value.
 func errnoDescription(_ code: Int32) -> String {
@@ -20,22 +14,6 @@ func log(_ message: String) {
     try? writeAll(2, bytes)
 }
 
-/// Writes every byte, retrying EINTR and short writes (blocking descriptor).
-func writeAll(_ fd: Int32, _ bytes: [UInt8]) throws(SystemError) {
-    var done = 0
-    while done < bytes.count {
-        let n = bytes.withUnsafeBytes { buf in
-            // SAFETY: done < count, so the base address plus done stays inside buf.
-            Glibc.write(fd, buf.baseAddress! + done, buf.count - done)
-        }
-        if n < 0 {
-            if errno == EINTR { continue }
-            throw SystemError(call: "write", errno: errno)
-        }
-        done += n
-    }
-}
-
 /// Result of one read on a possibly non-blocking descriptor.
 enum ReadResult {
     case data([UInt8])
@@ -43,8 +21,9 @@ enum ReadResult {
     case wouldBlock
 }
 
-/// One read of up to `max` bytes, retrying EINTR.
-func readSome(_ fd: Int32, max: Int) throws(SystemError) -> ReadResult {
+/// One read of up to `max` bytes, retrying EINTR; says when a non-blocking descriptor
+/// has nothing.
+func readChunk(_ fd: Int32, max: Int) throws(SystemError) -> ReadResult {
     var buffer = [UInt8](repeating: 0, count: max)
     while true {
         let n = buffer.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, $0.count) }
@@ -53,7 +32,7 @@ func readSome(_ fd: Int32, max: Int) throws(SystemError) -> ReadResult {
         switch errno {
         case EINTR: continue
         case EAGAIN, EWOULDBLOCK: return .wouldBlock
-        default: throw SystemError(call: "read", errno: errno)
+        default: throw SystemError("read", errno: errno)
         }
     }
 }
@@ -63,7 +42,7 @@ func pollFDs(_ fds: inout [pollfd], timeoutMillis: Int32) throws(SystemError) ->
     while true {
         let n = poll(&fds, nfds_t(fds.count), timeoutMillis)
         if n >= 0 { return n }
-        if errno != EINTR { throw SystemError(call: "poll", errno: errno) }
+        if errno != EINTR { throw SystemError("poll", errno: errno) }
     }
 }
 

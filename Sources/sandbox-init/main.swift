@@ -7,6 +7,7 @@ import AgentProtocol
 import CInit
 import SandboxABI
 import Glibc
+import SystemShims
 
 let initStarted = nowNanos()
 let isPID1 = getpid() == 1

@@ -75,8 +75,15 @@ final class AgentClient {
         withUnsafeMutableBytes(of: &addr.sun_path) { buf in
             for (i, b) in bytes.prefix(buf.count - 1).enumerated() { buf[i] = b }
         }
-        let rc = withUnsafePointer(to: &addr) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        // The socket file exists from bind(); until the agent calls listen(), connect is
+        // refused, so retry that (and only that) for a few seconds.
+        var rc: Int32 = -1
+        for _ in 0..<500 {
+            rc = withUnsafePointer(to: &addr) {
+                $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { Glibc.connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+            }
+            if rc == 0 || errno != ECONNREFUSED { break }
+            usleep(10_000)
         }
         guard rc == 0 else { close(fd); throw TestFailure("connect \(path): errno \(errno)") }
     }

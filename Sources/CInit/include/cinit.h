@@ -85,10 +85,11 @@ enum cinit_spawn_stage {
 };
 
 /// What to run. argv and envp are NULL-terminated; argv[0] without '/' is searched in
-/// PATH taken from envp (default /usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin).
+/// PATH taken from envp, else in default_path (GuestABI.defaultPath in Swift).
 struct cinit_spawn_request {
     char *const *argv;
     char *const *envp;
+    const char *default_path;
     const char *workdir;      // NULL or "" = "/"
     uint32_t uid, gid;
     int change_ids;           // non-zero: setgroups(0), setgid(gid), setuid(uid)

@@ -1,14 +1,15 @@
-import SystemShims
+import Synchronization
 
 /// The guest console's output: the last `capacity` bytes are kept for the caller
 /// (e.g. the tail shown when a guest crashes); every byte can also be streamed live.
-public final class ConsoleLog: @unchecked Sendable {
-    // @unchecked: all mutable state is guarded by `lock`.
-    private let lock = Lock()
-    private var ring: [UInt8]
-    private var start = 0
-    private var count = 0
-    private var total: UInt64 = 0
+public final class ConsoleLog: Sendable {
+    private struct State {
+        var ring: [UInt8]
+        var start = 0
+        var count = 0
+        var total: UInt64 = 0
+    }
+    private let state: Mutex<State>
     private let sink: (@Sendable (UnsafeRawBufferPointer) -> Void)?
     public let capacity: Int
 
@@ -18,18 +19,19 @@ public final class ConsoleLog: @unchecked Sendable {
     public init(capacity: Int = 256 * 1024, sink: (@Sendable (UnsafeRawBufferPointer) -> Void)? = nil) {
         precondition(capacity > 0)
         self.capacity = capacity
-        self.ring = [UInt8](repeating: 0, count: capacity)
+        self.state = Mutex(State(ring: [UInt8](repeating: 0, count: capacity)))
         self.sink = sink
     }
 
     public func append(_ bytes: UnsafeRawBufferPointer) {
-        lock.withLock {
+        let capacity = self.capacity
+        state.withLock { s in
             for b in bytes {
-                let end = (start + count) % capacity
-                ring[end] = b
-                if count < capacity { count += 1 } else { start = (start + 1) % capacity }
+                let end = (s.start + s.count) % capacity
+                s.ring[end] = b
+                if s.count < capacity { s.count += 1 } else { s.start = (s.start + 1) % capacity }
             }
-            total += UInt64(bytes.count)
+            s.total += UInt64(bytes.count)
         }
         sink?(bytes)
     }
@@ -39,11 +41,12 @@ public final class ConsoleLog: @unchecked Sendable {
     }
 
     /// Total bytes ever written (including those dropped from the ring).
-    public var totalBytes: UInt64 { lock.withLock { total } }
+    public var totalBytes: UInt64 { state.withLock { $0.total } }
 
     /// The kept output (at most `capacity` bytes).
     public var bytes: [UInt8] {
-        lock.withLock { (0..<count).map { ring[(start + $0) % capacity] } }
+        let capacity = self.capacity
+        return state.withLock { s in (0..<s.count).map { s.ring[(s.start + $0) % capacity] } }
     }
 
     /// The last `maxBytes` of output as text.

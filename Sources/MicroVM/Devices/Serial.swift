@@ -1,13 +1,12 @@
-import SystemShims
 import Bus
+import Synchronization
 
 /// A 16550A-compatible UART (enough of it for the Linux 8250 driver and early console).
 ///
 /// Registers (offset from the base port): 0 RBR/THR or DLL, 1 IER or DLM, 2 IIR/FCR,
 /// 3 LCR, 4 MCR, 5 LSR, 6 MSR, 7 SCR. Transmission is instantaneous, so THR is always
 /// empty; the driver still needs the THR-empty interrupt to keep sending.
-public final class Serial: @unchecked Sendable {
-    // @unchecked: all register state is guarded by `lock`.
+public final class Serial: Sendable {
     public struct State: Equatable, Sendable {
         public var ier: UInt8 = 0
         public var iir: UInt8 = 0x01 // no interrupt pending
@@ -29,8 +28,7 @@ public final class Serial: @unchecked Sendable {
     static let mcrLoop: UInt8 = 0x10
     static let inputLimit = 4096
 
-    private let lock = Lock()
-    private var state = State()
+    private let state = Mutex(State())
     private let output: ConsoleLog
     private let interrupt: (any InterruptTrigger)?
 
@@ -40,34 +38,34 @@ public final class Serial: @unchecked Sendable {
     }
 
     /// A copy of the register state (for snapshots and tests).
-    public var snapshot: State { lock.withLock { state } }
+    public var snapshot: State { state.withLock { $0 } }
 
     /// Queues bytes for the guest to read (console input). Excess input is dropped.
     public func enqueueInput(_ bytes: [UInt8]) {
-        let raise: Bool = lock.withLock {
+        let raise: Bool = state.withLock { state in
             let room = Self.inputLimit - state.input.count
             state.input.append(contentsOf: bytes.prefix(max(0, room)))
-            return updateInterrupt()
+            return Self.updateInterrupt(&state)
         }
         if raise { interrupt?.trigger() }
     }
 
     /// Guest read of register `offset` (0...7).
     public func read(offset: UInt8) -> UInt8 {
-        lock.withLock {
+        state.withLock { state in
             let dlab = state.lcr & Self.lcrDLAB != 0
             switch offset {
             case 0:
                 if dlab { return state.dll }
                 guard !state.input.isEmpty else { return 0 }
                 let b = state.input.removeFirst()
-                _ = updateInterrupt()
+                _ = Self.updateInterrupt(&state)
                 return b
             case 1: return dlab ? state.dlm : state.ier
             case 2:
                 let v = state.iir | Self.iirFIFO
                 // Reading IIR acknowledges a THR-empty interrupt.
-                if state.iir == Self.iirTHREmpty { state.iir = Self.iirNone; _ = updateInterrupt(thrEmpty: false) }
+                if state.iir == Self.iirTHREmpty { state.iir = Self.iirNone; _ = Self.updateInterrupt(&state, thrEmpty: false) }
                 return v
             case 3: return state.lcr
             case 4: return state.mcr
@@ -90,7 +88,7 @@ public final class Serial: @unchecked Sendable {
     public func write(offset: UInt8, value: UInt8) {
         var raise = false
         var emit: UInt8?
-        lock.withLock {
+        state.withLock { state in
             let dlab = state.lcr & Self.lcrDLAB != 0
             switch offset {
             case 0:
@@ -100,12 +98,12 @@ public final class Serial: @unchecked Sendable {
                 } else {
                     emit = value
                 }
-                raise = updateInterrupt(thrEmpty: true)
+                raise = Self.updateInterrupt(&state, thrEmpty: true)
             case 1:
                 if dlab { state.dlm = value; return }
                 let enablingTHR = value & Self.ierTHREmpty != 0 && state.ier & Self.ierTHREmpty == 0
                 state.ier = value & 0x0F
-                raise = updateInterrupt(thrEmpty: enablingTHR)
+                raise = Self.updateInterrupt(&state, thrEmpty: enablingTHR)
             case 2: break // FCR: FIFOs are always on
             case 3: state.lcr = value
             case 4: state.mcr = value & 0x1F
@@ -118,8 +116,8 @@ public final class Serial: @unchecked Sendable {
     }
 
     /// Recomputes IIR; returns whether an interrupt edge should be raised.
-    /// Must be called with the lock held.
-    private func updateInterrupt(thrEmpty: Bool? = nil) -> Bool {
+    /// Called inside `state.withLock`.
+    private static func updateInterrupt(_ state: inout State, thrEmpty: Bool? = nil) -> Bool {
         let before = state.iir
         if state.ier & Self.ierRxData != 0 && !state.input.isEmpty {
             state.iir = Self.iirRxData

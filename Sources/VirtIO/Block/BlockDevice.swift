@@ -1,4 +1,5 @@
 import GuestMemory
+import Synchronization
 import SystemShims
 
 /// virtio-blk feature bits (virtio spec 5.2.3).
@@ -36,9 +37,7 @@ public enum VirtioBlockRequest {
 /// All requests popped in one notify round are mapped onto host file segments and
 /// handed to the I/O engine as one batch (one io_uring submission), then completed
 /// together with at most one interrupt. Data moves through host bounce buffers.
-public final class BlockDevice: VirtioDevice, @unchecked Sendable {
-    // @unchecked: the mutable activation state is guarded by `lock`; the rest is
-    // immutable after init.
+public final class BlockDevice: VirtioDevice, Sendable {
 
     /// Largest data part of one request; bigger requests get IOERR. Linux's default
     /// limit is 1.25 MiB (max_sectors_kb).
@@ -57,12 +56,15 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     public let serial: [UInt8]
     private let config: [UInt8]
 
-    private let lock = Lock()
-    private var memory: GuestMemory?
-    private var queue: VirtQueue?
-    private var interrupt: VirtioInterrupt?
-    private var broken = false
-    private var lastErrorValue: String?
+    /// The activation state.
+    private struct State {
+        var memory: GuestMemory?
+        var queue: VirtQueue?
+        var interrupt: VirtioInterrupt?
+        var broken = false
+        var lastError: String?
+    }
+    private let state = Mutex(State())
 
     /// - Parameters:
     ///   - backend: the disk.
@@ -101,7 +103,7 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     }
 
     /// Why the device set DEVICE_NEEDS_RESET, if it did.
-    public var lastError: String? { lock.withLock { lastErrorValue } }
+    public var lastError: String? { state.withLock { $0.lastError } }
 
     /// Deactivates the device and closes the backend (teardown; the transport's worker
     /// must be stopped first).
@@ -128,34 +130,34 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
 
     public func activate(memory: GuestMemory, queues: [VirtQueue], features: UInt64, interrupt: VirtioInterrupt) throws {
         guard queues.count == 1, queues[0].ready else { throw VirtQueueError.notReady }
-        lock.withLock {
-            self.memory = memory
-            self.queue = queues[0]
-            self.interrupt = interrupt
-            self.broken = false
+        state.withLock { s in
+            s.memory = memory
+            s.queue = queues[0]
+            s.interrupt = interrupt
+            s.broken = false
         }
     }
 
     public func queueNotify(_ index: Int) {
         guard index == 0 else { return }
-        lock.withLock { processQueue() }
+        state.withLock { s in processQueue(&s) }
     }
 
     public func reset() {
-        lock.withLock {
-            memory = nil
-            queue = nil
-            interrupt = nil
-            broken = false
-            lastErrorValue = nil
+        state.withLock { s in
+            s.memory = nil
+            s.queue = nil
+            s.interrupt = nil
+            s.broken = false
+            s.lastError = nil
         }
     }
 
     public func queueStates() -> [VirtQueueState]? {
-        lock.withLock { queue.map { [$0.state] } }
+        state.withLock { s in s.queue.map { [$0.state] } }
     }
 
-    // MARK: Request processing (lock held)
+    // MARK: Request processing (inside `state.withLock`)
 
     /// A request whose host I/O is in the current batch.
     private struct Pending {
@@ -170,25 +172,25 @@ public final class BlockDevice: VirtioDevice, @unchecked Sendable {
     /// A driver error that makes the device stop (DEVICE_NEEDS_RESET).
     private struct FatalError: Error { var reason: String }
 
-    private func processQueue() {
-        guard var q = queue, let memory, let interrupt, !broken else { return }
+    private func processQueue(_ s: inout State) {
+        guard var q = s.queue, let memory = s.memory, let interrupt = s.interrupt, !s.broken else { return }
         do {
             repeat {
                 try runRound(&q, memory, interrupt)
             } while try q.enableNotification(memory: memory)
         } catch let e as VirtQueueError {
-            fail("virtqueue: \(e)", interrupt)
+            fail(&s, "virtqueue: \(e)", interrupt)
         } catch let e as FatalError {
-            fail(e.reason, interrupt)
+            fail(&s, e.reason, interrupt)
         } catch {
-            fail("\(error)", interrupt)
+            fail(&s, "\(error)", interrupt)
         }
-        if !broken { queue = q }
+        if !s.broken { s.queue = q }
     }
 
-    private func fail(_ reason: String, _ interrupt: VirtioInterrupt) {
-        broken = true
-        lastErrorValue = reason
+    private func fail(_ s: inout State, _ reason: String, _ interrupt: VirtioInterrupt) {
+        s.broken = true
+        s.lastError = reason
         interrupt.signalNeedsReset()
     }
 

@@ -1,6 +1,7 @@
 #if canImport(Glibc)
 import Glibc
 #endif
+import Synchronization
 import SystemShims
 
 /// A copy-on-write view of a shared, read-only base image.
@@ -18,10 +19,7 @@ import SystemShims
 /// overlay (read-modify-write). Unless `keepOverlay` is set, the overlay file is
 /// unlinked right after creation, so nothing is left on disk even if the process is
 /// killed; its space is freed when the disk is closed.
-public final class CopyOnWriteDisk: BlockBackend, @unchecked Sendable {
-    // @unchecked: the bitmap and `closed` are guarded by `lock`; the descriptors and
-    // sizes are immutable after init (close() only closes them once).
-
+public final class CopyOnWriteDisk: BlockBackend, Sendable {
     /// Copy-on-write granularity.
     public static let blockSize = 4096
 
@@ -35,11 +33,23 @@ public final class CopyOnWriteDisk: BlockBackend, @unchecked Sendable {
     /// Whether the overlay file stays on disk after close.
     public let keepsOverlay: Bool
 
+    // The descriptors are closed only once, by close() inside `state.withLock`.
     private let base: FileDescriptor
     private let overlay: FileDescriptor
-    private let lock = Lock()
-    private var bitmap: [UInt64]
-    private var closed = false
+    private struct State {
+        /// One bit per block: set when the overlay holds the block.
+        var bitmap: [UInt64]
+        var closed = false
+
+        func isInOverlay(_ block: Int) -> Bool {
+            bitmap[block / 64] & (1 << UInt64(block % 64)) != 0
+        }
+
+        mutating func markInOverlay(_ block: Int) {
+            bitmap[block / 64] |= 1 << UInt64(block % 64)
+        }
+    }
+    private let state: Mutex<State>
 
     /// Opens `baseImage` read-only and creates the overlay in `overlayDirectory`.
     /// - Parameters:
@@ -72,16 +82,16 @@ public final class CopyOnWriteDisk: BlockBackend, @unchecked Sendable {
         }
         if !keepOverlay { unlink(overlayPath) }
         let blocks = (Int(capacity) + Self.blockSize - 1) / Self.blockSize
-        bitmap = [UInt64](repeating: 0, count: (blocks + 63) / 64)
+        state = Mutex(State(bitmap: [UInt64](repeating: 0, count: (blocks + 63) / 64)))
     }
 
     deinit { close() }
 
     /// Closes both files. The overlay's space is freed unless it was kept. Idempotent.
     public func close() {
-        lock.withLock {
-            guard !closed else { return }
-            closed = true
+        state.withLock { s in
+            guard !s.closed else { return }
+            s.closed = true
             overlay.close()
             base.close()
         }
@@ -89,26 +99,16 @@ public final class CopyOnWriteDisk: BlockBackend, @unchecked Sendable {
 
     /// Number of 4 KiB blocks held by the overlay.
     public var overlayBlockCount: Int {
-        lock.withLock { bitmap.reduce(0) { $0 + $1.nonzeroBitCount } }
+        state.withLock { s in s.bitmap.reduce(0) { $0 + $1.nonzeroBitCount } }
     }
 
-    private func isInOverlay(_ block: Int) -> Bool {
-        bitmap[block / 64] & (1 << UInt64(block % 64)) != 0
-    }
-
-    private func markInOverlay(_ block: Int) {
-        bitmap[block / 64] |= 1 << UInt64(block % 64)
-    }
-
-    public var flushDescriptors: [Int32] { lock.withLock { closed ? [] : [overlay.rawValue] } }
+    public var flushDescriptors: [Int32] { state.withLock { s in s.closed ? [] : [overlay.rawValue] } }
 
     public func mapRead(offset: UInt64, length: Int) throws(BlockBackendError) -> [FileSegment] {
         try checkRange(offset: offset, length: length)
         guard length > 0 else { return [] }
-        lock.lock()
-        defer { lock.unlock() }
-        do {
-            guard !closed else { throw BlockBackendError.io(SystemError("read(closed disk)", errno: EBADF)) }
+        return try state.withLock { (s: inout State) throws(BlockBackendError) in
+            guard !s.closed else { throw BlockBackendError.io(SystemError("read(closed disk)", errno: EBADF)) }
             var segments: [FileSegment] = []
             let end = offset + UInt64(length)
             var pos = offset
@@ -116,7 +116,7 @@ public final class CopyOnWriteDisk: BlockBackend, @unchecked Sendable {
             while pos < end {
                 let block = Int(pos / bs)
                 let pieceEnd = min(end, (UInt64(block) + 1) * bs)
-                let fd = isInOverlay(block) ? overlay.rawValue : base.rawValue
+                let fd = s.isInOverlay(block) ? overlay.rawValue : base.rawValue
                 let bufferOffset = Int(pos - offset)
                 let len = Int(pieceEnd - pos)
                 if var last = segments.last, last.fd == fd, last.bufferOffset + last.length == bufferOffset {
@@ -134,28 +134,26 @@ public final class CopyOnWriteDisk: BlockBackend, @unchecked Sendable {
     public func mapWrite(offset: UInt64, length: Int) throws(BlockBackendError) -> [FileSegment] {
         try checkRange(offset: offset, length: length)
         guard length > 0 else { return [] }
-        lock.lock()
-        defer { lock.unlock() }
-        do {
-            guard !closed else { throw BlockBackendError.io(SystemError("write(closed disk)", errno: EBADF)) }
+        return try state.withLock { (s: inout State) throws(BlockBackendError) in
+            guard !s.closed else { throw BlockBackendError.io(SystemError("write(closed disk)", errno: EBADF)) }
             let bs = UInt64(Self.blockSize)
             let end = offset + UInt64(length)
             let first = Int(offset / bs), last = Int((end - 1) / bs)
             // Partially covered edge blocks need the base's bytes around the write.
-            for block in Set([first, last]) where !isInOverlay(block) {
+            for block in Set([first, last]) where !s.isInOverlay(block) {
                 let start = UInt64(block) * bs
                 let covered = offset <= start && end >= min(start + bs, capacity)
-                if !covered { try copyUp(block) }
+                if !covered { try copyUp(block, &s) }
             }
-            for block in first ... last { markInOverlay(block) }
+            for block in first ... last { s.markInOverlay(block) }
             // Marking before the write completes is fine: a read racing with a write
             // to the same sectors has undefined contents in virtio-blk anyway.
             return [FileSegment(fd: overlay.rawValue, fileOffset: offset, bufferOffset: 0, length: length)]
         }
     }
 
-    /// Copies one block from the base into the overlay (lock held).
-    private func copyUp(_ block: Int) throws(BlockBackendError) {
+    /// Copies one block from the base into the overlay (inside `state.withLock`).
+    private func copyUp(_ block: Int, _ s: inout State) throws(BlockBackendError) {
         let start = UInt64(block) * UInt64(Self.blockSize)
         let count = Int(min(UInt64(Self.blockSize), capacity - start))
         // SAFETY: a private scratch buffer, deallocated on every path by the defer.
@@ -167,7 +165,7 @@ public final class CopyOnWriteDisk: BlockBackend, @unchecked Sendable {
         } catch {
             throw .io(error)
         }
-        markInOverlay(block)
+        s.markInOverlay(block)
     }
 
     /// Writes the merged disk (base plus overlay) to a new file at `path`, via a
@@ -204,8 +202,7 @@ public final class CopyOnWriteDisk: BlockBackend, @unchecked Sendable {
 
 /// A plain disk image file used directly (e.g. a scratch or data disk), optionally
 /// read-only.
-public final class RawFileDisk: BlockBackend, @unchecked Sendable {
-    // @unchecked: immutable after init.
+public final class RawFileDisk: BlockBackend, Sendable {
     public let capacity: UInt64
     public let isReadOnly: Bool
     private let file: FileDescriptor

@@ -2,6 +2,7 @@
 import Glibc
 #endif
 import CURing
+import Synchronization
 import SystemShims
 
 /// Block I/O through io_uring: all operations of one batch (every segment of every
@@ -9,37 +10,39 @@ import SystemShims
 /// `io_uring_enter`, and reaped on the device worker thread, which waits for them
 /// with `submit_and_wait` (vCPU threads never wait on I/O). Short transfers are
 /// finished with pread/pwrite.
-public final class IOUringEngine: BlockIOEngine, @unchecked Sendable {
-    // @unchecked: the ring and `poisoned` are only touched inside `lock`.
-    private let ring: OpaquePointer
+public final class IOUringEngine: BlockIOEngine, Sendable {
     private let entries: Int
-    private let lock = Lock()
-    /// Set when a submission failed part-way; the ring is then never used again.
-    private var poisoned = false
+    private struct State {
+        /// The ring (not thread-safe): only used inside `state.withLock`.
+        let ring: OpaquePointer
+        /// Set when a submission failed part-way; the ring is then never used again.
+        var poisoned = false
+    }
+    private let state: Mutex<State>
 
     /// Creates a ring with `entries` submission slots (batches larger than that are
     /// submitted in several rounds).
     public init(entries: UInt32 = 128) throws(SystemError) {
         var err: Int32 = 0
         guard let r = curing_create(entries, &err) else { throw SystemError("io_uring_queue_init", errno: -err) }
-        ring = r
+        state = Mutex(State(ring: r))
         self.entries = Int(entries)
     }
 
-    deinit { curing_destroy(ring) }
+    deinit { state.withLock { curing_destroy($0.ring) } }
 
     public var kind: BlockEngineKind { .ioUring }
 
     public func perform(_ operations: [IOOperation]) -> [Int32] {
-        lock.withLock {
+        state.withLock { s in
             var results = [Int32](repeating: 0, count: operations.count)
             var start = 0
-            if poisoned {
+            if s.poisoned {
                 return operations.map { syncFallback($0, from: 0) }
             }
             while start < operations.count {
                 let end = min(start + entries, operations.count)
-                runChunk(operations, start ..< end, &results)
+                runChunk(&s, operations, start ..< end, &results)
                 start = end
             }
             return results
@@ -47,7 +50,9 @@ public final class IOUringEngine: BlockIOEngine, @unchecked Sendable {
     }
 
     /// Submits operations[range], waits for all of their completions and stores results.
-    private func runChunk(_ ops: [IOOperation], _ range: Range<Int>, _ results: inout [Int32]) {
+    /// Called inside `state.withLock`.
+    private func runChunk(_ s: inout State, _ ops: [IOOperation], _ range: Range<Int>, _ results: inout [Int32]) {
+        let ring = s.ring
         var queued: [Int] = []
         for i in range {
             let op = ops[i]
@@ -73,7 +78,7 @@ public final class IOUringEngine: BlockIOEngine, @unchecked Sendable {
             // The kernel consumes SQEs in order; the rest stay in the SQ. Never submit
             // on this ring again (those SQEs point at buffers we are about to reuse),
             // and finish them synchronously.
-            poisoned = true
+            s.poisoned = true
             for i in queued[submitted...] { results[i] = syncFallback(ops[i], from: 0) }
         }
         var outstanding = submitted
