@@ -13,7 +13,7 @@ final class DeviceWorker: Sendable {
     private let stopEvent: EventFD
     private let handler: @Sendable (Int) -> Void
     private struct State {
-        var thread: pthread_t? = nil
+        var thread: NativeThread? = nil
     }
     private let state = Mutex(State())
 
@@ -34,33 +34,21 @@ final class DeviceWorker: Sendable {
         try state.withLock { (s: inout State) throws(SystemError) in
             guard s.thread == nil else { return }
             stopEvent.wait()  // drain a stale stop request
-            let box = Unmanaged.passRetained(self).toOpaque()
-            var tid = pthread_t()
-            let rc = pthread_create(&tid, nil, { arg in
-                // SAFETY: `arg` is the retained self passed below; released exactly once here.
-                let worker = Unmanaged<DeviceWorker>.fromOpaque(arg!).takeRetainedValue()
-                worker.run()
-                return nil
-            }, box)
-            if rc != 0 {
-                Unmanaged<DeviceWorker>.fromOpaque(box).release()
-                throw SystemError("pthread_create(virtio worker)", errno: rc)
-            }
-            s.thread = tid
+            s.thread = try NativeThread(name: "virtio-worker") { [self] in run() }
         }
     }
 
     /// Stops and joins the thread (no-op if not running). Must not be called from
     /// the worker thread itself.
     func stop() {
-        let t: pthread_t? = state.withLock { s in
+        let t: NativeThread? = state.withLock { s in
             let t = s.thread
             s.thread = nil
             return t
         }
         guard let t else { return }
         stopEvent.signal()
-        pthread_join(t, nil)
+        t.join()
     }
 
     private func run() {

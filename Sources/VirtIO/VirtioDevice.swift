@@ -122,3 +122,12 @@ public protocol VirtioDevice: AnyObject, Sendable {
     /// The device's live queue state while active (nil when not active), for snapshots.
     func queueStates() -> [VirtQueueState]?
 }
+
+/// Copies the part of a device configuration space (`config`) that a driver read at
+/// `offset` asks for into `data`; bytes outside the space read as 0.
+public func readConfigSpace(_ config: UnsafeRawBufferPointer, offset: Int, into data: UnsafeMutableRawBufferPointer) {
+    for i in 0 ..< data.count {
+        let o = offset + i
+        data[i] = o >= 0 && o < config.count ? config[o] : 0
+    }
+}

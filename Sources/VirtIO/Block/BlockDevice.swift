@@ -115,11 +115,7 @@ public final class BlockDevice: VirtioDevice, Sendable {
     // MARK: VirtioDevice
 
     public func readConfig(offset: Int, into data: UnsafeMutableRawBufferPointer) {
-        // SAFETY: i ranges over data's own indices; config indices are range-checked.
-        for i in 0 ..< data.count {
-            let o = offset + i
-            data[i] = o >= 0 && o < config.count ? config[o] : 0
-        }
+        config.withUnsafeBytes { readConfigSpace($0, offset: offset, into: data) }
     }
 
     public func writeConfig(offset: Int, from data: UnsafeRawBufferPointer) {

@@ -191,12 +191,7 @@ public final class VsockDevice: VirtioDevice, @unchecked Sendable {
 
     public func readConfig(offset: Int, into data: UnsafeMutableRawBufferPointer) {
         // struct virtio_vsock_config { le64 guest_cid; }
-        withUnsafeBytes(of: guestCID.littleEndian) { cid in
-            for i in 0 ..< data.count {
-                let o = offset + i
-                data[i] = o >= 0 && o < cid.count ? cid[o] : 0
-            }
-        }
+        withUnsafeBytes(of: guestCID.littleEndian) { readConfigSpace($0, offset: offset, into: data) }
     }
 
     public func writeConfig(offset: Int, from data: UnsafeRawBufferPointer) {
