@@ -148,8 +148,8 @@ extension SandboxConfiguration {
     /// The boot limit in seconds: `configured`, else `$SANDBOX_BOOT_TIMEOUT`, else 60.
     static func resolvedBootTimeout(_ configured: Duration?) throws -> Double {
         if let configured {
-            let s = Double(configured.components.seconds) + Double(configured.components.attoseconds) / 1e18
-            guard s > 0 else { throw SandboxError.invalidInput("bootTimeout must be positive (got \(configured))") }
+            let s = try InputCheck.seconds(of: configured, name: "bootTimeout", max: 86_400)
+            guard s > 0 else { throw SandboxError.invalidInput("bootTimeout must be more than 0 seconds (got \(configured))") }
             return s
         }
         guard let raw = ProcessInfo.processInfo.environment["SANDBOX_BOOT_TIMEOUT"], !raw.isEmpty else {

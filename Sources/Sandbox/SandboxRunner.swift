@@ -29,9 +29,10 @@ public enum SandboxRunner {
             result.outcome = .infrastructureError(.invalidInput("no command given"))
             return result
         }
-        // Resolve inputs before starting anything.
+        // Check and resolve inputs before starting anything.
         let kernel: String, image: String
         do {
+            try InputCheck.check(config)
             kernel = try config.kernel ?? KernelStore.defaultKernelPath(progress: progress)
             image = try RootImage.resolve(config.image, progress: { line in
                 if !line.contains("is up to date") { progress(line) }

@@ -232,7 +232,7 @@ private struct Validator {
             if let v = s.image ?? defaults.image { config.image = v }
             config.environment = defaults.env.merging(s.env) { _, job in job }
             config.copyIn = defaults.files + s.files
-            if let t = s.timeout ?? defaults.timeout { config.timeout = t > 0 ? .milliseconds(Int64((t * 1000).rounded())) : nil }
+            if let t = s.timeout ?? defaults.timeout { config.timeout = try? InputCheck.seconds(t, name: "timeout") }
             if let v = s.memory ?? defaults.memory { config.memoryMiB = v }
             if let v = s.cpus ?? defaults.cpus { config.cpus = v }
             if let v = s.workdir ?? defaults.workdir { config.workingDirectory = v }
@@ -282,7 +282,9 @@ private struct Validator {
                 }
             case "timeout":
                 if let t = number(value) {
-                    if t < 0 { error(value, "\(context): 'timeout' must not be negative") } else { s.timeout = t }
+                    do { _ = try InputCheck.seconds(t, name: "'timeout'"); s.timeout = t } catch let e {
+                        error(value, "\(context): \(e.message)")
+                    }
                 } else {
                     error(value, "\(context): 'timeout' must be a number of seconds")
                 }
@@ -291,7 +293,7 @@ private struct Validator {
             case "memory":
                 if let r = integer(value), r >= 32 { s.memory = UInt64(r) } else { error(value, "\(context): 'memory' must be a whole number of MiB >= 32") }
             case "cpus":
-                if let r = integer(value), r >= 1, r <= 64 { s.cpus = r } else { error(value, "\(context): 'cpus' must be a whole number from 1 to 64") }
+                if let r = integer(value), r >= 1, r <= InputCheck.maxCPUs { s.cpus = r } else { error(value, "\(context): 'cpus' must be a whole number from 1 to \(InputCheck.maxCPUs)") }
             case "expected_exit":
                 expectKeys.append(key)
                 if let c = integer(value), (0...255).contains(c) { s.expectation = .exit(Int32(c)) } else { error(value, "\(context): 'expected_exit' must be an exit code from 0 to 255") }

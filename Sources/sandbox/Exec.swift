@@ -22,11 +22,11 @@ struct Exec: ParsableCommand {
     var image: String = "busybox"
     @Option(help: "Kernel path (default: the cached kernel for this host).")
     var kernel: String?
-    @Option(help: "Guest memory in MiB.")
+    @Option(parsing: .unconditional, help: "Guest memory in MiB (at least 32, at most what the host has available).")
     var memory: UInt64 = 256
-    @Option(help: "Number of vCPUs.")
+    @Option(parsing: .unconditional, help: "Number of vCPUs (1 to 32).")
     var cpus: Int = 1
-    @Option(help: "Wall-clock limit for the command, in seconds (0 = none).")
+    @Option(parsing: .unconditional, help: "Wall-clock limit for the command, in seconds (0 = none; at most 30 days).")
     var timeout: Double = 300
     @Option(name: .customLong("env"), help: "Set an environment variable (K=V); repeatable.")
     var env: [String] = []
@@ -44,7 +44,7 @@ struct Exec: ParsableCommand {
     var console = false
     @Flag(help: "Print the phase timings on stderr.")
     var timings = false
-    @Argument(parsing: .captureForPassthrough, help: "The command and its arguments (after --).")
+    @Argument(parsing: .remaining, help: "The command and its arguments (after --; options before it are sandbox's own).")
     var command: [String] = []
 
     func run() throws {
@@ -59,7 +59,6 @@ struct Exec: ParsableCommand {
         config.kernel = kernel
         config.memoryMiB = memory
         config.cpus = cpus
-        config.timeout = timeout > 0 ? .milliseconds(Int64(timeout * 1000)) : nil
         config.workingDirectory = workdir
         config.keepDiskPath = keepDisk
         config.consoleFD = console ? 2 : nil
@@ -75,8 +74,9 @@ struct Exec: ParsableCommand {
             }
             config.copyIn = try copyIn.map { try FileCopy.parse($0, guestFirst: false) }
             config.copyOut = try copyOut.map { try FileCopy.parse($0, guestFirst: true) }
-            guard memory >= 32 else { throw SandboxError.invalidInput("--memory \(memory) MiB is too little; the minimum is 32 MiB") }
-            guard cpus >= 1 else { throw SandboxError.invalidInput("--cpus must be at least 1") }
+            config.timeout = try InputCheck.seconds(timeout, name: "--timeout")
+            try InputCheck.memory(memory, name: "--memory")
+            try InputCheck.cpus(cpus, name: "--cpus")
         } catch {
             printError("sandbox exec: \(error)")
             throw ExitCode(125)

@@ -8,6 +8,25 @@ struct SandboxCommand: AsyncParsableCommand {
         commandName: "sandbox",
         abstract: "Boot throwaway KVM micro-VMs and run commands in them.",
         subcommands: [Exec.self, Batch.self, Boot.self, Doctor.self, KernelCommand.self, ImageCommand.self])
+
+    /// As ArgumentParser's, except that a usage error (unknown option, bad value)
+    /// exits 2, the conventional status for it, rather than 64.
+    static func main() async {
+        do {
+            var command = try parseAsRoot()
+            if var asyncCommand = command as? any AsyncParsableCommand {
+                try await asyncCommand.run()
+            } else {
+                try command.run()
+            }
+        } catch {
+            if exitCode(for: error) == .validationFailure {
+                printError(fullMessage(for: error))
+                exit(withError: ExitCode(2))
+            }
+            exit(withError: error)
+        }
+    }
 }
 
 #if canImport(Glibc)

@@ -57,6 +57,36 @@ struct ExecTests {
         #expect(r.stderr.contains("SANDBOX_BOOT_TIMEOUT=soon"), "\(r.stderr)")
     }
 
+    @Test("numbers out of range are refused before a VM starts, naming the flag", arguments: [
+        (["--timeout=inf"], "--timeout must be a number of seconds from 0 to 2592000 (got inf)"),
+        (["--timeout=1e300"], "--timeout must be a number of seconds from 0 to 2592000 (got 1e+300)"),
+        (["--timeout", "-1"], "--timeout must be a number of seconds from 0 to 2592000 (got -1)"),
+        (["--timeout=nan"], "--timeout must be a number of seconds from 0 to 2592000 (got nan)"),
+        (["--cpus", "0"], "--cpus must be from 1 to 32 (got 0)"),
+        (["--cpus", "1000"], "--cpus must be from 1 to 32 (got 1000)"),
+        (["--memory", "16"], "--memory 16 MiB is too little"),
+        (["--memory", "100000000"], "--memory 100000000 MiB is more than this host can give a guest: MemAvailable is"),
+    ])
+    func numbersOutOfRange(args: [String], message: String) throws {
+        let r = try Fixture.run(Fixture.sandboxBinary, ["exec"] + args + ["--", "true"], timeout: 30)
+        #expect(r.status == 125, "\(r.stderr)")
+        #expect(r.stderr.contains(message), "\(r.stderr)")
+        #expect(r.seconds < 5, "took \(r.seconds) s: did it boot a VM?")
+    }
+
+    @Test("an unknown option is a usage error with a suggestion, and exec --help prints help")
+    func unknownOptionAndHelp() throws {
+        let typo = try Fixture.run(Fixture.sandboxBinary, ["exec", "--memroy", "512", "--", "true"], timeout: 30)
+        #expect(typo.status == 2, "\(typo.stderr)")
+        #expect(typo.stderr.contains("Unknown option '--memroy'") && typo.stderr.contains("Did you mean '--memory'?"), "\(typo.stderr)")
+        let help = try Fixture.run(Fixture.sandboxBinary, ["exec", "--help"], timeout: 30)
+        #expect(help.status == 0, "\(help.stderr)")
+        #expect(help.stdout.contains("OVERVIEW: Run a command in a throwaway micro-VM."), "\(help.stdout)")
+        // After `--`, option-looking words belong to the guest command.
+        let passthrough = try exec(timeoutArgs + ["--", "sh", "-c", "echo \"$0 $1\"", "--memroy", "--help"])
+        #expect(passthrough.status == 0 && passthrough.stdout == "--memroy --help\n", "\(passthrough.stdout) \(passthrough.stderr)")
+    }
+
     @Test("50 MB of output arrives intact")
     func largeOutput() throws {
         let r = try exec(timeoutArgs + ["--", "sh", "-c",
