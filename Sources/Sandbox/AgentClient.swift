@@ -111,7 +111,9 @@ public final class AgentClient: Sendable {
     public func exec(_ exec: Exec, stdin: [UInt8]? = nil, stdinFD: Int32? = nil,
                      onOutput: (StdioStream, [UInt8]) -> Void) throws -> CommandStatus {
         var e = exec
-        e.stdin = (stdin != nil || stdinFD != nil) ? .stream : .closed
+        // Without input the command reads /dev/null (fd 0 open, at end of file), as under a
+        // shell with `</dev/null`; a closed fd 0 breaks programs that dup or check it.
+        e.stdin = (stdin != nil || stdinFD != nil) ? .stream : .none
         let id = takeID()
         try send(.exec(e), id: id)
         var pump: NativeThread?

@@ -13,9 +13,9 @@ public enum Sandbox {
         return await withTaskCancellationHandler {
             await withCheckedContinuation { (cont: CheckedContinuation<ExecResult, Never>) in
                 do {
-                    _ = try NativeThread(name: "sandbox-run") {
+                    try NativeThread(name: "sandbox-run") {
                         cont.resume(returning: SandboxRunner.run(command, configuration: configuration, stdin: stdin, cancel: token))
-                    }
+                    }.detach()
                 } catch {
                     cont.resume(returning: ExecResult(command: command, outcome: .infrastructureError(SandboxError(.host, "cannot start a thread for the run", underlying: error)), stdout: [], stderr: [],
                                                       timings: PhaseTimings(), consoleTail: ""))
@@ -42,13 +42,13 @@ public enum Sandbox {
                 if case .cancelled = reason { token.cancel() }
             }
             do {
-                _ = try NativeThread(name: "sandbox-stream") {
+                try NativeThread(name: "sandbox-stream") {
                     let r = SandboxRunner.run(command, configuration: configuration, stdin: stdin, cancel: token) { ev in
                         continuation.yield(.output(ev))
                     }
                     continuation.yield(.finished(r))
                     continuation.finish()
-                }
+                }.detach()
             } catch {
                 continuation.yield(.finished(ExecResult(command: command, outcome: .infrastructureError(SandboxError(.host, "cannot start a thread for the run", underlying: error)), stdout: [], stderr: [],
                                                         timings: PhaseTimings(), consoleTail: "")))

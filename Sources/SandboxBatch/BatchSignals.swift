@@ -30,7 +30,7 @@ public enum BatchSignals {
         for fd in fds { _ = fcntl(fd, F_SETFD, FD_CLOEXEC) }
         let readEnd = fds[0]
         signalPipeWriteEnd = fds[1]
-        _ = try NativeThread(name: "batch-signals") {
+        try NativeThread(name: "batch-signals") {
             var count = 0
             while true {
                 var byte: UInt8 = 0
@@ -40,7 +40,7 @@ public enum BatchSignals {
                 count += 1
                 if count == 1 { onFirst(Int32(byte)) } else { onRepeat(Int32(byte)) }
             }
-        }
+        }.detach()  // lives as long as the process
         for sig in [SIGINT, SIGTERM] {
             var old = sigaction()
             sigaction(sig, nil, &old)

@@ -47,9 +47,16 @@ public final class NativeThread: @unchecked Sendable {
         _ = csystem_tgkill(getpid(), tidValue, signal)
     }
 
-    /// Waits for the thread to finish. Call once.
+    /// Waits for the thread to finish. Call once, and not after `detach()`.
     public func join() {
         _ = pthread_join(handle, nil)
+    }
+
+    /// Lets the thread's resources (its stack) go when it ends, for a thread nobody
+    /// joins. Call once, and not after `join()`; a thread that is neither joined nor
+    /// detached keeps its stack mapped forever.
+    public func detach() {
+        _ = pthread_detach(handle)
     }
 }
 

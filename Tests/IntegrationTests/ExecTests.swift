@@ -87,6 +87,13 @@ struct ExecTests {
         #expect(passthrough.status == 0 && passthrough.stdout == "--memroy --help\n", "\(passthrough.stdout) \(passthrough.stderr)")
     }
 
+    @Test("without --stdin the command's fd 0 is /dev/null (open, at end of file), not closed")
+    func stdinIsDevNull() throws {
+        let r = try exec(timeoutArgs + ["--", "sh", "-c", "readlink /proc/self/fd/0; cat; echo end"])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stdout == "/dev/null\nend\n", "\(r.stdout)")
+    }
+
     @Test("50 MB of output arrives intact")
     func largeOutput() throws {
         let r = try exec(timeoutArgs + ["--", "sh", "-c",

@@ -57,3 +57,28 @@ struct RealVMTests {
         #expect(await tracker.maximum == 2)
     }
 }
+
+/// Runs through the async API must not leave a thread behind each: a joinable thread
+/// that nobody joins keeps its stack mapped, so thousands of runs in one test process
+/// would grow its mappings without bound. (Serialized: it counts this process's maps.)
+@Suite(.enabled(if: kvmAvailable, "needs /dev/kvm"), .serialized)
+struct RunLeakTests {
+    static func mappingCount() -> Int {
+        ((try? String(contentsOfFile: "/proc/self/maps", encoding: .utf8)) ?? "").split(separator: "\n").count
+    }
+
+    @Test func twentyRunsDoNotGrowTheMappings() async {
+        _ = await Sandbox.run(["true"])  // warm up: caches, first thread stacks
+        let before = Self.mappingCount()
+        for _ in 0..<20 {
+            let r = await Sandbox.run(["true"])
+            #expect(r.outcome == .exited(0), "\(r.outcome)")
+        }
+        for await event in Sandbox.stream(["true"]) { if case .finished(let r) = event { #expect(r.outcome == .exited(0)) } }
+        let after = Self.mappingCount()
+        // A leaked thread costs at least its stack and guard page (2 mappings): 21 runs
+        // would add 42 or more. Allow some noise from the allocator and the runtime.
+        print("RunLeakTests: mappings \(before) -> \(after) over 21 runs")
+        #expect(after - before < 10, "mappings grew from \(before) to \(after) over 21 runs")
+    }
+}
