@@ -178,14 +178,20 @@ public final class AgentClient: Sendable {
     }
 
     /// Reads a file from the guest (copy-out).
-    public func readFile(path: String) throws -> [UInt8] {
+    /// Reads a guest file. More than `limit` bytes is an error (the guest decides what
+    /// it sends; the host decides how much it keeps).
+    public func readFile(path: String, limit: UInt64 = 1 << 30) throws -> [UInt8] {
         let id = takeID()
         try send(.readFile(path: path), id: id)
         var out: [UInt8] = []
         while true {
             let f = try receive()
             switch f.message {
-            case .fileData(let d): out += d.data
+            case .fileData(let d):
+                guard UInt64(out.count) + UInt64(d.data.count) <= limit else {
+                    throw Error.agentError("\(path) in the guest is larger than the copy-out limit of \(limit) bytes")
+                }
+                out += d.data
             case .fileEnd: return out
             case .fileError(let e): throw Error.agentError("reading \(path) in the guest: \(e.message)")
             case .error(let m): throw Error.agentError(m.message)

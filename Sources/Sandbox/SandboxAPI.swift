@@ -41,6 +41,8 @@ public struct SandboxConfiguration: Sendable {
     public var workingDirectory: String = "/"
     public var copyIn: [FileCopy] = []
     public var copyOut: [FileCopy] = []
+    /// Most bytes one copy-out may bring back from the guest (default 1 GiB).
+    public var copyOutLimit: UInt64 = 1 << 30
     /// Most bytes the guest sends per output stream (the rest is dropped and flagged);
     /// 0 = no limit.
     public var outputLimit: UInt64 = 256 << 20

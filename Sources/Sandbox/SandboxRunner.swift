@@ -75,6 +75,7 @@ public enum SandboxRunner {
         let client = AgentClient(fd: vmm.agent)
         var status: CommandStatus?
         var failure: SandboxError?
+        var copyOutError: SandboxError?
         var tExec = monotonicNanos()
         do {
             try client.hello()
@@ -122,10 +123,20 @@ public enum SandboxRunner {
                     }
                 }
             }
-            for c in config.copyOut {
-                let bytes = try client.readFile(path: c.guestPath)
-                guard FileManager.default.createFile(atPath: c.hostPath, contents: Data(bytes)) else {
-                    throw SandboxError.invalidInput("--copy-out: cannot write \(c.hostPath)")
+            // A lost artefact is an error, never a silent success: the first copy-out
+            // that fails decides the outcome (the command's status is then only in the
+            // message), and the guest is still shut down cleanly.
+            for c in config.copyOut where copyOutError == nil {
+                let bytes: [UInt8]
+                do { bytes = try client.readFile(path: c.guestPath, limit: config.copyOutLimit) } catch {
+                    copyOutError = SandboxError(.guest, "copy-out \(c.guestPath) -> \(c.hostPath): the guest file could not be read", underlying: ErrorDescription(error))
+                    break
+                }
+                do {
+                    let fd = try FileDescriptor.open(c.hostPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode: 0o644)
+                    try writeAll(fd.rawValue, bytes)
+                } catch {
+                    copyOutError = SandboxError(.host, "copy-out \(c.guestPath) -> \(c.hostPath): the host file could not be written", underlying: ErrorDescription(error))
                 }
             }
             client.shutdown()
@@ -166,6 +177,11 @@ public enum SandboxRunner {
             let how = vmm.reap(patienceMillis: 1000).map(Self.describeExit) ?? "ended"
             result.outcome = .infrastructureError(SandboxError(.vmm, "the VMM process \(how) before the command finished", underlying: failure))
         }
+        if let copyOutError, status != nil {
+            var e = copyOutError
+            e.message += " (the command itself \(result.outcome))"
+            result.outcome = .infrastructureError(e)
+        }
         if let keepError = stopped?.error {
             // The command ran, but what the caller asked to keep is missing: say so loudly.
             result.outcome = .infrastructureError(keepError)
@@ -174,6 +190,19 @@ public enum SandboxRunner {
         result.timings.teardown = ms(tDown)
         result.timings.total = ms(t0)
         return result
+    }
+}
+
+/// An error kept as its description (for errors that are not `Sendable`).
+struct ErrorDescription: Error, Sendable, CustomStringConvertible {
+    let description: String
+    init(_ e: any Error) {
+        if let s = e as? SystemError { description = "\(s.call): \(s.message)"; return }
+        if let s = e as? SandboxError { description = s.description; return }
+        if let s = e as? AgentClient.Error { description = s.description; return }
+        var ns = e as NSError
+        if ns.domain == NSCocoaErrorDomain, let inner = ns.userInfo[NSUnderlyingErrorKey] as? NSError { ns = inner }
+        description = ns.domain == NSPOSIXErrorDomain ? String(cString: strerror(Int32(ns.code))) : ns.localizedDescription
     }
 }
 

@@ -10,10 +10,12 @@ struct SandboxCommand: AsyncParsableCommand {
         subcommands: [Exec.self, Batch.self, Boot.self, Doctor.self, KernelCommand.self, ImageCommand.self])
 
     /// As ArgumentParser's, except that a usage error (unknown option, bad value)
-    /// exits 2, the conventional status for it, rather than 64.
+    /// exits 2, the conventional status for it, rather than 64. Parsing is awaited as
+    /// ArgumentParser's own main does: the command then runs off the main thread, which
+    /// libdispatch parks with an empty signal mask (BatchSignals relies on that).
     static func main() async {
         do {
-            var command = try parseAsRoot()
+            var command = try await asyncParseAsRoot(nil)
             if var asyncCommand = command as? any AsyncParsableCommand {
                 try await asyncCommand.run()
             } else {

@@ -108,7 +108,7 @@ struct BatchTests {
         try "jobs:\n  - name: a\n    command: \"true\"\n    cpus: 0\n  - name: b\n    memory: lots\n".write(toFile: dir + "/bad.yaml", atomically: true, encoding: .utf8)
         let r = try batch([dir + "/bad.yaml"], timeout: 60)
         #expect(r.status == 2)
-        #expect(r.stderr.contains("bad.yaml:4:11: job 'a': 'cpus' must be a whole number from 1 to 64"), "\(r.stderr)")
+        #expect(r.stderr.contains("bad.yaml:4:11: job 'a': 'cpus' must be a whole number from 1 to 32"), "\(r.stderr)")
         #expect(r.stderr.contains("bad.yaml:6:13: job 'b': 'memory' must be a whole number of MiB >= 32"), "\(r.stderr)")
         #expect(r.stderr.contains("bad.yaml:5:5: job 'b': missing 'command'"), "\(r.stderr)")
         #expect(r.stderr.contains("(3 problems)"), "\(r.stderr)")
@@ -226,7 +226,8 @@ struct BatchTests {
         try yaml.write(toFile: dir + "/s.yaml", atomically: true, encoding: .utf8)
         let overlays = Fixture.cacheDirectory + "/overlays"
         let overlaysBefore = Set((try? FileManager.default.contentsOfDirectory(atPath: overlays)) ?? [])
-        let vmmPattern = "^" + NSRegularExpression.escapedPattern(for: URL(fileURLWithPath: Fixture.sandboxBinary).resolvingSymlinksInPath().path) + " _vmm"
+        let vmmPath = URL(fileURLWithPath: Fixture.sandboxBinary).resolvingSymlinksInPath().deletingLastPathComponent().path + "/sandbox-vmm"
+        let vmmPattern = "^" + NSRegularExpression.escapedPattern(for: vmmPath) + " run"
 
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Fixture.sandboxBinary)

@@ -94,6 +94,23 @@ struct ExecTests {
         #expect(r.stdout == "/dev/null\nend\n", "\(r.stdout)")
     }
 
+    @Test("a copy-out that fails is an error with its reason, not a silent success", arguments: [
+        ("/no/such/file", "/x", "copy-out /no/such/file -> HOST/x: the guest file could not be read", "No such file or directory"),
+        ("/tmp", "/x", "copy-out /tmp -> HOST/x: the guest file could not be read", "Is a directory"),
+        ("/etc/passwd", "/no/dir/x", "copy-out /etc/passwd -> HOST/no/dir/x: the host file could not be written", "No such file or directory"),
+    ])
+    func copyOutFailures(guest: String, host: String, message: String, reason: String) throws {
+        let dir = NSTemporaryDirectory() + "sandbox-copyout-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let r = try exec(timeoutArgs + ["--copy-out", "\(guest):\(dir)\(host)", "--", "true"])
+        #expect(r.status == 125, "\(r.stderr)")
+        #expect(r.stderr.contains(message.replacingOccurrences(of: "HOST", with: dir)), "\(r.stderr)")
+        #expect(r.stderr.contains(reason) && r.stderr.contains("the command itself exited with status 0"), "\(r.stderr)")
+        #expect(!FileManager.default.fileExists(atPath: dir + host))
+        if !Fixture.inLab { #expect(r.seconds < 3, "took \(r.seconds) s") }
+    }
+
     @Test("50 MB of output arrives intact")
     func largeOutput() throws {
         let r = try exec(timeoutArgs + ["--", "sh", "-c",
@@ -137,7 +154,7 @@ struct ExecTests {
         #expect(r.status == 0, "\(r.stderr)")
         // Other suites run sandboxes concurrently, so look for what a leak looks like: a
         // VMM process whose parent is gone (re-parented to PID 1).
-        let ps = try Fixture.run("/bin/sh", ["-c", "ps -eo ppid=,pid=,args= | awk '$1 == 1 && /[s]andbox _vmm/'"])
+        let ps = try Fixture.run("/bin/sh", ["-c", "ps -eo ppid=,pid=,args= | awk '$1 == 1 && /[s]andbox-vmm run/'"])
         #expect(ps.stdout.trimmingCharacters(in: .whitespacesAndNewlines).isEmpty, "orphaned VMM processes: \(ps.stdout)")
         // An overlay exists for an instant between creation and unlink; a leaked one stays.
         func overlays() -> Set<String> {
