@@ -65,7 +65,16 @@ public enum SandboxRunner {
         let spawned = monotonicNanos()
 
         // Wait for the agent (or the VM's end).
-        let first = vmm.nextEvent(timeoutMillis: Int32(min((vmConfig.vmTimeoutSeconds ?? 86_400) * 1000, Double(Int32.max))))
+        // The VMM enforces the boot limit itself; the host's own bound, a little later,
+        // holds even if the VMM is stopped or hung.
+        let bootWait = bootTimeout + 10
+        let first = vmm.nextEvent(timeoutMillis: Int32(min(bootWait * 1000, Double(Int32.max))))
+        if first == nil && vmm.isAlive {
+            vmm.kill()
+            result.outcome = .infrastructureError(.vmm("the VMM process did not report within \(InputCheck.format(bootWait)) s of starting (stopped or hung); it was killed"))
+            result.timings.total = ms(t0)
+            return result
+        }
         guard let ready = first, ready.kind == .ready else {
             result.outcome = vmm.outcomeForEarlyEnd(first)
             result.consoleTail = vmm.lastStopped?.consoleTail ?? ""
@@ -77,6 +86,14 @@ public enum SandboxRunner {
         var failure: SandboxError?
         var copyOutError: SandboxError?
         var tExec = monotonicNanos()
+        // Host-side deadlines: the session set-up must answer within 30 s, and the command
+        // may run its timeout plus 2 s (the guest agent stops it at the timeout itself);
+        // past either, the VMM is killed, whatever it or the guest is doing.
+        let hostGrace = 2.0
+        let setupDeadline = try? Watchdog(after: 30) { [vmm] in vmm.kill() }
+        var deadline: Watchdog?
+        var commandDeadlineFired = false
+        defer { setupDeadline?.cancel(); deadline?.cancel() }
         do {
             try client.hello()
             // Phase times: the VMM reports when the vCPUs started; the agent reports, on
@@ -84,6 +101,7 @@ public enum SandboxRunner {
             // answered, which places init's start on the host clock (to within the
             // Ping's latency).
             let pong = try client.ping()
+            setupDeadline?.cancel()  // set-up answered; copy-in and the command have their own bounds
             let connected = monotonicNanos()
             let vcpuStart = ms(t0, spawned) + (ready.vcpuStartMillis ?? 0)
             let sinceInit = Double(pong.guestNowNanos &- pong.initStartedNanos) / 1e6
@@ -107,6 +125,7 @@ public enum SandboxRunner {
                             timeoutMillis: commandTimeout.map { UInt64($0 * 1000) } ?? 0,
                             stdoutCap: config.outputLimit, stderrCap: config.outputLimit)
             var kept: (UInt64, UInt64) = (0, 0)
+            if let commandTimeout { deadline = try? Watchdog(after: commandTimeout + hostGrace) { [vmm] in vmm.kill() } }
             status = try client.exec(exec, stdin: stdin, stdinFD: stdinFD) { stream, bytes in
                 switch stream {
                 case .stdout:
@@ -123,6 +142,8 @@ public enum SandboxRunner {
                     }
                 }
             }
+            deadline?.cancel()
+            deadline = nil
             // A lost artefact is an error, never a silent success: the first copy-out
             // that fails decides the outcome (the command's status is then only in the
             // message), and the guest is still shut down cleanly.
@@ -143,6 +164,11 @@ public enum SandboxRunner {
         } catch {
             failure = .from(error, code: .agent, context: "talking to the guest agent failed")
         }
+        commandDeadlineFired = deadline?.fired ?? false
+        deadline?.cancel()
+        if setupDeadline?.fired == true, status == nil {
+            failure = SandboxError(.agent, "the guest agent did not answer Hello and Ping within 30 s of the VM being ready; the host stopped the VM", underlying: failure)
+        }
         result.timings.exec = ms(tExec)
         let tDown = monotonicNanos()
         // The guest powers off after Shutdown; give it a moment, then stop it.
@@ -150,7 +176,12 @@ public enum SandboxRunner {
         let patience: Int32 = config.keepDiskPath == nil ? 3000 : 600_000
         let stopped = vmm.waitStopped(timeoutMillis: patience)
         result.consoleTail = stopped?.consoleTail ?? ""
-        if cancel?.isCancelled == true {
+        if commandDeadlineFired && status == nil {
+            result.outcome = .timedOut
+            let note = "sandbox: the command did not end within its timeout + \(InputCheck.format(hostGrace)) s; the host stopped the VM\n"
+            result.stderr += Array(note.utf8)
+            onOutput(.stderr(Array(note.utf8)))
+        } else if cancel?.isCancelled == true {
             result.outcome = .infrastructureError(.cancelled)
         } else if let status {
             switch status {

@@ -171,6 +171,19 @@ final class VMMProcess: Sendable {
         }
     }
 
+    /// Whether the VMM process still runs (not reaped, not exited).
+    var isAlive: Bool {
+        if state.withLock({ $0.reaped }) { return false }
+        return Glibc.kill(pid, 0) == 0
+    }
+
+    /// Kills the VMM process (SIGKILL works on a stopped process too); its sockets close,
+    /// so every wait on them ends. Reaping stays with `reap`.
+    func kill() {
+        if state.withLock({ $0.reaped }) { return }
+        _ = Glibc.kill(pid, SIGKILL)
+    }
+
     /// Asks the VMM to stop the VM now.
     func requestStop() {
         let s: [UInt8] = Array("stop\n".utf8)
@@ -191,7 +204,7 @@ final class VMMProcess: Sendable {
             if r < 0 && errno == ECHILD { control.close(); return nil }
             usleep(10_000)
         }
-        kill(pid, SIGKILL)
+        _ = Glibc.kill(pid, SIGKILL)
         _ = waitpid(pid, &status, 0)
         control.close()
         return status

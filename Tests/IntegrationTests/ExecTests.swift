@@ -111,6 +111,39 @@ struct ExecTests {
         if !Fixture.inLab { #expect(r.seconds < 3, "took \(r.seconds) s") }
     }
 
+    @Test("--timeout holds on the host when the VMM stops answering (SIGSTOP): 124 within timeout + 2 s")
+    func timeoutHoldsWhenTheVMMIsStopped() throws {
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Fixture.sandboxBinary)
+        p.arguments = ["exec", "--timeout", "3", "--", "sh", "-c", "echo started; sleep 100"]
+        let out = Pipe()
+        p.standardOutput = out
+        p.standardError = FileHandle.nullDevice
+        try p.run()
+        // Once the command runs, stop its VMM (a child of the CLI).
+        _ = out.fileHandleForReading.availableData
+        let started = Date()
+        let vmm = try Fixture.run("/usr/bin/pgrep", ["-P", "\(p.processIdentifier)", "-f", "sandbox-vmm run"])
+        let pid = Int32(vmm.stdout.split(separator: "\n").first.map(String.init) ?? "") ?? 0
+        #expect(pid > 0, "no VMM child found: \(vmm.stdout) \(vmm.stderr)")
+        if pid > 0 { kill(pid, SIGSTOP) }
+        // Should the host deadline not hold, do not hang the suite: end it all in 60 s.
+        let rescue = DispatchWorkItem { if p.isRunning { p.terminate() }; if pid > 0 { kill(pid, SIGKILL) } }
+        DispatchQueue.global().asyncAfter(deadline: .now() + 60, execute: rescue)
+        p.waitUntilExit()
+        rescue.cancel()
+        let seconds = Date().timeIntervalSince(started)
+        #expect(p.terminationStatus == 124)
+        if !Fixture.inLab { #expect(seconds < 3 + 2 + 1.5, "took \(seconds) s") }
+    }
+
+    @Test("a fork bomb cannot stretch --timeout past timeout + 2 s")
+    func forkBombIsBoundedByTheTimeout() throws {
+        let r = try exec(["--timeout", "5", "--", "sh", "-c", "f(){ f|f& };f; sleep 30"])
+        #expect(r.status == 124, "\(r.stderr.suffix(500))")
+        if !Fixture.inLab { #expect(r.seconds < 5 + 2 + 3, "took \(r.seconds) s") }
+    }
+
     @Test("50 MB of output arrives intact")
     func largeOutput() throws {
         let r = try exec(timeoutArgs + ["--", "sh", "-c",
