@@ -100,7 +100,9 @@ public struct Output: Equatable, Sendable {
 public struct ExecFailed: Equatable, Sendable {
     /// Linux errno value (e.g. 2 = ENOENT, 13 = EACCES, 8 = ENOEXEC).
     public var errno: Int32
-    /// What failed, e.g. `execve nosuchcmd: No such file or directory`.
+    /// What failed, starting with the stage: `execve nosuchcmd: No such file or
+    /// directory`, `chdir /no/dir: No such file or directory`, `setuid ...`. Only an
+    /// `execve` failure is the command's own (126/127); the others are the caller's.
     public var message: String
     public init(errno: Int32, message: String) { self.errno = errno; self.message = message }
 }

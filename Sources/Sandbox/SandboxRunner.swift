@@ -37,8 +37,14 @@ public enum SandboxRunner {
             image = try RootImage.resolve(config.image, progress: { line in
                 if !line.contains("is up to date") { progress(line) }
             })
-            for c in config.copyIn where !FileManager.default.isReadableFile(atPath: c.hostPath) {
-                throw SandboxError.invalidInput("--copy-in: \(c.hostPath) is not a readable file")
+            for c in config.copyIn {
+                var isDirectory: ObjCBool = false
+                if FileManager.default.fileExists(atPath: c.hostPath, isDirectory: &isDirectory), isDirectory.boolValue {
+                    throw SandboxError.invalidInput("copy-in \(c.hostPath): is a directory; copy-in takes single files")
+                }
+                guard FileManager.default.isReadableFile(atPath: c.hostPath) else {
+                    throw SandboxError.invalidInput("copy-in \(c.hostPath): not a readable file")
+                }
             }
         } catch {
             result.outcome = .infrastructureError(.from(error, code: .host))
@@ -189,6 +195,9 @@ public enum SandboxRunner {
             case .signalled(let s):
                 result.outcome = (s == SIGKILL && result.consoleTail.contains("Out of memory")) ? .outOfMemory : .signalled(s)
             case .timedOut: result.outcome = .timedOut
+            case .failedToStart(_, let message) where !message.hasPrefix("execve "):
+                // Not the command's fault (its working directory, its user): say which.
+                result.outcome = .infrastructureError(.invalidInput("the command could not be started: \(message)"))
             case .failedToStart(let e, let message):
                 result.outcome = .exited(e == ENOENT ? 127 : 126)
                 let line = "sandbox: \(command[0]): \(e == ENOENT ? "command not found" : message)\n"

@@ -14,22 +14,18 @@ public enum RootImage {
         return try ImageStore().path(nameOrPath, progress: progress)
     }
 
-    /// Checks that `path` is a readable ext2/3/4 file system (superblock magic 0xEF53).
+    /// Checks that `path` is a whole ext2/3/4 image: a regular file with the superblock
+    /// magic 0xEF53 and at least as many bytes as the superblock's block count says (a
+    /// truncated image would otherwise boot and fail as "Unable to mount root fs").
     public static func validateExt4(_ path: String) throws {
-        var isDir: ObjCBool = false
-        guard FileManager.default.fileExists(atPath: path, isDirectory: &isDir) else {
-            throw SandboxError.invalidInput("image \(path): no such file")
-        }
-        guard !isDir.boolValue else { throw SandboxError.invalidInput("image \(path): is a directory, not an ext4 image") }
-        guard let h = FileHandle(forReadingAtPath: path) else { throw SandboxError.invalidInput("image \(path): cannot be opened for reading") }
-        defer { try? h.close() }
-        let head = h.readData(ofLength: 2048)
-        guard head.count >= 1082 else {
-            throw SandboxError.invalidInput("image \(path): truncated (\(head.count) bytes; an ext4 superblock needs at least 2 KiB)")
-        }
-        let magic = UInt16(head[1080]) | UInt16(head[1081]) << 8
-        guard magic == 0xEF53 else {
-            throw SandboxError.invalidInput("image \(path): not an ext4 file system (superblock magic 0x\(String(magic, radix: 16)), expected 0xef53)")
+        switch ImageFiles.ext4Problem(path) {
+        case nil: return
+        case .missing?: throw SandboxError(.image, "image \(path): no such file")
+        case .notAFile?:
+            var isDir: ObjCBool = false
+            _ = FileManager.default.fileExists(atPath: path, isDirectory: &isDir)
+            throw SandboxError(.image, isDir.boolValue ? "image \(path): is a directory, not an ext4 image" : "image \(path): not a regular file")
+        case let problem?: throw SandboxError(.image, ImageStore.describe(problem, path: path))
         }
     }
 }

@@ -74,7 +74,10 @@ final class ExecRunner {
         if rc != 0 {
             let code = rc > 0 ? rc : -rc
             let what = rc > 0 ? Self.stageName(spawn.stage) : "spawn"
-            let message = AgentMessage.execFailed(ExecFailed(errno: code, message: "\(what) \(exec.arguments[0]): \(errnoDescription(code))"))
+            // The message starts with the stage that failed; for chdir it names the
+            // working directory, since the command itself was never looked at.
+            let subject = what == "chdir" ? (exec.workingDirectory.isEmpty ? "/" : exec.workingDirectory) : exec.arguments[0]
+            let message = AgentMessage.execFailed(ExecFailed(errno: code, message: "\(what) \(subject): \(errnoDescription(code))"))
             try send(message, id)
             return message
         }

@@ -1,4 +1,5 @@
 import Foundation
+import Sandbox
 import Testing
 
 /// `sandbox exec` end to end: boots the busybox image, runs commands through the agent.
@@ -212,5 +213,28 @@ struct ExecTests {
         let r4 = try exec([])
         #expect(r4.status == 125)
         #expect(r4.stderr.contains("no command given"))
+        let r5 = try exec(["--copy-in", "/tmp:/x", "--", "true"])
+        #expect(r5.status == 125 && r5.stderr.contains("copy-in /tmp: is a directory"), "\(r5.stderr)")
+        #expect(!r5.stderr.contains("NSCocoaErrorDomain"))
+    }
+
+    @Test("a missing --workdir is the caller's error (125, naming the directory), not 'command not found'")
+    func missingWorkdir() throws {
+        let r = try exec(timeoutArgs + ["--workdir", "/no/such/dir", "--", "true"])
+        #expect(r.status == 125, "\(r.stderr)")
+        #expect(r.stderr.contains("chdir /no/such/dir: No such file or directory"), "\(r.stderr)")
+        #expect(!r.stderr.contains("command not found"))
+    }
+
+    @Test("a truncated image is refused as a bad image (125, naming the file), not booted into a crash")
+    func truncatedImage() throws {
+        let image = try RootImage.resolve("busybox", progress: { _ in })
+        let cut = NSTemporaryDirectory() + "sandbox-cut-\(getpid()).ext4"
+        defer { try? FileManager.default.removeItem(atPath: cut) }
+        let data = try #require(FileManager.default.contents(atPath: image))
+        try data.prefix(8 << 20).write(to: URL(fileURLWithPath: cut))
+        let r = try exec(["--image", cut, "--", "true"])
+        #expect(r.status == 125, "\(r.stderr)")
+        #expect(r.stderr.contains("image \(cut) is truncated"), "\(r.stderr)")
     }
 }
