@@ -30,6 +30,9 @@ struct ImageIndex: Codable {
         /// The name it was the image of, and when it stopped being that.
         var name: String
         var since: Date
+        /// Its index entry then, so that a build for the same inputs can take it back
+        /// (two library versions sharing one cache then do not rebuild in turn).
+        var entry: Entry?
     }
     static let retirementSeconds: TimeInterval = 15 * 60
 

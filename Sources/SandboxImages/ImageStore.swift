@@ -154,6 +154,16 @@ public struct ImageStore: Sendable {
                 progress("[image] \(name) is up to date: \(e.hash.prefix(12)) (reused in \(String(format: "%.0f", s * 1000)) ms)")
                 return ImageBuildResult(image: info(name, e), reused: true, seconds: s)
             }
+            // The image for exactly these inputs may have been replaced a moment ago by a
+            // build for other inputs (another version of this library sharing the cache):
+            // take it back instead of building it again.
+            if let old = try ImageIndex.load(indexPath).retired?.values.first(where: { $0.name == name && $0.entry?.recipeKey == key }),
+               let e = old.entry, ImageFiles.ext4Problem(imagePath(hash: e.hash)) == nil {
+                try updateIndex { index in index.images[name] = e }
+                let s = Date().timeIntervalSince(started)
+                progress("[image] \(name) is up to date: \(e.hash.prefix(12)), built earlier for these inputs, taken back (in \(String(format: "%.0f", s * 1000)) ms)")
+                return ImageBuildResult(image: info(name, e), reused: true, seconds: s)
+            }
             return try make(name: name, recipe: name, recipeKey: key, agent: agent, started: started, progress: progress) { rootfs in
                 progress("[image] running recipe \(name)… (\(recipeDir)/recipe)")
                 let (status, _) = try runTool(recipeDir + "/recipe", [rootfs])
@@ -282,7 +292,7 @@ public struct ImageStore: Sendable {
             var retired = index.retired ?? [:]
             var doomed: [String] = []
             for (name, entry) in before.images where after.images[name]?.hash != entry.hash {
-                if deleteOrphans { doomed.append(entry.hash) } else { retired[entry.hash] = .init(name: name, since: now) }
+                if deleteOrphans { doomed.append(entry.hash) } else { retired[entry.hash] = .init(name: name, since: now, entry: entry) }
             }
             let live = Set(after.images.values.map(\.hash))
             for (hash, r) in retired where live.contains(hash) || (deleteOrphans && after.images[r.name] == nil)

@@ -151,6 +151,27 @@ struct ImageStoreTests {
         #expect(!FileManager.default.fileExists(atPath: first) && !FileManager.default.fileExists(atPath: second))
     }
 
+    /// Two versions of the library sharing one cache (different agents, so different
+    /// recipe keys) must not rebuild the image in turn: each takes its own back.
+    @Test func twoVersionsSharingACacheDoNotRebuildInTurn() throws {
+        let (storeA, dir) = try Self.makeStore()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let otherAgent = dir + "/other-agent"
+        var bytes = try #require(FileManager.default.contents(atPath: try Self.agent.get()))
+        bytes.append(0)
+        try bytes.write(to: URL(fileURLWithPath: otherAgent))
+        chmod(otherAgent, 0o755)
+        let storeB = ImageStore(root: dir, resourcesDirectory: Self.resources, agentBinary: otherAgent)
+        let a1 = try storeA.build(name: "busybox")
+        let b1 = try storeB.build(name: "busybox")
+        #expect(!a1.reused && !b1.reused && a1.image.hash != b1.image.hash)
+        let a2 = try storeA.build(name: "busybox")
+        #expect(a2.reused && a2.image.hash == a1.image.hash)
+        let b2 = try storeB.build(name: "busybox")
+        #expect(b2.reused && b2.image.hash == b1.image.hash)
+        #expect(FileManager.default.fileExists(atPath: a1.image.path) && FileManager.default.fileExists(atPath: b1.image.path))
+    }
+
     @Test func badImageFiles() throws {
         let (store, dir) = try Self.makeStore()
         defer { try? FileManager.default.removeItem(atPath: dir) }
