@@ -53,15 +53,28 @@ public final class EventFD: @unchecked Sendable {
         _ = withUnsafeBytes(of: &v) { Glibc.write(fd.rawValue, $0.baseAddress, 8) }
     }
 
-    /// Reads and resets the counter; blocks unless non-blocking (then returns 0 when empty).
+    /// Reads and resets the counter; blocks unless non-blocking (then returns 0 when
+    /// empty). Any other failure of read(2) on an eventfd this object owns means the
+    /// descriptor was broken behind its back: that is a bug, and stops the process
+    /// rather than reading as "nothing happened".
     @discardableResult
     public func wait() -> UInt64 {
+        do { return try tryWait() } catch {
+            preconditionFailure("EventFD.wait: \(error)")
+        }
+    }
+
+    /// Reads and resets the counter: the value, or 0 when a non-blocking eventfd is
+    /// empty; throws for any other failure.
+    public func tryWait() throws(SystemError) -> UInt64 {
         var v: UInt64 = 0
         while true {
             let n = withUnsafeMutableBytes(of: &v) { Glibc.read(fd.rawValue, $0.baseAddress, 8) }
             if n == 8 { return v }
-            if n < 0 && Glibc.errno == EINTR { continue }
-            return 0
+            let e = Glibc.errno
+            if n < 0 && e == EINTR { continue }
+            if n < 0 && (e == EAGAIN || e == EWOULDBLOCK) { return 0 }
+            throw SystemError("read(eventfd)", errno: n < 0 ? e : EIO)
         }
     }
 }

@@ -39,8 +39,9 @@ final class Reaper {
     /// The wait status of a tracked child once it has been reaped (then forgotten).
     func takeStatus(_ pid: pid_t) -> Int32? { statuses.removeValue(forKey: pid) }
 
-    /// Blocks until the tracked `pid` has exited and returns its status.
-    func waitFor(_ pid: pid_t) -> Int32 {
+    /// Blocks until the tracked `pid` has exited and returns its status; nil if its
+    /// status was lost (never a made-up "exited 0").
+    func waitFor(_ pid: pid_t) -> Int32? {
         if let s = takeStatus(pid) { return s }
         var status: Int32 = 0
         while true {
@@ -49,7 +50,7 @@ final class Reaper {
             if r < 0 && errno == EINTR { continue }
             // ECHILD: already reaped by reap().
             reap()
-            return takeStatus(pid) ?? 0
+            return takeStatus(pid)
         }
     }
 }

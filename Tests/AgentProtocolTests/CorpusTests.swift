@@ -26,8 +26,10 @@ import Testing
         ]
     }
 
-    @Test func writeCorpusWhenAsked() throws {
-        guard ProcessInfo.processInfo.environment["AGENTPROTOCOL_WRITE_CORPUS"] == "1" else { return }
+    /// Not a test: the corpus generator, run only on request (skipped otherwise).
+    @Test(.enabled(if: ProcessInfo.processInfo.environment["AGENTPROTOCOL_WRITE_CORPUS"] == "1",
+                   "writes the seed corpus only with AGENTPROTOCOL_WRITE_CORPUS=1"))
+    func writeCorpusWhenAsked() throws {
         try FileManager.default.createDirectory(at: Self.directory, withIntermediateDirectories: true)
         for s in Samples.messages {
             try Data(try s.message.encode(id: s.id)).write(to: Self.directory.appendingPathComponent("valid-\(s.name).bin"))

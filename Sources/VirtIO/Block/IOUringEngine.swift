@@ -84,11 +84,22 @@ public final class IOUringEngine: BlockIOEngine, Sendable {
         var outstanding = submitted
         var userData = [UInt64](repeating: 0, count: max(outstanding, 1))
         var res = [Int32](repeating: 0, count: max(outstanding, 1))
+        var failedWaits = 0
         while outstanding > 0 {
             var n = Int(curing_reap(ring, &userData, &res, Int32(outstanding)))
             if n == 0 {
-                // Must not return while the kernel still owns buffers: keep waiting.
-                guard curing_wait_one(ring, &userData, &res) == 0 else { continue }
+                // Must not return while the kernel still owns buffers: keep waiting, but
+                // not forever. A wait that keeps failing (a broken ring) would otherwise
+                // spin this thread at 100% CPU; after 10 s of it the VMM stops, which
+                // the library reports, rather than reuse buffers the kernel may write.
+                let rc = curing_wait_one(ring, &userData, &res)
+                if rc != 0 {
+                    failedWaits += 1
+                    precondition(failedWaits < 10_000, "io_uring: waiting for \(outstanding) completions failed \(failedWaits) times (last errno \(-rc)); stopping the VMM rather than reusing buffers the kernel may still own")
+                    usleep(1000)
+                    continue
+                }
+                failedWaits = 0
                 n = 1
             }
             for k in 0 ..< n {
