@@ -163,7 +163,9 @@ final class VMMProcess: Sendable {
                 return .guestCrashed(consoleTail: tail.isEmpty ? why : tail + "\n" + why)
             case .timeout?: return .timedOut
             case .bootTimeout?:
-                return .infrastructureError(.guest("the guest did not finish booting in time: \(e.reason ?? "no agent"); the VM was still running and its console shows no crash (a slow or overloaded host? raise SandboxConfiguration.bootTimeout or SANDBOX_BOOT_TIMEOUT)"))
+                let lines = (e.consoleTail ?? "").split(whereSeparator: \.isNewline).suffix(5)
+                let console = lines.isEmpty ? "no console output (the kernel boots quietly)" : "console ends: " + lines.joined(separator: " | ")
+                return .infrastructureError(.guest("the guest did not finish booting in time: \(e.reason ?? "no agent"); the VM was still running and its console shows no crash (\(console)); a slow or overloaded host? raise SandboxConfiguration.bootTimeout or SANDBOX_BOOT_TIMEOUT"))
             case .kvm?: return .infrastructureError(SandboxError(.vmm, e.reason ?? "KVM failed"))
             case .stopped?, nil: return .infrastructureError(.guest(e.reason ?? "the VM stopped before the agent was ready"))
             }
