@@ -244,6 +244,7 @@ public struct ImageStore: Sendable {
         try populate(rootfs)
         progress("[image] adding the guest agent as /sbin/sandbox-init")
         try installAgent(agent, into: rootfs)
+        try addDefaultHosts(to: rootfs, progress: progress)
 
         let mkfs = try ImageFiles.requireTool("mkfs.ext4", package: "e2fsprogs", progress: progress)
         let (bytes, entries) = try ImageFiles.usage(of: rootfs)
@@ -276,6 +277,29 @@ public struct ImageStore: Sendable {
         let s = Date().timeIntervalSince(started)
         progress("[image] installed \(name) as \(hash.prefix(12)) (\(size / mib) MiB) in \(String(format: "%.1f", s)) s")
         return ImageBuildResult(image: info(name, entry), reused: false, seconds: s)
+    }
+
+    /// Gives a root file system without `/etc/hosts` (a minimal imported tree, say) the
+    /// usual localhost lines, so that `localhost` resolves in the guest.
+    func addDefaultHosts(to rootfs: String, progress: (String) -> Void) throws {
+        let etc = rootfs + "/etc", hosts = etc + "/hosts"
+        var st = stat()
+        // An /etc that is a symbolic link could point out of the tree (onto the host):
+        // never write through it.
+        if lstat(etc, &st) == 0 && (st.st_mode & S_IFMT) == S_IFLNK {
+            progress("[image] /etc in the root file system is a symbolic link; not adding /etc/hosts")
+            return
+        }
+        guard lstat(hosts, &st) != 0 else { return }  // present (a file or a link): keep it
+        do {
+            try FileManager.default.createDirectory(atPath: etc, withIntermediateDirectories: true)
+            try Data("127.0.0.1\tlocalhost sandbox\n::1\tlocalhost ip6-localhost ip6-loopback\n".utf8)
+                .write(to: URL(fileURLWithPath: hosts))
+            chmod(hosts, 0o644)
+        } catch {
+            throw SandboxError.image("cannot add a default /etc/hosts to the image: \(error.localizedDescription)")
+        }
+        progress("[image] the root file system had no /etc/hosts; added one for localhost")
     }
 
     /// Read-modify-write of the index under its flock. Image files that no name refers

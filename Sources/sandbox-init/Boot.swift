@@ -29,12 +29,32 @@ enum Boot {
             }
             if rc < 0 && -rc != EBUSY { log("mount \(m.type) on \(m.target): \(errnoDescription(-rc))") }
         }
+        // What a Linux userland expects in /dev beyond devtmpfs' nodes: /dev/fd (process
+        // substitution, `echo x > /dev/stderr`) and the standard stream links.
+        for (link, target) in [("/dev/fd", "/proc/self/fd"), ("/dev/stdin", "/proc/self/fd/0"),
+                               ("/dev/stdout", "/proc/self/fd/1"), ("/dev/stderr", "/proc/self/fd/2")] {
+            if symlink(target, link) != 0 && errno != EEXIST { log("symlink \(link): \(errnoDescription(errno))") }
+        }
+        setHostname()
         // The kernel gives init /dev/console only if the initramfs has the node.
         let stdio = cinit_ensure_stdio()
         if stdio < 0 { log("stdio: \(errnoDescription(-stdio))") }
         let lo = cinit_loopback_up()
         if lo < 0 { log("loopback up: \(errnoDescription(-lo))") }
         if getenv("PATH") == nil { setenv("PATH", GuestABI.defaultPath, 1) }
+    }
+
+    /// Sets the kernel hostname from the image's /etc/hostname (first line), else
+    /// "sandbox"; the kernel's own default is "(none)".
+    static func setHostname() {
+        var name = "sandbox"
+        if let bytes = try? readWholeFile("/etc/hostname", limit: 4096),
+           let line = String(decoding: bytes, as: UTF8.self).split(whereSeparator: \.isNewline).first {
+            let trimmed = String(line.filter { $0 != " " && $0 != "\t" })
+            if !trimmed.isEmpty && trimmed.utf8.count <= 64 { name = trimmed }
+        }
+        let rc = name.withCString { sethostname($0, strlen($0)) }
+        if rc != 0 { log("sethostname \(name): \(errnoDescription(errno))") }
     }
 
     /// Writes a boot-timer mark to the boot-timer port; silently does nothing without

@@ -145,6 +145,21 @@ struct ExecTests {
         if !Fixture.inLab { #expect(r.seconds < 5 + 2 + 3, "took \(r.seconds) s") }
     }
 
+    @Test("the guest has what a Linux userland expects: /dev/fd and the stdio links, /dev/pts, /dev/shm, /run, /tmp, a hostname")
+    func guestEnvironment() throws {
+        let script = """
+            echo to-stderr > /dev/stderr; echo to-stdout > /dev/stdout
+            test "$(readlink /dev/fd)" = /proc/self/fd && echo fd-ok
+            test -c /dev/pts/ptmx && echo pts-ok
+            for m in /proc /sys /dev/shm /run /tmp; do grep -q " $m " /proc/mounts && echo "mounted $m"; done
+            hostname
+            """
+        let r = try exec(timeoutArgs + ["--", "sh", "-c", script])
+        #expect(r.status == 0, "\(r.stderr)")
+        #expect(r.stderr == "to-stderr\n", "\(r.stderr)")
+        #expect(r.stdout == "to-stdout\nfd-ok\npts-ok\nmounted /proc\nmounted /sys\nmounted /dev/shm\nmounted /run\nmounted /tmp\nsandbox\n", "\(r.stdout)")
+    }
+
     @Test("50 MB of output arrives intact")
     func largeOutput() throws {
         let r = try exec(timeoutArgs + ["--", "sh", "-c",

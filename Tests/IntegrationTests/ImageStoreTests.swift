@@ -106,7 +106,11 @@ struct ImageStoreTests {
         try FileManager.default.createSymbolicLink(atPath: src + "/sbin", withDestinationPath: "usr/sbin")  // merged /usr
         try "imported\n".write(toFile: src + "/etc/marker", atomically: true, encoding: .utf8)
 
-        let fromDir = try store.importDirectory(path: src, name: "mine")
+        var importLines: [String] = []
+        let fromDir = try store.importDirectory(path: src, name: "mine", progress: { importLines.append($0) })
+        // The tree had no /etc/hosts: the image gets one for localhost, and says so.
+        #expect(importLines.contains("[image] the root file system had no /etc/hosts; added one for localhost"))
+        #expect(try Self.debugfs(fromDir.image.path, "cat /etc/hosts").stdout.contains("127.0.0.1\tlocalhost"))
         #expect(fromDir.image.recipe == "import-dir:" + src)
         #expect(try Self.debugfs(fromDir.image.path, "cat /etc/marker").stdout.contains("imported"))
         // The agent went through the /sbin -> usr/sbin link, inside the image.
