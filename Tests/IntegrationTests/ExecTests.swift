@@ -160,6 +160,33 @@ struct ExecTests {
         #expect(r.stdout == "to-stdout\nfd-ok\npts-ok\nmounted /proc\nmounted /sys\nmounted /dev/shm\nmounted /run\nmounted /tmp\nsandbox\n", "\(r.stdout)")
     }
 
+    @Test("a guest that reboots mid-command and a killed VMM say which happened")
+    func earlyEndsSayWhatHappened() throws {
+        let reboot = try exec(timeoutArgs + ["--", "sh", "-c", "reboot -f; sleep 5"])
+        #expect(reboot.status == 125, "\(reboot.stderr)")
+        #expect(reboot.stderr.contains("the VM stopped before the command finished (guest reset"), "\(reboot.stderr)")
+
+        let p = Process()
+        p.executableURL = URL(fileURLWithPath: Fixture.sandboxBinary)
+        p.arguments = ["exec"] + timeoutArgs + ["--", "sh", "-c", "echo started; sleep 60"]
+        let out = Pipe(), err = Pipe()
+        p.standardOutput = out
+        p.standardError = err
+        try p.run()
+        _ = out.fileHandleForReading.availableData  // the command runs
+        let vmm = try Fixture.run("/usr/bin/pgrep", ["-P", "\(p.processIdentifier)", "-f", "sandbox-vmm run"])
+        let pid = Int32(vmm.stdout.split(separator: "\n").first.map(String.init) ?? "") ?? 0
+        #expect(pid > 0, "no VMM child: \(vmm.stdout)")
+        if pid > 0 { kill(pid, SIGKILL) }
+        let rescue = DispatchWorkItem { if p.isRunning { p.terminate() } }
+        DispatchQueue.global().asyncAfter(deadline: .now() + 60, execute: rescue)
+        p.waitUntilExit()
+        rescue.cancel()
+        let stderr = String(decoding: err.fileHandleForReading.readDataToEndOfFile(), as: UTF8.self)
+        #expect(p.terminationStatus == 125, "\(stderr)")
+        #expect(stderr.contains("the VMM process was killed by signal 9 before the command finished"), "\(stderr)")
+    }
+
     @Test("50 MB of output arrives intact")
     func largeOutput() throws {
         let r = try exec(timeoutArgs + ["--", "sh", "-c",
