@@ -46,7 +46,7 @@ public struct HostReport: Sendable {
             do {
                 let p = try KernelStore.cachedPath(flavor: flavor)
                 let built = FileManager.default.fileExists(atPath: p)
-                r.lines.append("guest kernel:   \(flavor.rawValue) flavor (the one that boots on this host), \(built ? "cached at \(p)" : "not built yet: run `sandbox kernel build` (about 8 minutes on 2 cores) or let the first run build it")")
+                r.lines.append("guest kernel:   \(flavor.rawValue) flavor (the one that boots on this host), \(built ? "cached at \(p)" : "not built yet: run `sandbox kernel build` (about 6 minutes on 2 cores) or let the first run build it")")
             } catch {
                 r.lines.append("guest kernel:   \(flavor.rawValue) flavor; \(error)")
             }

@@ -68,7 +68,7 @@ public enum KernelStore {
         do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch {
             throw SandboxError.kernel("cannot create \(dir): \(error.localizedDescription)")
         }
-        progress("sandbox: building the \(flavor.rawValue) guest kernel (first use only, about 4 minutes on 2 cores) into \(dir)")
+        progress("sandbox: building the \(flavor.rawValue) guest kernel (first use only, about 6 minutes on 2 cores) into \(dir)")
         let (status, _) = try runTool(res + "/kernel/build-kernel", ["--flavor", flavor.rawValue, "--out", target])
         guard status == 0, FileManager.default.fileExists(atPath: target) else {
             throw SandboxError.kernel("building the \(flavor.rawValue) kernel failed (status \(status)); see the output above")
