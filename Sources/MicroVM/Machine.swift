@@ -68,6 +68,8 @@ public struct MachineResult: Sendable {
     public var runNanos: UInt64
     /// When the VM stopped.
     public var stopNanos: UInt64
+    /// The vCPU registers at a KVM shutdown exit (triple fault), when that ended the run.
+    public var shutdownState: String?
 
     /// Milliseconds from VMM start to the first write of `value` to the boot-timer port.
     public func millis(toMark value: UInt8) -> Double? {
@@ -101,6 +103,7 @@ public final class Machine: Sendable {
         var threads: [NativeThread] = []
         var ran = false
         var runStart: UInt64 = 0
+        var shutdownState: String?
     }
     private let state = Mutex(State())
 
@@ -262,9 +265,11 @@ public final class Machine: Sendable {
         }
         let all = state.withLock { $0.threads }
         for t in all { t.join() }
-        let reason = state.withLock { $0.stopReason } ?? .stopRequested
-        return MachineResult(reason: reason, console: console, bootMarks: bootTimer.recorded,
-                             startNanos: startNanos, runNanos: runNanos, stopNanos: monotonicNanos())
+        let (reason, shutdownState) = state.withLock { ($0.stopReason ?? .stopRequested, $0.shutdownState) }
+        var result = MachineResult(reason: reason, console: console, bootMarks: bootTimer.recorded,
+                                   startNanos: startNanos, runNanos: runNanos, stopNanos: monotonicNanos())
+        result.shutdownState = shutdownState
+        return result
     }
 
     /// Asks the VM to stop; the first reason wins. Safe from any thread.
@@ -280,6 +285,15 @@ public final class Machine: Sendable {
 
     private var stopping: Bool { state.withLock { $0.stopReason != nil } }
 
+    /// Where a vCPU was when KVM reported a shutdown (triple fault): every run of ours
+    /// ends that way (`reboot=t`), and one that happens early says where the guest died.
+    private func recordShutdownState(_ vcpu: VCPU) {
+        guard let r = try? vcpu.registers(), let s = try? vcpu.specialRegisters() else { return }
+        func hex(_ v: UInt64) -> String { "0x" + String(v, radix: 16) }
+        let text = "RIP \(hex(r.rip)), RSP \(hex(r.rsp)), CR0 \(hex(s.cr0)), CR2 \(hex(s.cr2)), CR3 \(hex(s.cr3)), CR4 \(hex(s.cr4)), EFER \(hex(s.efer))"
+        state.withLock { if $0.shutdownState == nil { $0.shutdownState = text } }
+    }
+
     private func runLoop(_ vcpu: VCPU, bus: DeviceBus) {
         unblockSignalInCurrentThread(Self.kickSignal)
         while !stopping {
@@ -289,6 +303,7 @@ public final class Machine: Sendable {
                 return
             }
             if case .stop(let reason) = ExitHandler.handle(exit, bus: bus) {
+                if case .shutdown = exit { recordShutdownState(vcpu) }
                 requestStop(reason)
                 return
             }

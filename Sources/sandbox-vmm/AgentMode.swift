@@ -94,6 +94,10 @@ enum AgentMode {
         switch outcome.withLock({ $0 }) {
         case .success(let result)?:
             var e = StopReport.event(result)
+            if connection == nil && !bootTimedOut, let where_ = result.shutdownState {
+                // It died before its agent answered: say where the vCPU was.
+                e.reason = (e.reason ?? "stopped") + "; vCPU at the shutdown: " + where_
+            }
             if bootTimedOut {
                 e.stop = e.crashLine == nil ? .bootTimeout : .crash
                 e.reason = "the guest agent did not accept a vsock connection on port \(GuestABI.agentVsockPort) within the boot limit of \(String(format: "%g", config.bootTimeoutSeconds)) s (last attempt: \(lastError))"

@@ -204,6 +204,27 @@ struct ExecTests {
         #expect(r.stdout == "io_uring\nuserns\nfuse\nloop\ntun\npacket\nuserfaultfd\nfanotify\ncoredump\n", "stdout: \(r.stdout) stderr: \(r.stderr)")
     }
 
+    @Test("a guest that resets before its agent answers says where its vCPU was")
+    func earlyResetSaysWhere() throws {
+        // A root image whose init resets the VM at once (busybox `reboot -f`, and the
+        // kernel's reboot=t makes that a triple fault).
+        let dir = NSTemporaryDirectory() + "sandbox-reset-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        for d in ["root/sbin", "root/bin", "root/proc", "root/dev"] {
+            try FileManager.default.createDirectory(atPath: dir + "/" + d, withIntermediateDirectories: true)
+        }
+        try FileManager.default.copyItem(atPath: "/bin/busybox", toPath: dir + "/root/bin/busybox")
+        try "#!/bin/busybox sh\n/bin/busybox reboot -f\n".write(toFile: dir + "/root/sbin/sandbox-init", atomically: true, encoding: .utf8)
+        chmod(dir + "/root/sbin/sandbox-init", 0o755)
+        let image = dir + "/reset.ext4"
+        #expect(FileManager.default.createFile(atPath: image, contents: nil) && truncate(image, 16 << 20) == 0)
+        let mkfs = try Fixture.run("/sbin/mkfs.ext4", ["-q", "-d", dir + "/root", image])
+        #expect(mkfs.status == 0, "\(mkfs.stderr)")
+        let r = try exec(timeoutArgs + ["--image", image, "--", "true"])
+        #expect(r.status == 250, "\(r.stderr)")
+        #expect(r.stderr.contains("the VM stopped before the agent answered: guest reset (shutdown); vCPU at the shutdown: RIP 0x"), "\(r.stderr)")
+    }
+
     @Test("50 MB of output arrives intact")
     func largeOutput() throws {
         let r = try exec(timeoutArgs + ["--", "sh", "-c",
