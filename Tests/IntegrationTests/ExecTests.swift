@@ -187,23 +187,6 @@ struct ExecTests {
         #expect(stderr.contains("the VMM process was killed by signal 9 before the command finished"), "\(stderr)")
     }
 
-    @Test("the guest kernel has what test suites use: io_uring, user namespaces, fuse, loop, tun, AF_PACKET, userfaultfd, fanotify, core dumps")
-    func guestKernelFeatures() throws {
-        let script = """
-            test -e /proc/sys/kernel/io_uring_disabled && echo io_uring
-            test "$(unshare -U -r id -u)" = 0 && echo userns
-            test -c /dev/fuse && grep -qw fuse /proc/filesystems && echo fuse
-            dd if=/dev/zero of=/tmp/disk bs=1024 count=1024 2>/dev/null && dev=$(losetup -f) && losetup "$dev" /tmp/disk && losetup -d "$dev" && echo loop
-            test -c /dev/net/tun && exec 3<>/dev/net/tun && echo tun
-            test -e /proc/net/packet && echo packet
-            test -e /proc/sys/vm/unprivileged_userfaultfd && echo userfaultfd
-            test -d /proc/sys/fs/fanotify && echo fanotify
-            test -e /proc/sys/kernel/core_pattern && echo coredump
-            """
-        let r = try exec(timeoutArgs + ["--", "sh", "-c", script])
-        #expect(r.stdout == "io_uring\nuserns\nfuse\nloop\ntun\npacket\nuserfaultfd\nfanotify\ncoredump\n", "stdout: \(r.stdout) stderr: \(r.stderr)")
-    }
-
     @Test("a guest that resets before its agent answers says where its vCPU was")
     func earlyResetSaysWhere() throws {
         // A root image whose init resets the VM at once (busybox `reboot -f`, and the
