@@ -226,12 +226,18 @@ struct BatchTests {
         try yaml.write(toFile: dir + "/s.yaml", atomically: true, encoding: .utf8)
         let overlays = Fixture.cacheDirectory + "/overlays"
         let overlaysBefore = Set((try? FileManager.default.contentsOfDirectory(atPath: overlays)) ?? [])
-        let vmmPath = URL(fileURLWithPath: Fixture.sandboxBinary).resolvingSymlinksInPath().deletingLastPathComponent().path + "/sandbox-vmm"
+        // Other suites run sandboxes at the same time, from the same build. This batch's
+        // VMMs are told apart by a path only they use: a link to the real VMM in the
+        // scratch directory, passed as $SANDBOX_VMM (argv[0] of each VMM is that path).
+        let realVMM = URL(fileURLWithPath: Fixture.sandboxBinary).resolvingSymlinksInPath().deletingLastPathComponent().path + "/sandbox-vmm"
+        let vmmPath = dir + "/sandbox-vmm"
+        try FileManager.default.createSymbolicLink(atPath: vmmPath, withDestinationPath: realVMM)
         let vmmPattern = "^" + NSRegularExpression.escapedPattern(for: vmmPath) + " run"
 
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Fixture.sandboxBinary)
         p.arguments = ["batch", dir + "/s.yaml", "--parallel", "2", "--jsonl", dir + "/s.jsonl", "--junit", dir + "/s.xml"]
+        p.environment = ProcessInfo.processInfo.environment.merging(["SANDBOX_VMM": vmmPath]) { $1 }
         p.standardOutput = FileHandle(forWritingAtPath: "/dev/null")
         p.standardError = FileHandle(forWritingAtPath: "/dev/null")
         try p.run()
@@ -244,6 +250,9 @@ struct BatchTests {
         }
         Thread.sleep(forTimeInterval: 2)
         #expect(p.isRunning)
+        // The pattern does find this batch's VMMs while they run (else the check below proves nothing).
+        let running = try Fixture.run("/usr/bin/pgrep", ["-f", vmmPattern])
+        #expect(!running.stdout.isEmpty, "no VMM of this batch found by \(vmmPattern)")
         let signalled = Date()
         p.interrupt()
         p.waitUntilExit()
@@ -264,7 +273,10 @@ struct BatchTests {
         Thread.sleep(forTimeInterval: 0.5)
         let left = try Fixture.run("/usr/bin/pgrep", ["-f", vmmPattern])
         #expect(left.stdout.isEmpty, "VMM processes left: \(left.stdout)")
-        let overlaysAfter = Set((try? FileManager.default.contentsOfDirectory(atPath: overlays)) ?? [])
+        // Other suites' overlays exist for an instant (each is unlinked once open); a leaked one stays.
+        let seen = Set((try? FileManager.default.contentsOfDirectory(atPath: overlays)) ?? [])
+        usleep(500_000)
+        let overlaysAfter = seen.intersection((try? FileManager.default.contentsOfDirectory(atPath: overlays)) ?? [])
         #expect(overlaysAfter.subtracting(overlaysBefore).isEmpty, "overlay files left: \(overlaysAfter.subtracting(overlaysBefore))")
     }
 }
