@@ -6,12 +6,17 @@ import SystemShims
 
 /// One thread per device that waits on the device's queue-notify eventfds (which
 /// either the transport signals on a QueueNotify MMIO exit, or KVM signals directly
-/// through KVM_IOEVENTFD) and calls the handler for each signalled queue. vCPU
-/// threads never wait on device I/O.
+/// through KVM_IOEVENTFD) and calls the handler for each signalled queue. It also runs
+/// the device's lifecycle work (reset, activation) that a vCPU hands it through the
+/// control eventfd, before any doorbell of the same wake-up. vCPU threads never wait
+/// on device I/O.
 final class DeviceWorker: Sendable {
     private let notifiers: [EventFD]
     private let stopEvent: EventFD
+    /// Signalled when lifecycle work is pending (see `MMIOTransport`).
+    let controlEvent: EventFD
     private let handler: @Sendable (Int) -> Void
+    private let control: @Sendable () -> Void
     private struct State {
         var thread: NativeThread? = nil
     }
@@ -19,10 +24,14 @@ final class DeviceWorker: Sendable {
 
     /// - Parameters:
     ///   - notifiers: one non-blocking eventfd per queue.
+    ///   - control: called on the worker thread when `controlEvent` was signalled.
     ///   - handler: called on the worker thread with the queue index.
-    init(notifiers: [EventFD], handler: @escaping @Sendable (Int) -> Void) throws(SystemError) {
+    init(notifiers: [EventFD], control: @escaping @Sendable () -> Void,
+         handler: @escaping @Sendable (Int) -> Void) throws(SystemError) {
         self.notifiers = notifiers
         self.stopEvent = try EventFD(nonBlocking: true)
+        self.controlEvent = try EventFD(nonBlocking: true)
+        self.control = control
         self.handler = handler
     }
 
@@ -52,7 +61,8 @@ final class DeviceWorker: Sendable {
     }
 
     private func run() {
-        var fds = [pollfd(fd: stopEvent.fd.rawValue, events: Int16(POLLIN), revents: 0)]
+        var fds = [pollfd(fd: stopEvent.fd.rawValue, events: Int16(POLLIN), revents: 0),
+                   pollfd(fd: controlEvent.fd.rawValue, events: Int16(POLLIN), revents: 0)]
         for n in notifiers { fds.append(pollfd(fd: n.fd.rawValue, events: Int16(POLLIN), revents: 0)) }
         while true {
             for i in fds.indices { fds[i].revents = 0 }
@@ -62,8 +72,11 @@ final class DeviceWorker: Sendable {
                 return  // cannot happen with valid descriptors; stop serving rather than spin
             }
             if fds[0].revents != 0 { return }
-            for i in 1..<fds.count where fds[i].revents != 0 {
-                if notifiers[i - 1].wait() > 0 { handler(i - 1) }
+            // Lifecycle work first: a doorbell in the same wake-up may be for the queues
+            // an activation brings up.
+            if fds[1].revents != 0, controlEvent.wait() > 0 { control() }
+            for i in 2..<fds.count where fds[i].revents != 0 {
+                if notifiers[i - 2].wait() > 0 { handler(i - 2) }
             }
         }
     }

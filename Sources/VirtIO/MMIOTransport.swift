@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import Bus
 import GuestMemory
 import Synchronization
@@ -54,6 +57,14 @@ public struct MMIOTransportState: Sendable, Equatable {
 /// the ioeventfd, a QueueNotify MMIO write signals the same eventfd. The device
 /// worker thread (`start()`/`stop()`) waits on those eventfds and calls
 /// `VirtioDevice.queueNotify`.
+///
+/// A vCPU exit never waits on device I/O: the registers are the transport's own and
+/// change at once, but the device's side of a reset (status 0) or an activation
+/// (DRIVER_OK) is handed to the worker thread, which runs it in order after the I/O it
+/// is doing. The driver sees the new register values immediately; the device catches
+/// up before it serves any doorbell that follows. While the worker is not running
+/// (before `start()`, after `stop()`), the work runs on the caller. `settle()` waits
+/// until handed-over work is done (for snapshots and tests).
 public final class MMIOTransport: MMIODevice, Sendable {
     /// "virt" little-endian.
     public static let magic: UInt32 = 0x7472_6976
@@ -89,6 +100,21 @@ public final class MMIOTransport: MMIODevice, Sendable {
     }
     private let registers: Mutex<State>
 
+    /// Device lifecycle work handed from a vCPU to the worker thread.
+    private enum Lifecycle: Sendable {
+        case reset
+        case activate(queues: [VirtQueue], features: UInt64)
+    }
+    private struct Pending {
+        var work: [Lifecycle] = []
+        var submitted = 0
+        var done = 0
+    }
+    private let pending = Mutex(Pending())
+    /// Held while lifecycle work runs, so it runs one item at a time and in order,
+    /// whichever thread runs it.
+    private let lifecycleLock = Mutex(())
+
     /// Count of guest accesses that were ignored (bad size, offset or state); for
     /// diagnostics and tests.
     public var ignoredAccesses: Int { registers.withLock { $0.ignored } }
@@ -105,7 +131,11 @@ public final class MMIOTransport: MMIODevice, Sendable {
         var fds: [EventFD] = []
         for _ in device.queueMaxSizes { fds.append(try EventFD(nonBlocking: true)) }
         self.notifiers = fds
-        self.worker = try DeviceWorker(notifiers: fds) { [weak device] index in device?.queueNotify(index) }
+        // The worker must not keep the transport alive (the transport's deinit stops it).
+        let box = WeakTransport()
+        self.worker = try DeviceWorker(notifiers: fds, control: { box.transport?.runLifecycleWork() },
+                                       handler: { [weak device] index in device?.queueNotify(index) })
+        box.transport = self
     }
 
     deinit { worker.stop() }
@@ -122,8 +152,55 @@ public final class MMIOTransport: MMIODevice, Sendable {
     /// Starts the device worker thread. Call once the VM is assembled.
     public func start() throws(SystemError) { try worker.start() }
 
-    /// Stops and joins the device worker thread. Call before tearing the VM down.
-    public func stop() { worker.stop() }
+    /// Stops and joins the device worker thread, then runs any lifecycle work it left.
+    /// Call before tearing the VM down.
+    public func stop() {
+        worker.stop()
+        runLifecycleWork()
+    }
+
+    /// Waits until the device has done the reset and activation work handed to the
+    /// worker so far (runs it here if the worker is not running). Call with the vCPUs
+    /// paused, e.g. before reading `state` for a snapshot.
+    public func settle() {
+        let target = pending.withLock { $0.submitted }
+        while pending.withLock({ $0.done }) < target {
+            if !worker.isRunning { runLifecycleWork(); continue }
+            usleep(100)
+        }
+    }
+
+    /// Hands `work` to the worker thread, or runs it here when there is none.
+    private func submit(_ work: Lifecycle) {
+        pending.withLock { p in
+            p.work.append(work)
+            p.submitted += 1
+        }
+        if worker.isRunning { worker.controlEvent.signal() } else { runLifecycleWork() }
+    }
+
+    /// Runs the pending lifecycle work, oldest first.
+    private func runLifecycleWork() {
+        lifecycleLock.withLock { _ in
+            while true {
+                let next: Lifecycle? = pending.withLock { p in p.work.isEmpty ? nil : p.work.removeFirst() }
+                guard let next else { return }
+                switch next {
+                case .reset:
+                    device.reset()
+                    // Whatever the old queues' last requests signalled is void now.
+                    interrupt.reset()
+                case .activate(let queues, let features):
+                    do {
+                        try device.activate(memory: memory, queues: queues, features: features, interrupt: interrupt)
+                    } catch {
+                        interrupt.signalNeedsReset()
+                    }
+                }
+                pending.withLock { $0.done += 1 }
+            }
+        }
+    }
 
     /// The Status register.
     public var deviceStatus: UInt32 { registers.withLock { r in statusValue(r) } }
@@ -132,7 +209,8 @@ public final class MMIOTransport: MMIODevice, Sendable {
         r.status | (interrupt.needsReset ? VirtioStatus.deviceNeedsReset : 0)
     }
 
-    /// The transport's state as plain values.
+    /// The transport's state as plain values. Call `settle()` first for the device's
+    /// queue state to reflect the last activation.
     public var state: MMIOTransportState {
         registers.withLock { r in
             let live = r.status & VirtioStatus.driverOK != 0 ? device.queueStates() : nil
@@ -322,15 +400,11 @@ public final class MMIOTransport: MMIODevice, Sendable {
             }
             active.append(q)
         }
-        do {
-            try device.activate(memory: memory, queues: active, features: r.driverFeatures, interrupt: interrupt)
-        } catch {
-            interrupt.signalNeedsReset()
-        }
+        submit(.activate(queues: active, features: r.driverFeatures))
     }
 
     private func resetDevice(_ r: inout State) {
-        device.reset()
+        submit(.reset)
         r.status = 0
         r.deviceFeaturesSel = 0
         r.driverFeaturesSel = 0
@@ -339,5 +413,15 @@ public final class MMIOTransport: MMIODevice, Sendable {
         for i in r.queues.indices { r.queues[i].reset() }
         interrupt.reset()
         for n in notifiers { n.wait() }  // drop doorbells meant for the old queues
+    }
+}
+
+/// A weak reference to a transport, for the worker's control handler.
+private final class WeakTransport: Sendable {
+    private struct Ref { weak var transport: MMIOTransport? }
+    private let ref = Mutex(Ref())
+    var transport: MMIOTransport? {
+        get { ref.withLock { $0.transport } }
+        set { ref.withLock { $0.transport = newValue } }
     }
 }

@@ -343,8 +343,10 @@ let availableEngines: [BlockEngineKind] = BlockEngineKind.auto.kind == .ioUring 
         #expect(try driver.memory.readBytes(at: back, count: 8192) == Array(repeating: 0x77, count: 4096) + Array(bytes[12288 ..< 16384]))
         #expect(transport.state.queues[0].nextUsed == 2)
 
-        // Driver reset deactivates; stop joins the worker.
+        // Driver reset deactivates (on the worker thread: settle waits for it); stop joins the worker.
         transport.write32(VirtioMMIORegister.status, 0)
+        #expect(transport.deviceStatus == 0)
+        transport.settle()
         #expect(device.queueStates() == nil)
         transport.stop()
         device.close()

@@ -281,3 +281,85 @@ extension MMIOTransport {
         #expect(after == t.state)
     }
 }
+
+/// A device whose queue work holds its lock until the test releases it, like a block
+/// device in the middle of a large batch of I/O.
+final class BusyDevice: VirtioDevice, Sendable {
+    private let log = Mutex<[String]>([])
+    private let deviceLock = Mutex(())
+    let busy = try! EventFD()
+    let release = try! EventFD()
+    let deviceType: UInt32 = 43
+    let deviceFeatures: UInt64 = VIRTIO_F_VERSION_1
+    let queueMaxSizes: [UInt16] = [16]
+    var events: [String] { log.withLock { $0 } }
+    func readConfig(offset: Int, into data: UnsafeMutableRawBufferPointer) { data.initializeMemory(as: UInt8.self, repeating: 0) }
+    func writeConfig(offset: Int, from data: UnsafeRawBufferPointer) {}
+    func acceptsFeatures(_ features: UInt64) -> Bool { true }
+    func activate(memory: GuestMemory, queues: [VirtQueue], features: UInt64, interrupt: VirtioInterrupt) throws {
+        deviceLock.withLock { _ in log.withLock { $0.append("activate") } }
+    }
+    func queueNotify(_ index: Int) {
+        deviceLock.withLock { _ in
+            log.withLock { $0.append("notify") }
+            busy.signal()
+            release.wait()  // "I/O" in progress, device lock held
+        }
+    }
+    func reset() { deviceLock.withLock { _ in log.withLock { $0.append("reset") } } }
+    func queueStates() -> [VirtQueueState]? { nil }
+}
+
+@Suite struct MMIOTransportLifecycleTests {
+    /// Runs `body` on another thread; true if it returned within `seconds`.
+    func returnsPromptly(within seconds: Int32 = 5, _ body: @escaping @Sendable () -> Void) throws -> Bool {
+        let done = try EventFD(nonBlocking: true)
+        let t = try NativeThread(name: "vcpu") { body(); done.signal() }
+        let ok = waitReadable(done.fd.rawValue, timeoutMillis: seconds * 1000)
+        if ok { t.join() } else { t.detach() }
+        return ok
+    }
+
+    @Test("a status write (reset, DRIVER_OK) does not wait for the device's I/O in progress")
+    func statusWritesDoNotWaitForDeviceIO() throws {
+        let dev = BusyDevice()
+        let d = try MockDriver()
+        let t = try MMIOTransport(device: dev, memory: d.memory, interrupt: CountingTrigger())
+        try t.start()
+        defer { dev.release.signal(); t.stop() }
+        t.initialise(features: VIRTIO_F_VERSION_1, queues: [(0, d)])
+        t.settle()
+        #expect(dev.events == ["activate"])
+        // The device is busy on its worker thread, holding its lock.
+        t.write32(VirtioMMIORegister.queueNotify, 0)
+        dev.busy.wait()
+        // A reset and a full re-initialisation from a "vCPU" return at once, and the
+        // registers already say so.
+        // (This thread does not touch the driver while the other one uses it.)
+        nonisolated(unsafe) let driver = d
+        let returned = try returnsPromptly {
+            t.write32(VirtioMMIORegister.status, 0)
+            precondition(t.read32(VirtioMMIORegister.status) == 0)
+            t.initialise(features: VIRTIO_F_VERSION_1, queues: [(0, driver)])
+        }
+        #expect(returned, "a status write waited for the device's I/O")
+        let full = VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK | VirtioStatus.driverOK
+        #expect(t.read32(VirtioMMIORegister.status) == full)
+        #expect(dev.events == ["activate", "notify"], "the device was reset under its own I/O")
+        // Once the I/O ends, the worker resets and re-activates the device, in order.
+        dev.release.signal()
+        t.settle()
+        #expect(dev.events == ["activate", "notify", "reset", "activate"])
+    }
+
+    @Test("without a running worker, lifecycle work runs on the caller at once")
+    func lifecycleWithoutWorker() throws {
+        let dev = BusyDevice()
+        let d = try MockDriver()
+        let t = try MMIOTransport(device: dev, memory: d.memory, interrupt: CountingTrigger())
+        t.initialise(features: VIRTIO_F_VERSION_1, queues: [(0, d)])
+        #expect(dev.events == ["activate"])
+        t.write32(VirtioMMIORegister.status, 0)
+        #expect(dev.events == ["activate", "reset"])
+    }
+}
