@@ -17,7 +17,11 @@
 #include <sys/reboot.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
+#include <stdio.h>
+#include <stdlib.h>
 #include <sys/stat.h>
+#include <sys/statfs.h>
+#include <sys/sysmacros.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -333,4 +337,36 @@ int cinit_spawn(const struct cinit_spawn_request *req, struct cinit_spawn_result
 fail:
     close_pair(in); close_pair(o); close_pair(e); close_pair(rep);
     return rc;
+}
+
+// Grows the ext4 file system mounted at `mountpoint` to fill its block device (online,
+// EXT4_IOC_RESIZE_FS). The device's size comes from /sys/dev/block/MAJ:MIN/size (512-byte
+// sectors), the block size from statfs. Returns the new size in file-system blocks, or
+// -errno.
+#define CINIT_EXT4_IOC_RESIZE_FS _IOW('f', 16, uint64_t)
+int64_t cinit_grow_ext4(const char *mountpoint) {
+    struct stat st;
+    if (stat(mountpoint, &st) != 0) return -errno;
+    char path[64];
+    snprintf(path, sizeof path, "/sys/dev/block/%u:%u/size", major(st.st_dev), minor(st.st_dev));
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    char buf[32] = {0};
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    int e = errno;
+    close(fd);
+    if (n <= 0) return n < 0 ? -e : -EIO;
+    char *end = NULL;
+    unsigned long long sectors = strtoull(buf, &end, 10);
+    if (end == buf) return -EIO;
+    struct statfs sfs;
+    if (statfs(mountpoint, &sfs) != 0) return -errno;
+    if (sfs.f_bsize < 1024 || sfs.f_bsize > 65536) return -EINVAL;
+    uint64_t blocks = (uint64_t)sectors * 512 / (uint64_t)sfs.f_bsize;
+    int dir = open(mountpoint, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (dir < 0) return -errno;
+    int rc = ioctl(dir, CINIT_EXT4_IOC_RESIZE_FS, &blocks);
+    e = errno;
+    close(dir);
+    return rc == 0 ? (int64_t)blocks : -e;
 }

@@ -51,6 +51,10 @@ public struct SandboxConfiguration: Sendable {
     public var keepOutput: Bool = true
     /// Write the guest's final root disk here (base + writes).
     public var keepDiskPath: String?
+    /// Grow the guest's root disk (and its file system) to this many MiB; nil keeps the
+    /// image's size (images have about 1 GiB free). The growth is sparse: host space is
+    /// used only as the guest writes. At least the image's size, at most 16 TiB.
+    public var diskSizeMiB: UInt64?
     /// Copy the guest console to this host descriptor (debugging).
     public var consoleFD: Int32?
     /// The VMM executable; nil finds it by the rule of ``VMMExecutable`` (`$SANDBOX_VMM`,

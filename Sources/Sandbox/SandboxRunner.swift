@@ -37,6 +37,10 @@ public enum SandboxRunner {
             image = try RootImage.resolve(config.image, progress: { line in
                 if !line.contains("is up to date") { progress(line) }
             })
+            if let d = config.diskSizeMiB {
+                let size = (try? FileManager.default.attributesOfItem(atPath: image)[.size] as? NSNumber)?.uint64Value
+                try InputCheck.diskSize(d, imageBytes: size, imageName: "the image \(config.image)")
+            }
             for c in config.copyIn {
                 var isDirectory: ObjCBool = false
                 if FileManager.default.fileExists(atPath: c.hostPath, isDirectory: &isDirectory), isDirectory.boolValue {
@@ -60,7 +64,7 @@ public enum SandboxRunner {
                                  memoryMiB: config.memoryMiB, cpus: config.cpus,
                                  vmTimeoutSeconds: bootTimeout + (commandTimeout ?? 86_400) + 30,
                                  bootTimeoutSeconds: bootTimeout, keepDiskPath: config.keepDiskPath,
-                                 streamConsole: config.consoleFD != nil)
+                                 streamConsole: config.consoleFD != nil, diskSizeBytes: config.diskSizeMiB.map { $0 << 20 })
         let vmm: VMMProcess
         do { vmm = try VMMProcess.spawn(vmConfig, executable: config.vmmExecutable, stderr: config.consoleFD) } catch {
             result.outcome = .infrastructureError(error)

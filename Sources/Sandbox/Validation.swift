@@ -11,6 +11,8 @@ public enum InputCheck {
     public static let maxCPUs = 32
     /// The least guest memory a sandbox may have.
     public static let minMemoryMiB: UInt64 = 32
+    /// The largest root disk a sandbox may have: 16 TiB.
+    public static let maxDiskSizeMiB: UInt64 = 16 << 20
 
     /// A duration from a number of seconds as typed (`--timeout 2.5`, `timeout: 10`):
     /// finite, not negative, at most `max`. Zero means "none" (nil) when `zeroMeansNone`.
@@ -48,6 +50,39 @@ public enum InputCheck {
         }
     }
 
+    /// Checks a root disk size (MiB) against the limit; against the image's size when
+    /// `imageBytes` is known.
+    public static func diskSize(_ mib: UInt64, name: String = "diskSize", imageBytes: UInt64? = nil,
+                                imageName: String = "the image") throws(SandboxError) {
+        guard mib >= 1, mib <= maxDiskSizeMiB else {
+            throw SandboxError.invalidInput("\(name) must be from 1 MiB to \(maxDiskSizeMiB) MiB (16 TiB) (got \(mib) MiB)")
+        }
+        if let imageBytes, mib << 20 < imageBytes {
+            let imageMiB = (imageBytes + (1 << 20) - 1) >> 20
+            throw SandboxError.invalidInput("\(name) \(mib) MiB is smaller than \(imageName) (\(imageMiB) MiB); a disk can only grow")
+        }
+    }
+
+    /// Parses a size typed by a person: a whole number of MiB, or one with a unit
+    /// (`512M`, `4G`, `1T`; `MiB`/`GiB`/`TiB` too, powers of 1024).
+    public static func parseSizeMiB(_ text: String, name: String) throws(SandboxError) -> UInt64 {
+        let t = text.trimmingCharacters(in: .whitespaces)
+        let digits = t.prefix(while: { $0.isASCII && $0.isNumber })
+        let unit = t.dropFirst(digits.count).lowercased()
+        let shift: UInt64
+        switch unit {
+        case "", "m", "mb", "mib": shift = 0
+        case "g", "gb", "gib": shift = 10
+        case "t", "tb", "tib": shift = 20
+        default:
+            throw SandboxError.invalidInput("\(name) '\(text)' is not a size: use MiB (2048) or a unit (512M, 4G, 1T)")
+        }
+        guard let n = UInt64(digits), n <= maxDiskSizeMiB >> shift else {
+            throw SandboxError.invalidInput("\(name) '\(text)' is not a size from 1 MiB to 16 TiB")
+        }
+        return n << shift
+    }
+
     /// Checks a vCPU count.
     public static func cpus(_ n: Int, name: String = "cpus") throws(SandboxError) {
         guard n >= 1, n <= maxCPUs else {
@@ -60,6 +95,7 @@ public enum InputCheck {
         if let t = config.timeout { _ = try seconds(of: t, name: "timeout") }
         try memory(config.memoryMiB)
         try cpus(config.cpus)
+        if let d = config.diskSizeMiB { try diskSize(d) }
     }
 
     /// What the host can give one more guest, in MiB (nil = unknown), and how that was found.

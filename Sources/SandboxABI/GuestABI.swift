@@ -14,6 +14,9 @@ public enum GuestABI {
     /// PATH for guest commands when the caller sets none (the host sends it; the agent
     /// falls back to it).
     public static let defaultPath = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+    /// On the kernel command line when the VMM made the root disk larger than its image:
+    /// the agent grows the root file system (ext4, online) to the disk's size at boot.
+    public static let growRootParameter = "sandbox.grow_root=1"
 
     /// The milestones a guest writes to ``bootTimerPort``.
     public enum BootMark: UInt8, Sendable, CaseIterable {

@@ -72,7 +72,7 @@ public struct BatchFileError: Error, Sendable, CustomStringConvertible {
 public enum BatchFile {
     static let topLevelKeys: Set<String> = ["defaults", "jobs"]
     static let settingKeys: Set<String> = ["image", "env", "files", "timeout", "expect", "expected_exit", "signal",
-                                           "retries", "memory", "cpus", "workdir"]
+                                           "retries", "memory", "cpus", "workdir", "disk_size"]
     static let jobKeys: Set<String> = settingKeys.union(["name", "command"])
 
     /// Reads `path` and returns its jobs in file order.
@@ -114,6 +114,7 @@ private struct JobSettings {
     var memory: UInt64?
     var cpus: Int?
     var workdir: String?
+    var diskSizeMiB: UInt64?
 }
 
 private struct Validator {
@@ -235,6 +236,7 @@ private struct Validator {
             if let t = s.timeout ?? defaults.timeout { config.timeout = try? InputCheck.seconds(t, name: "timeout") }
             if let v = s.memory ?? defaults.memory { config.memoryMiB = v }
             if let v = s.cpus ?? defaults.cpus { config.cpus = v }
+            if let v = s.diskSizeMiB ?? defaults.diskSizeMiB { config.diskSizeMiB = v }
             if let v = s.workdir ?? defaults.workdir { config.workingDirectory = v }
             let expectation = s.expectation ?? defaults.expectation ?? .exit(0)
             if expectation == .timeout && config.timeout == nil {
@@ -294,6 +296,16 @@ private struct Validator {
                 if let r = integer(value), r >= 32 { s.memory = UInt64(r) } else { error(value, "\(context): 'memory' must be a whole number of MiB >= 32") }
             case "cpus":
                 if let r = integer(value), r >= 1, r <= InputCheck.maxCPUs { s.cpus = r } else { error(value, "\(context): 'cpus' must be a whole number from 1 to \(InputCheck.maxCPUs)") }
+            case "disk_size":
+                // A whole number of MiB, or a string with a unit ("4G").
+                let text = integer(value).map(String.init) ?? value.scalar?.string ?? ""
+                do {
+                    let mib = try InputCheck.parseSizeMiB(text, name: "'disk_size'")
+                    try InputCheck.diskSize(mib, name: "'disk_size'")
+                    s.diskSizeMiB = mib
+                } catch let e {
+                    error(value, "\(context): \(e.message)")
+                }
             case "expected_exit":
                 expectKeys.append(key)
                 if let c = integer(value), (0...255).contains(c) { s.expectation = .exit(Int32(c)) } else { error(value, "\(context): 'expected_exit' must be an exit code from 0 to 255") }

@@ -110,7 +110,7 @@ public struct ImageStore: Sendable {
     public func recipeKey(recipe name: String, agentHash: String) throws -> String {
         guard let dir = recipeDirectory(name) else { throw unknownImage(name) }
         let manifest = try ImageFiles.manifest(of: ["."], relativeTo: dir)
-        return try ImageFiles.sha256(text: "sandbox image v1\nmkfs: \(Self.mkfsFeatures.joined(separator: " "))\nagent: \(agentHash)\n" + manifest)
+        return try ImageFiles.sha256(text: "sandbox image \(Self.layoutVersion)\nmkfs: \(Self.mkfsFeatures.joined(separator: " "))\nagent: \(agentHash)\n" + manifest)
     }
 
     static func validateName(_ name: String) throws {
@@ -222,6 +222,14 @@ public struct ImageStore: Sendable {
     /// made (sandboxes write to a copy-on-write view they throw away), so a journal
     /// would only cost space and a replay check at mount.
     static let mkfsFeatures = ["^has_journal"]
+    /// Changes whenever the image layout below changes (part of the recipe key).
+    /// v2: `headroomMiB` free, inodes for it, inode tables written at mkfs time.
+    static let layoutVersion = "v2"
+    /// Free space every image gets beyond its content. The image file is sparse, so the
+    /// headroom costs no host space until a sandbox writes (to its own overlay).
+    public static let headroomMiB: UInt64 = 1024
+    /// Bytes of image per inode (ext4's default is 16 KiB; test trees are many small files).
+    static let bytesPerInode: UInt64 = 32 * 1024
 
     /// Populates a fresh work directory with `populate`, adds the agent, runs mkfs.ext4,
     /// hashes the result and installs it atomically under its hash, then points `name`
@@ -249,11 +257,12 @@ public struct ImageStore: Sendable {
         let mkfs = try ImageFiles.requireTool("mkfs.ext4", package: "e2fsprogs", progress: progress)
         let (bytes, entries) = try ImageFiles.usage(of: rootfs)
         let mib = ImageFiles.mebibyte
-        let sizeMiB = (bytes + bytes / 2 + 64 * mib + mib - 1) / mib  // content * 1.5 + 64 MiB, rounded up
-        let inodes = max(entries * 2 + 1024, 4096)
+        // Content * 1.25 + 64 MiB of file-system overhead, rounded up, plus the headroom.
+        let sizeMiB = (bytes + bytes / 4 + 64 * mib + mib - 1) / mib + Self.headroomMiB
+        let inodes = max(UInt64(entries) * 2 + 1024, sizeMiB * mib / Self.bytesPerInode)
         let image = work + "/image.ext4"
         let args = ["-q", "-F", "-t", "ext4", "-d", rootfs, "-L", "sandbox", "-m", "0", "-N", String(inodes),
-                    "-O", Self.mkfsFeatures.joined(separator: ","), "-E", "root_owner=0:0", image, "\(sizeMiB)M"]
+                    "-O", Self.mkfsFeatures.joined(separator: ","), "-E", "root_owner=0:0,lazy_itable_init=0", image, "\(sizeMiB)M"]
         progress("[image] mkfs.ext4 -d (\(entries) files, \(bytes / 1024) KiB of content) → \(sizeMiB) MiB image…")
         let r = try ImageFiles.capture(mkfs, args)
         guard r.status == 0 else {

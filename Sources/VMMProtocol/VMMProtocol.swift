@@ -35,10 +35,14 @@ public struct VMMConfig: Codable, Sendable {
     public var keepDiskPath: String?
     /// Copy the guest console to fd 2 (agent mode) or fd 1 (boot mode) as it arrives.
     public var streamConsole: Bool
+    /// Grow the root disk to this many bytes (the guest agent grows the file system to
+    /// match at boot); nil keeps the image's size.
+    public var diskSizeBytes: UInt64?
 
     public init(mode: Mode, kernelPath: String, initrdPath: String? = nil, imagePath: String?, overlayDirectory: String,
                 memoryMiB: UInt64, cpus: Int, vmTimeoutSeconds: Double?, bootTimeoutSeconds: Double,
-                extraCommandLine: String = "", keepDiskPath: String? = nil, streamConsole: Bool = false) {
+                extraCommandLine: String = "", keepDiskPath: String? = nil, streamConsole: Bool = false,
+                diskSizeBytes: UInt64? = nil) {
         self.mode = mode
         self.kernelPath = kernelPath
         self.initrdPath = initrdPath
@@ -51,6 +55,7 @@ public struct VMMConfig: Codable, Sendable {
         self.extraCommandLine = extraCommandLine
         self.keepDiskPath = keepDiskPath
         self.streamConsole = streamConsole
+        self.diskSizeBytes = diskSizeBytes
     }
 
     /// The environment variable that carries the configuration.

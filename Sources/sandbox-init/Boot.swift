@@ -36,12 +36,24 @@ enum Boot {
             if symlink(target, link) != 0 && errno != EEXIST { log("symlink \(link): \(errnoDescription(errno))") }
         }
         setHostname()
+        growRootIfAsked()
         // The kernel gives init /dev/console only if the initramfs has the node.
         let stdio = cinit_ensure_stdio()
         if stdio < 0 { log("stdio: \(errnoDescription(-stdio))") }
         let lo = cinit_loopback_up()
         if lo < 0 { log("loopback up: \(errnoDescription(-lo))") }
         if getenv("PATH") == nil { setenv("PATH", GuestABI.defaultPath, 1) }
+    }
+
+    /// Grows the root file system to its disk when the VMM made the disk larger than the
+    /// image (`GuestABI.growRootParameter` on the command line). A failure is logged on
+    /// the console; the command still runs, on the image's own size.
+    static func growRootIfAsked() {
+        guard let bytes = try? readWholeFile("/proc/cmdline", limit: 65536) else { return }
+        let words = String(decoding: bytes, as: UTF8.self).split(whereSeparator: { $0 == " " || $0 == "\n" })
+        guard words.contains(Substring(GuestABI.growRootParameter)) else { return }
+        let rc = cinit_grow_ext4("/")
+        if rc < 0 { log("growing the root file system: \(errnoDescription(Int32(-rc)))") }
     }
 
     /// Sets the kernel hostname from the image's /etc/hostname (first line), else

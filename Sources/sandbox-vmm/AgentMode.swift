@@ -17,7 +17,7 @@ enum AgentMode {
     static func run(_ config: VMMConfig, control: FileDescriptor, report: @escaping @Sendable (VMMEvent) -> Void) throws {
         guard let imagePath = config.imagePath else { throw SandboxError.invalidInput("agent mode needs a root image") }
         let agentReady = try EventFD()
-        let disk = try RootDisk.open(imagePath: imagePath, overlayDirectory: config.overlayDirectory)
+        let disk = try RootDisk.open(imagePath: imagePath, overlayDirectory: config.overlayDirectory, sizeBytes: config.diskSizeBytes)
         defer { disk.close() }
         let vsock = VsockDevice(guestCID: UInt64(GuestABI.guestCID))
         var mc = MachineConfiguration(kernelPath: config.kernelPath)
@@ -25,7 +25,9 @@ enum AgentMode {
         mc.memoryMiB = config.memoryMiB
         mc.cpus = config.cpus
         mc.timeoutSeconds = config.vmTimeoutSeconds
-        mc.extraCommandLine = "root=/dev/vda rw init=/sbin/sandbox-init quiet " + config.extraCommandLine
+        let grown = (disk.backend as? CopyOnWriteDisk).map { $0.capacity > $0.baseCapacity } ?? false
+        mc.extraCommandLine = "root=/dev/vda rw init=/sbin/sandbox-init quiet "
+            + (grown ? GuestABI.growRootParameter + " " : "") + config.extraCommandLine
         mc.virtioDevices = [disk, vsock]
         mc.consoleCapacity = 64 * 1024
         if config.streamConsole {

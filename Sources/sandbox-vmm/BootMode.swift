@@ -13,7 +13,7 @@ enum BootMode {
         mc.extraCommandLine = config.extraCommandLine
         var disk: BlockDevice?
         if let image = config.imagePath {
-            let d = try RootDisk.open(imagePath: image, overlayDirectory: config.overlayDirectory)
+            let d = try RootDisk.open(imagePath: image, overlayDirectory: config.overlayDirectory, sizeBytes: config.diskSizeBytes)
             disk = d
             mc.virtioDevices.append(d)
             mc.extraCommandLine = "root=/dev/vda rw " + config.extraCommandLine

@@ -26,6 +26,8 @@ struct Exec: ParsableCommand {
     var memory: UInt64 = 256
     @Option(parsing: .unconditional, help: "Number of vCPUs (1 to 32).")
     var cpus: Int = 1
+    @Option(name: .customLong("disk-size"), parsing: .unconditional, help: "Grow the root disk and its file system to this size (MiB, or 512M, 4G, 1T); sparse on the host.")
+    var diskSize: String?
     @Option(parsing: .unconditional, help: "Wall-clock limit for the command, in seconds (0 = none; at most 30 days).")
     var timeout: Double = 300
     @Option(name: .customLong("env"), help: "Set an environment variable (K=V); repeatable.")
@@ -77,6 +79,11 @@ struct Exec: ParsableCommand {
             config.timeout = try InputCheck.seconds(timeout, name: "--timeout")
             try InputCheck.memory(memory, name: "--memory")
             try InputCheck.cpus(cpus, name: "--cpus")
+            if let diskSize {
+                let mib = try InputCheck.parseSizeMiB(diskSize, name: "--disk-size")
+                try InputCheck.diskSize(mib, name: "--disk-size")
+                config.diskSizeMiB = mib
+            }
         } catch {
             printError("sandbox exec: \(error)")
             throw ExitCode(125)

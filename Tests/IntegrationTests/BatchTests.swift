@@ -84,7 +84,25 @@ struct BatchTests {
          "bad.yaml:2:14: job 'a': 'retries' must be a whole number >= 0"),
         ("jobs not a list", "jobs: {name: a}\n",
          "bad.yaml:1:7: 'jobs' must be a list"),
+        ("disk size without a number", "jobs:\n  - name: a\n    command: \"true\"\n    disk_size: lots\n",
+         "bad.yaml:4:16: job 'a': 'disk_size' 'lots' is not a size: use MiB (2048) or a unit (512M, 4G, 1T)"),
+        ("disk size of zero", "defaults:\n  disk_size: 0\njobs:\n  - {name: a, command: \"true\"}\n",
+         "bad.yaml:2:14: defaults: 'disk_size' must be from 1 MiB to 16777216 MiB (16 TiB) (got 0 MiB)"),
     ]
+
+    @Test("disk_size grows a job's root file system")
+    func diskSizeKey() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let check = "test $(df -k / | tail -1 | awk '{print $2}') -gt 1900000"
+        try "jobs:\n  - {name: grown, disk_size: \"2G\", command: \"\(check)\"}\n  - {name: plain, expected_exit: 1, command: \"\(check)\"}\n"
+            .write(toFile: dir + "/d.yaml", atomically: true, encoding: .utf8)
+        let r = try batch([dir + "/d.yaml", "--jsonl", dir + "/d.jsonl"], timeout: Fixture.inLab ? 900 : 120)
+        #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
+        let recs = try records(dir + "/d.jsonl")
+        #expect(recs["grown"]?["result"] as? String == "passed", "\(recs)")
+        #expect(recs["plain"]?["result"] as? String == "passed", "\(recs)")
+    }
 
     @Test("an invalid job file is rejected with file:line:column before anything runs", arguments: 0..<invalidFiles.count)
     func invalidFile(_ index: Int) throws {

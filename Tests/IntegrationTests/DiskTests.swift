@@ -42,14 +42,47 @@ struct DiskTests {
     @Test("the base image is unchanged after 20 runs that write")
     func baseUnchanged() throws {
         let base = try baseImage()
-        let before = try Fixture.sha256(try Data(contentsOf: URL(fileURLWithPath: base)))
+        let before = try Fixture.sha256(file: base)
         let runs = Fixture.inLab ? 3 : 20
         for i in 0..<runs {
             let r = try exec(t + ["--", "sh", "-c", "echo \(i) > /root/run-\(i) && rm -f /bin/true && sync"])
             #expect(r.status == 0, "run \(i): \(r.stderr)")
         }
-        let after = try Fixture.sha256(try Data(contentsOf: URL(fileURLWithPath: base)))
+        let after = try Fixture.sha256(file: base)
         #expect(before == after)
+    }
+
+    /// `df -k /` in the guest: (total KiB, available KiB).
+    func guestDF(_ extra: [String] = [], then script: String = "true") throws -> (total: UInt64, available: UInt64, result: Fixture.Result) {
+        let r = try exec(t + extra + ["--", "sh", "-c", "df -k / | tail -1 && \(script)"])
+        let f = r.stdout.split(separator: "\n").first?.split(separator: " ") ?? []
+        return (f.count > 3 ? UInt64(f[1]) ?? 0 : 0, f.count > 3 ? UInt64(f[3]) ?? 0 : 0, r)
+    }
+
+    @Test("an image has about 1 GiB free, and a 600 MiB file fits")
+    func imageHeadroom() throws {
+        let (_, available, r) = try guestDF(then: "dd if=/dev/zero of=/root/big bs=1M count=600 2>&1 | tail -1 && sync && ls -l /root/big")
+        #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
+        #expect(available > 1000 * 1024, "only \(available / 1024) MiB free on /")
+        #expect(r.stdout.contains(" 629145600 "), "\(r.stdout)")
+    }
+
+    @Test("--disk-size grows the root disk and its file system; the base image and the host stay as they were")
+    func diskSizeGrows() throws {
+        let base = try baseImage()
+        let baseSize = (try FileManager.default.attributesOfItem(atPath: base)[.size] as? NSNumber)?.uint64Value ?? 0
+        let (total, available, r) = try guestDF(["--disk-size", "4G"],
+                                                 then: "dd if=/dev/zero of=/root/big bs=1M count=1500 2>&1 | tail -1 && sync && ls -l /root/big")
+        #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
+        #expect(total > 3900 * 1024 && total <= 4096 * 1024, "/ is \(total / 1024) MiB")
+        #expect(available > 3500 * 1024, "only \(available / 1024) MiB free on /")
+        #expect(r.stdout.contains(" 1572864000 "), "a 1500 MiB file did not fit: \(r.stdout)")
+        let after = (try FileManager.default.attributesOfItem(atPath: base)[.size] as? NSNumber)?.uint64Value ?? 0
+        #expect(after == baseSize)
+        // The same size as the image is accepted (nothing to grow), smaller is not.
+        let baseMiB = (baseSize + (1 << 20) - 1) >> 20
+        let small = try exec(t + ["--disk-size", "\(baseMiB - 1)", "--", "true"])
+        #expect(small.status == 125 && small.stderr.contains("is smaller than the image busybox (\(baseMiB) MiB)"), "\(small.stderr)")
     }
 
     @Test("--keep-disk writes an image that contains the guest's writes")

@@ -187,6 +187,23 @@ struct ExecTests {
         #expect(stderr.contains("the VMM process was killed by signal 9 before the command finished"), "\(stderr)")
     }
 
+    @Test("the guest kernel has what test suites use: io_uring, user namespaces, fuse, loop, tun, AF_PACKET, userfaultfd, fanotify, core dumps")
+    func guestKernelFeatures() throws {
+        let script = """
+            test -e /proc/sys/kernel/io_uring_disabled && echo io_uring
+            test "$(unshare -U -r id -u)" = 0 && echo userns
+            test -c /dev/fuse && grep -qw fuse /proc/filesystems && echo fuse
+            dd if=/dev/zero of=/tmp/disk bs=1024 count=1024 2>/dev/null && dev=$(losetup -f) && losetup "$dev" /tmp/disk && losetup -d "$dev" && echo loop
+            test -c /dev/net/tun && exec 3<>/dev/net/tun && echo tun
+            test -e /proc/net/packet && echo packet
+            test -e /proc/sys/vm/unprivileged_userfaultfd && echo userfaultfd
+            test -d /proc/sys/fs/fanotify && echo fanotify
+            test -e /proc/sys/kernel/core_pattern && echo coredump
+            """
+        let r = try exec(timeoutArgs + ["--", "sh", "-c", script])
+        #expect(r.stdout == "io_uring\nuserns\nfuse\nloop\ntun\npacket\nuserfaultfd\nfanotify\ncoredump\n", "stdout: \(r.stdout) stderr: \(r.stderr)")
+    }
+
     @Test("a guest that resets before its agent answers says where its vCPU was")
     func earlyResetSaysWhere() throws {
         // A root image whose init resets the VM at once (busybox `reboot -f`, and the
@@ -279,6 +296,11 @@ struct ExecTests {
         let r5 = try exec(["--copy-in", "/tmp:/x", "--", "true"])
         #expect(r5.status == 125 && r5.stderr.contains("copy-in /tmp: is a directory"), "\(r5.stderr)")
         #expect(!r5.stderr.contains("NSCocoaErrorDomain"))
+        for (size, message) in [("4X", "'4X' is not a size"), ("-1", "'-1' is not a size"), ("0", "must be from 1 MiB"),
+                                ("99999T", "'99999T' is not a size from 1 MiB to 16 TiB"), ("17T", "is not a size from 1 MiB to 16 TiB")] {
+            let r = try exec(["--disk-size", size, "--", "true"])
+            #expect(r.status == 125 && r.stderr.contains("--disk-size") && r.stderr.contains(message), "--disk-size \(size): \(r.stderr)")
+        }
     }
 
     @Test("a missing --workdir is the caller's error (125, naming the directory), not 'command not found'")

@@ -66,6 +66,13 @@ enum Fixture {
         return String(r.stdout.prefix(64))
     }
 
+    /// Hex SHA-256 of the file at `path` (via sha256sum, streaming: images are large).
+    static func sha256(file path: String) throws -> String {
+        let r = try run("/usr/bin/sha256sum", [path])
+        guard r.status == 0, r.stdout.count >= 64 else { throw CocoaError(.fileReadUnknown, userInfo: [NSFilePathErrorKey: path]) }
+        return String(r.stdout.prefix(64))
+    }
+
     /// Runs a program to completion, capturing its output.
     static func run(_ path: String, _ args: [String], timeout: Double = 300, stdinFile: String? = nil,
                     environment: [String: String] = [:]) throws -> Result {

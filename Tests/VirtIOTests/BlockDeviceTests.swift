@@ -287,6 +287,50 @@ let availableEngines: [BlockEngineKind] = BlockEngineKind.auto.kind == .ioUring 
         unlink(kept.overlayPath)
     }
 
+    @Test("a grown disk: the base reads as before, the rest reads as zeros and keeps writes, export stays sparse")
+    func grownDisk() throws {
+        let dir = TempDirectory()
+        defer { dir.remove() }
+        let base = dir.path + "/base.img"
+        // Not a whole number of 4 KiB blocks: the base's last block is partial.
+        let bytes = randomBytes(64 * 1024 + 1536, seed: 31)
+        try writeFile(base, bytes)
+        let grownSize: UInt64 = 16 << 20
+        let disk = try CopyOnWriteDisk(baseImage: base, overlayDirectory: dir.path, minimumCapacity: grownSize + 100)
+        defer { disk.close() }
+        #expect(disk.capacity == grownSize)  // rounded down to whole blocks
+        #expect(disk.baseCapacity == UInt64(bytes.count))
+        func read(_ offset: UInt64, _ count: Int) throws -> [UInt8] {
+            var b = [UInt8](repeating: 0xEE, count: count)
+            try b.withUnsafeMutableBytes { try disk.read(into: $0, at: offset) }
+            return b
+        }
+        #expect(try read(0, bytes.count) == bytes)
+        // The partial block: the base's bytes, then zeros.
+        let tail = UInt64(bytes.count / 4096 * 4096)
+        #expect(try read(tail, 4096) == Array(bytes[Int(tail)...]) + [UInt8](repeating: 0, count: 4096 - (bytes.count - Int(tail))))
+        #expect(try read(grownSize - 8192, 8192) == [UInt8](repeating: 0, count: 8192))
+        let patch = [UInt8](repeating: 0x6B, count: 3000)
+        try patch.withUnsafeBytes { try disk.write($0, at: 10 << 20) }
+        #expect(try read(10 << 20, 3000) == patch)
+        #expect(try read((10 << 20) + 3000, 1096) == [UInt8](repeating: 0, count: 1096))
+        // Beyond the grown size is still out of range.
+        #expect(throws: BlockBackendError.self) { try read(grownSize, 512) }
+        let out = dir.path + "/merged.img"
+        try disk.exportMerged(to: out)
+        var st = stat()
+        #expect(stat(out, &st) == 0 && UInt64(st.st_size) == grownSize)
+        // Two 1 MiB export chunks hold data (the base, the patch); the other 14 stay holes.
+        #expect(UInt64(st.st_blocks) * 512 <= 2 << 20, "the export wrote \(st.st_blocks * 512) bytes for 16 MiB that is mostly zeros")
+        let merged = try readFile(out)
+        #expect(Array(merged[0 ..< bytes.count]) == bytes)
+        #expect(Array(merged[(10 << 20) ..< (10 << 20) + 3000]) == patch)
+        // A smaller minimum keeps the base's size.
+        let same = try CopyOnWriteDisk(baseImage: base, overlayDirectory: dir.path, minimumCapacity: 4096)
+        #expect(same.capacity == UInt64(bytes.count))
+        same.close()
+    }
+
     @Test func engineSelectionReportsAReason() throws {
         let s = BlockEngineKind.auto
         let disabled = (try? String(contentsOfFile: "/proc/sys/kernel/io_uring_disabled", encoding: .utf8))?

@@ -75,6 +75,10 @@ int cinit_set_child_subreaper(void);
 /// Returns only on failure, with -errno.
 int cinit_end_vm(void);
 
+/// Grows the ext4 file system mounted at `mountpoint` online to the size of its block
+/// device. Returns the new size in file-system blocks, or -errno.
+int64_t cinit_grow_ext4(const char *mountpoint);
+
 /// Standard input of a spawned command.
 enum cinit_stdin_mode { CINIT_STDIN_NULL = 0, CINIT_STDIN_PIPE = 1, CINIT_STDIN_CLOSED = 2 };
 

@@ -93,12 +93,15 @@ public final class BlockDevice: VirtioDevice, Sendable {
         self.config = c
     }
 
-    /// Creates a device over a copy-on-write view of `baseImage`, with the overlay in
+    /// Creates a device over a copy-on-write view of `baseImage` (grown to
+    /// `minimumCapacity` if that is larger), with the overlay in
     /// `overlayDirectory` and the engine picked by `BlockEngineKind.auto` (or `engine`).
     /// - Throws: `SystemError` if the files or the io_uring ring cannot be created.
     public convenience init(baseImage: String, overlayDirectory: String, keepOverlay: Bool = false,
+                            minimumCapacity: UInt64? = nil,
                             serial: String = "sandbox", engine kind: BlockEngineKind = BlockEngineKind.auto.kind) throws(SystemError) {
-        let disk = try CopyOnWriteDisk(baseImage: baseImage, overlayDirectory: overlayDirectory, keepOverlay: keepOverlay)
+        let disk = try CopyOnWriteDisk(baseImage: baseImage, overlayDirectory: overlayDirectory, keepOverlay: keepOverlay,
+                                       minimumCapacity: minimumCapacity)
         self.init(backend: disk, engine: try kind.makeEngine(), serial: serial)
     }
 

@@ -19,12 +19,19 @@ import SystemShims
 /// overlay (read-modify-write). Unless `keepOverlay` is set, the overlay file is
 /// unlinked right after creation, so nothing is left on disk even if the process is
 /// killed; its space is freed when the disk is closed.
+///
+/// The disk may be larger than the base (`minimumCapacity`): the blocks past the base's
+/// end belong to the overlay from the start and read as zeros until written, so the
+/// growth costs no host space until the guest uses it.
 public final class CopyOnWriteDisk: BlockBackend, Sendable {
     /// Copy-on-write granularity.
     public static let blockSize = 4096
 
-    /// Disk size: the base image size rounded down to 512-byte sectors.
+    /// Disk size: the base image size rounded down to 512-byte sectors, or the
+    /// requested larger size rounded down to whole blocks.
     public let capacity: UInt64
+    /// The part of the disk backed by the base image (its size rounded down to sectors).
+    public let baseCapacity: UInt64
     public var isReadOnly: Bool { false }
     /// The base image.
     public let baseImagePath: String
@@ -57,11 +64,18 @@ public final class CopyOnWriteDisk: BlockBackend, Sendable {
     ///   - overlayDirectory: where the sparse overlay file is created.
     ///   - keepOverlay: keep the overlay file after close (debugging); by default it
     ///     is unlinked immediately.
+    ///   - minimumCapacity: grow the disk to this size (rounded down to 4 KiB blocks)
+    ///     when the base is smaller; nil or a smaller value keeps the base's size.
     /// - Throws: `SystemError` if a file cannot be opened or created.
-    public init(baseImage: String, overlayDirectory: String, keepOverlay: Bool = false) throws(SystemError) {
+    public init(baseImage: String, overlayDirectory: String, keepOverlay: Bool = false,
+                minimumCapacity: UInt64? = nil) throws(SystemError) {
         base = try FileDescriptor.open(baseImage, O_RDONLY)
         let size = try base.size()
-        let capacity = size - size % 512
+        let baseCapacity = size - size % 512
+        let bs = UInt64(Self.blockSize)
+        let grown = (minimumCapacity ?? 0) / bs * bs
+        let capacity = max(baseCapacity, grown)
+        self.baseCapacity = baseCapacity
         self.capacity = capacity
         baseImagePath = baseImage
         keepsOverlay = keepOverlay
@@ -82,7 +96,23 @@ public final class CopyOnWriteDisk: BlockBackend, Sendable {
         }
         if !keepOverlay { unlink(overlayPath) }
         let blocks = (Int(capacity) + Self.blockSize - 1) / Self.blockSize
-        state = Mutex(State(bitmap: [UInt64](repeating: 0, count: (blocks + 63) / 64)))
+        var initial = State(bitmap: [UInt64](repeating: 0, count: (blocks + 63) / 64))
+        if capacity > baseCapacity {
+            // The base's last, partial block (if any) is copied up now; every block past
+            // it is the overlay's (a hole: zeros) from the start.
+            let baseBlocks = Int(baseCapacity / bs)
+            if baseCapacity % bs != 0 {
+                let start = UInt64(baseBlocks) * bs
+                let n = Int(baseCapacity - start)
+                // SAFETY: a private scratch buffer, deallocated on every path by the defer.
+                let b = UnsafeMutableRawBufferPointer.allocate(byteCount: n, alignment: 16)
+                defer { b.deallocate() }
+                try SyncEngine.readFully(fd: base.rawValue, into: b, at: start)
+                try overlay.writeAll(UnsafeRawBufferPointer(b), at: start)
+            }
+            for block in baseBlocks ..< blocks { initial.markInOverlay(block) }
+        }
+        state = Mutex(initial)
     }
 
     deinit { close() }
@@ -186,10 +216,14 @@ public final class CopyOnWriteDisk: BlockBackend, Sendable {
                 let n = Int(min(UInt64(chunk), capacity - pos))
                 let part = UnsafeMutableRawBufferPointer(rebasing: buffer[0 ..< n])
                 try read(into: part, at: pos)
-                do throws(SystemError) { try out.writeAll(UnsafeRawBufferPointer(part), at: pos) } catch { throw .io(error) }
+                // All-zero chunks stay holes (a grown disk is mostly zeros).
+                if part.contains(where: { $0 != 0 }) {
+                    do throws(SystemError) { try out.writeAll(UnsafeRawBufferPointer(part), at: pos) } catch { throw .io(error) }
+                }
                 pos += UInt64(n)
             }
             do throws(SystemError) {
+                try retryingEINTR("ftruncate(\(tmp))") { ftruncate(out.rawValue, off_t(capacity)) }
                 try retryingEINTR("fsync(\(tmp))") { fsync(out.rawValue) }
                 try retryingEINTR("rename(\(tmp))") { rename(tmp, path) }
             } catch { throw BlockBackendError.io(error) }
