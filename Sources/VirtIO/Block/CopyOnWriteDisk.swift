@@ -198,6 +198,21 @@ public final class CopyOnWriteDisk: BlockBackend, Sendable {
         s.markInOverlay(block)
     }
 
+    /// Whether `[offset, offset + length)` reads as zeros for sure: no block of it is in
+    /// the overlay and the base has no data there (SEEK_DATA), or it is past the base.
+    private func isHole(offset: UInt64, length: Int) -> Bool {
+        let bs = UInt64(Self.blockSize)
+        let end = offset + UInt64(length)
+        let inOverlay = state.withLock { s in
+            (Int(offset / bs) ... Int((end - 1) / bs)).contains { s.isInOverlay($0) }
+        }
+        if inOverlay { return false }
+        if offset >= baseCapacity { return true }
+        let next = lseek(base.rawValue, off_t(offset), 3)  // SEEK_DATA (Linux; Glibc hides it without _GNU_SOURCE)
+        if next < 0 { return errno == ENXIO }  // no data at or after offset
+        return UInt64(next) >= min(end, baseCapacity)
+    }
+
     /// Writes the merged disk (base plus overlay) to a new file at `path`, via a
     /// temporary file in the same directory renamed into place (for `--keep-disk`).
     /// - Throws: `BlockBackendError.io` on any host I/O failure.
@@ -214,6 +229,12 @@ public final class CopyOnWriteDisk: BlockBackend, Sendable {
         do throws(BlockBackendError) {
             while pos < capacity {
                 let n = Int(min(UInt64(chunk), capacity - pos))
+                // A chunk that is a hole in the base and has no overlay block stays a hole
+                // without being read (images are mostly sparse headroom).
+                if isHole(offset: pos, length: n) {
+                    pos += UInt64(n)
+                    continue
+                }
                 let part = UnsafeMutableRawBufferPointer(rebasing: buffer[0 ..< n])
                 try read(into: part, at: pos)
                 // All-zero chunks stay holes (a grown disk is mostly zeros).
