@@ -27,6 +27,25 @@ const unsigned long CKVM_SET_FPU = KVM_SET_FPU;
 const unsigned long CKVM_SET_LAPIC = KVM_SET_LAPIC;
 const unsigned long CKVM_GET_LAPIC = KVM_GET_LAPIC;
 const unsigned long CKVM_SET_MP_STATE = KVM_SET_MP_STATE;
+// State save and restore (snapshots).
+const unsigned long CKVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST;
+const unsigned long CKVM_GET_XSAVE = KVM_GET_XSAVE;
+const unsigned long CKVM_GET_XSAVE2 = KVM_GET_XSAVE2;
+const unsigned long CKVM_SET_XSAVE = KVM_SET_XSAVE;
+const unsigned long CKVM_GET_XCRS = KVM_GET_XCRS;
+const unsigned long CKVM_SET_XCRS = KVM_SET_XCRS;
+const unsigned long CKVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS;
+const unsigned long CKVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS;
+const unsigned long CKVM_GET_MP_STATE = KVM_GET_MP_STATE;
+const unsigned long CKVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS;
+const unsigned long CKVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS;
+const unsigned long CKVM_GET_IRQCHIP = KVM_GET_IRQCHIP;
+const unsigned long CKVM_SET_IRQCHIP = KVM_SET_IRQCHIP;
+const unsigned long CKVM_GET_PIT2 = KVM_GET_PIT2;
+const unsigned long CKVM_SET_PIT2 = KVM_SET_PIT2;
+const unsigned long CKVM_GET_CLOCK = KVM_GET_CLOCK;
+const unsigned long CKVM_SET_CLOCK = KVM_SET_CLOCK;
+const int CKVM_CAP_XSAVE2 = KVM_CAP_XSAVE2;
 
 int ckvm_ioctl_ptr(int fd, unsigned long request, void *arg) {
     int r;
@@ -88,4 +107,17 @@ int ckvm_set_msrs(int vcpu_fd, const struct kvm_msr_entry *entries, int count) {
 
 int ckvm_get_msrs(int vcpu_fd, struct kvm_msr_entry *entries, int count) {
     return msr_io(vcpu_fd, KVM_GET_MSRS, entries, entries, count);
+}
+
+int ckvm_get_msr_index_list(int kvm_fd, uint32_t *indices, int capacity) {
+    struct kvm_msr_list *list = calloc(1, sizeof(*list) + sizeof(uint32_t) * (size_t)capacity);
+    if (!list) return -ENOMEM;
+    list->nmsrs = (uint32_t)capacity;
+    int r = ckvm_ioctl_ptr(kvm_fd, KVM_GET_MSR_INDEX_LIST, list);
+    if (r >= 0) {
+        r = (int)list->nmsrs;
+        memcpy(indices, list->indices, sizeof(uint32_t) * (size_t)r);
+    }
+    free(list);
+    return r;
 }

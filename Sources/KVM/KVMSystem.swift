@@ -17,6 +17,8 @@ public enum KVMError: Error, Equatable, Sendable, CustomStringConvertible {
     case missingCapability(KVMCapability)
     /// An ioctl failed.
     case ioctlFailed(SystemError)
+    /// A saved vCPU or VM state does not fit this build or host (nothing was written).
+    case invalidState(String)
 
     public var description: String {
         switch self {
@@ -30,6 +32,8 @@ public enum KVMError: Error, Equatable, Sendable, CustomStringConvertible {
             return "KVM capability \(c) is missing on this host"
         case .ioctlFailed(let e):
             return e.description
+        case .invalidState(let why):
+            return "the saved VM state cannot be restored: \(why)"
         }
     }
 }

@@ -21,6 +21,8 @@ enum VMMMachine {
                 return SandboxError(.noKVM, k.description)
             case .ioctlFailed:
                 return SandboxError(.vmm, "KVM failed: \(k)")
+            case .invalidState:
+                return SandboxError(.snapshot, k.description)
             }
         case .kernel: return SandboxError(.kernel, m.description)
         case .initrd, .invalidConfiguration: return SandboxError(.invalidInput, m.description)

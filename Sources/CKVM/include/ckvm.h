@@ -34,6 +34,29 @@ extern const unsigned long CKVM_SET_FPU;
 extern const unsigned long CKVM_SET_LAPIC;
 extern const unsigned long CKVM_GET_LAPIC;
 extern const unsigned long CKVM_SET_MP_STATE;
+// State save and restore (snapshots).
+extern const unsigned long CKVM_GET_MSR_INDEX_LIST;
+extern const unsigned long CKVM_GET_XSAVE;
+extern const unsigned long CKVM_GET_XSAVE2;
+extern const unsigned long CKVM_SET_XSAVE;
+extern const unsigned long CKVM_GET_XCRS;
+extern const unsigned long CKVM_SET_XCRS;
+extern const unsigned long CKVM_GET_VCPU_EVENTS;
+extern const unsigned long CKVM_SET_VCPU_EVENTS;
+extern const unsigned long CKVM_GET_MP_STATE;
+extern const unsigned long CKVM_GET_DEBUGREGS;
+extern const unsigned long CKVM_SET_DEBUGREGS;
+extern const unsigned long CKVM_GET_IRQCHIP;
+extern const unsigned long CKVM_SET_IRQCHIP;
+extern const unsigned long CKVM_GET_PIT2;
+extern const unsigned long CKVM_SET_PIT2;
+extern const unsigned long CKVM_GET_CLOCK;
+extern const unsigned long CKVM_SET_CLOCK;
+extern const int CKVM_CAP_XSAVE2;
+
+/// KVM_GET_MSR_INDEX_LIST into `indices` (room for `capacity`). Returns the count or
+/// -errno (-E2BIG when `capacity` is too small).
+int ckvm_get_msr_index_list(int kvm_fd, uint32_t *indices, int capacity);
 
 /// ioctl(fd, request, arg); returns the result or -errno.
 int ckvm_ioctl_ptr(int fd, unsigned long request, void *arg);

@@ -1,0 +1,213 @@
+import SystemShims
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One model-specific register and its value.
+public struct MSRValue: Codable, Sendable, Equatable {
+    public var index: UInt32
+    public var value: UInt64
+    public init(index: UInt32, value: UInt64) {
+        self.index = index
+        self.value = value
+    }
+}
+
+/// Everything KVM holds for one vCPU, as plain values: each part is the kernel's own
+/// structure for its ioctl (linux/kvm.h, x86-64), kept as its bytes, so that a restore
+/// hands KVM exactly what it gave. The sizes are checked on restore: a state from a
+/// build with other structure layouts is refused, never half-applied.
+public struct VCPUState: Codable, Sendable, Equatable {
+    /// struct kvm_regs (KVM_GET_REGS).
+    public var regs: [UInt8]
+    /// struct kvm_sregs (KVM_GET_SREGS).
+    public var sregs: [UInt8]
+    /// struct kvm_xsave (KVM_GET_XSAVE, or KVM_GET_XSAVE2 when the area is larger).
+    public var xsave: [UInt8]
+    /// struct kvm_xcrs (KVM_GET_XCRS).
+    public var xcrs: [UInt8]
+    /// The readable MSRs of KVM_GET_MSR_INDEX_LIST, then `VCPUState.extraMSRs` that the
+    /// host has, in the order they are written back.
+    public var msrs: [MSRValue]
+    /// struct kvm_mp_state's value (KVM_GET_MP_STATE).
+    public var mpState: UInt32
+    /// struct kvm_lapic_state (KVM_GET_LAPIC).
+    public var lapic: [UInt8]
+    /// struct kvm_vcpu_events (KVM_GET_VCPU_EVENTS).
+    public var events: [UInt8]
+    /// struct kvm_debugregs (KVM_GET_DEBUGREGS).
+    public var debugRegs: [UInt8]
+
+    /// MSRs a snapshot must carry that KVM does not list: the PVM host's VIF
+    /// registration (0x4b564d10; without it a restored PVM guest crashes at once). Read
+    /// when the host has them, written back last (the host refuses an address outside
+    /// every memory slot, so the slots must exist by then).
+    public static let extraMSRs: [UInt32] = [0x4b56_4d10]
+}
+
+/// What KVM holds for the VM as a whole: the in-kernel interrupt controllers, the PIT
+/// and the kvm-clock.
+public struct VMState: Codable, Sendable, Equatable {
+    /// struct kvm_irqchip for chip 0 (PIC master), 1 (PIC slave), 2 (IOAPIC).
+    public var irqchips: [[UInt8]]
+    /// struct kvm_pit_state2 (KVM_GET_PIT2).
+    public var pit: [UInt8]
+    /// struct kvm_clock_data (KVM_GET_CLOCK).
+    public var clock: [UInt8]
+}
+
+/// The bytes of a C structure.
+func structBytes<T>(_ value: T) -> [UInt8] {
+    withUnsafeBytes(of: value) { Array($0) }
+}
+
+/// A C structure from bytes saved by `structBytes`; the size must match exactly.
+func structValue<T>(_ type: T.Type, _ bytes: [UInt8], _ what: String) throws(KVMError) -> T {
+    guard bytes.count == MemoryLayout<T>.size else {
+        throw .invalidState("\(what) is \(bytes.count) bytes, this build's structure is \(MemoryLayout<T>.size)")
+    }
+    // SAFETY: T is a plain C structure (no pointers or references) and `bytes` has
+    // exactly its size; loadUnaligned copies it out.
+    return bytes.withUnsafeBytes { $0.loadUnaligned(as: T.self) }
+}
+
+extension KVMSystem {
+    /// KVM_GET_MSR_INDEX_LIST: the MSRs KVM saves and restores for a guest.
+    public func msrIndexList() throws(KVMError) -> [UInt32] {
+        var capacity = 256
+        while true {
+            var indices = [UInt32](repeating: 0, count: capacity)
+            let r = indices.withUnsafeMutableBufferPointer { ckvm_get_msr_index_list(fd.rawValue, $0.baseAddress, Int32(capacity)) }
+            if r == -E2BIG && capacity < 65536 { capacity *= 4; continue }
+            if r < 0 { throw .ioctlFailed(SystemError("KVM_GET_MSR_INDEX_LIST", errno: -r)) }
+            return Array(indices.prefix(Int(r)))
+        }
+    }
+
+    /// The size of a vCPU's XSAVE area: KVM_CAP_XSAVE2's value, at least 4096.
+    public var xsaveSize: Int {
+        max(4096, Int(ckvm_ioctl_val(fd.rawValue, CKVM_CHECK_EXTENSION, UInt(CKVM_CAP_XSAVE2))))
+    }
+}
+
+extension VCPU {
+    private func io<T>(_ name: String, _ request: UInt, _ value: inout T) throws(KVMError) {
+        let r = withUnsafeMutablePointer(to: &value) { ckvm_ioctl_ptr(fd.rawValue, request, $0) }
+        if r < 0 { throw .ioctlFailed(SystemError("\(name)(vcpu \(id))", errno: -r)) }
+    }
+
+    /// Reads every MSR of `indices` that this vCPU can read (KVM_GET_MSRS stops at the
+    /// first one it refuses; that one is skipped and the rest read on).
+    func readableMSRs(_ indices: [UInt32]) throws(KVMError) -> [MSRValue] {
+        var out: [MSRValue] = []
+        var rest = indices[...]
+        while !rest.isEmpty {
+            let values = try msrs(Array(rest))
+            for (i, v) in zip(rest, values) { out.append(MSRValue(index: i, value: v)) }
+            rest = rest.dropFirst(values.count + 1)  // skip the refused one
+        }
+        return out
+    }
+
+    /// The vCPU's whole state. Call with the vCPU stopped (not in KVM_RUN).
+    /// - Parameters:
+    ///   - msrIndices: `KVMSystem.msrIndexList()`.
+    ///   - xsaveSize: `KVMSystem.xsaveSize`.
+    public func saveState(msrIndices: [UInt32], xsaveSize: Int) throws(KVMError) -> VCPUState {
+        var regs = kvm_regs(); try io("KVM_GET_REGS", CKVM_GET_REGS, &regs)
+        var sregs = kvm_sregs(); try io("KVM_GET_SREGS", CKVM_GET_SREGS, &sregs)
+        var xsave = [UInt8](repeating: 0, count: max(xsaveSize, MemoryLayout<kvm_xsave>.size))
+        let request = xsave.count > MemoryLayout<kvm_xsave>.size ? CKVM_GET_XSAVE2 : CKVM_GET_XSAVE
+        let xr = xsave.withUnsafeMutableBytes { ckvm_ioctl_ptr(fd.rawValue, request, $0.baseAddress) }
+        if xr < 0 { throw .ioctlFailed(SystemError("KVM_GET_XSAVE(vcpu \(id))", errno: -xr)) }
+        var xcrs = kvm_xcrs(); try io("KVM_GET_XCRS", CKVM_GET_XCRS, &xcrs)
+        var listed = try readableMSRs(msrIndices)
+        // The extra MSRs are read one at a time: a host without them refuses the read.
+        for index in VCPUState.extraMSRs where !msrIndices.contains(index) {
+            if let v = try msrs([index]).first { listed.append(MSRValue(index: index, value: v)) }
+        }
+        var mp = kvm_mp_state(); try io("KVM_GET_MP_STATE", CKVM_GET_MP_STATE, &mp)
+        var lapic = kvm_lapic_state(); try io("KVM_GET_LAPIC", CKVM_GET_LAPIC, &lapic)
+        var events = kvm_vcpu_events(); try io("KVM_GET_VCPU_EVENTS", CKVM_GET_VCPU_EVENTS, &events)
+        var debug = kvm_debugregs(); try io("KVM_GET_DEBUGREGS", CKVM_GET_DEBUGREGS, &debug)
+        return VCPUState(regs: structBytes(regs), sregs: structBytes(sregs), xsave: xsave, xcrs: structBytes(xcrs),
+                         msrs: listed, mpState: mp.mp_state, lapic: structBytes(lapic), events: structBytes(events),
+                         debugRegs: structBytes(debug))
+    }
+
+    /// Writes `state` back (QEMU's order: registers, XSAVE, XCRs, special registers,
+    /// MSRs with the extra ones last, MP state, local APIC, events, debug registers).
+    /// Set the CPUID first, and create the VM's memory slots before calling this.
+    /// - Throws: `KVMError.invalidState` for a malformed state (nothing is written),
+    ///   `.ioctlFailed` naming what KVM refused, such as an MSR.
+    public func restoreState(_ s: VCPUState, xsaveSize: Int) throws(KVMError) {
+        // Decode everything before touching the vCPU.
+        var regs = try structValue(kvm_regs.self, s.regs, "regs")
+        var sregs = try structValue(kvm_sregs.self, s.sregs, "sregs")
+        var xcrs = try structValue(kvm_xcrs.self, s.xcrs, "xcrs")
+        var lapic = try structValue(kvm_lapic_state.self, s.lapic, "lapic")
+        var events = try structValue(kvm_vcpu_events.self, s.events, "vcpu events")
+        var debug = try structValue(kvm_debugregs.self, s.debugRegs, "debug registers")
+        guard s.xsave.count == max(xsaveSize, MemoryLayout<kvm_xsave>.size) else {
+            throw .invalidState("the XSAVE area is \(s.xsave.count) bytes, this host's is \(max(xsaveSize, MemoryLayout<kvm_xsave>.size))")
+        }
+        try io("KVM_SET_REGS", CKVM_SET_REGS, &regs)
+        var xsave = s.xsave
+        let xr = xsave.withUnsafeMutableBytes { ckvm_ioctl_ptr(fd.rawValue, CKVM_SET_XSAVE, $0.baseAddress) }
+        if xr < 0 { throw .ioctlFailed(SystemError("KVM_SET_XSAVE(vcpu \(id))", errno: -xr)) }
+        try io("KVM_SET_XCRS", CKVM_SET_XCRS, &xcrs)
+        try io("KVM_SET_SREGS", CKVM_SET_SREGS, &sregs)
+        let extra = Set(VCPUState.extraMSRs)
+        let ordered = s.msrs.filter { !extra.contains($0.index) } + s.msrs.filter { extra.contains($0.index) }
+        let accepted = try setMSRs(ordered.map { ($0.index, $0.value) })
+        if accepted < ordered.count {
+            let refused = ordered[accepted]
+            throw .ioctlFailed(SystemError("KVM_SET_MSRS(vcpu \(id)): MSR 0x\(String(refused.index, radix: 16)) = 0x\(String(refused.value, radix: 16)) refused", errno: EINVAL))
+        }
+        var mp = kvm_mp_state(mp_state: s.mpState)
+        try io("KVM_SET_MP_STATE", CKVM_SET_MP_STATE, &mp)
+        try io("KVM_SET_LAPIC", CKVM_SET_LAPIC, &lapic)
+        try io("KVM_SET_VCPU_EVENTS", CKVM_SET_VCPU_EVENTS, &events)
+        try io("KVM_SET_DEBUGREGS", CKVM_SET_DEBUGREGS, &debug)
+    }
+}
+
+extension VirtualMachine {
+    private func io<T>(_ name: String, _ request: UInt, _ value: inout T) throws(KVMError) {
+        let r = withUnsafeMutablePointer(to: &value) { ckvm_ioctl_ptr(fd.rawValue, request, $0) }
+        if r < 0 { throw .ioctlFailed(SystemError(name, errno: -r)) }
+    }
+
+    /// The VM-wide state (irqchip, PIT, clock). Call with every vCPU stopped.
+    public func saveState() throws(KVMError) -> VMState {
+        var chips: [[UInt8]] = []
+        for chip in UInt32(0)...2 {
+            var c = kvm_irqchip()
+            c.chip_id = chip
+            try io("KVM_GET_IRQCHIP(\(chip))", CKVM_GET_IRQCHIP, &c)
+            chips.append(structBytes(c))
+        }
+        var pit = kvm_pit_state2(); try io("KVM_GET_PIT2", CKVM_GET_PIT2, &pit)
+        var clock = kvm_clock_data(); try io("KVM_GET_CLOCK", CKVM_GET_CLOCK, &clock)
+        return VMState(irqchips: chips, pit: structBytes(pit), clock: structBytes(clock))
+    }
+
+    /// Writes `state` back into a VM made with the same irqchip and PIT. The clock is set
+    /// to the saved value (flags 0): the guest's kvm-clock continues from the snapshot.
+    public func restoreState(_ s: VMState) throws(KVMError) {
+        guard s.irqchips.count == 3 else { throw .invalidState("the VM state has \(s.irqchips.count) interrupt controllers, not 3") }
+        var chips: [kvm_irqchip] = []
+        for (i, bytes) in s.irqchips.enumerated() {
+            let c = try structValue(kvm_irqchip.self, bytes, "irqchip \(i)")
+            guard c.chip_id == UInt32(i) else { throw .invalidState("irqchip \(i) says it is chip \(c.chip_id)") }
+            chips.append(c)
+        }
+        var pit = try structValue(kvm_pit_state2.self, s.pit, "PIT state")
+        let saved = try structValue(kvm_clock_data.self, s.clock, "clock")
+        for i in chips.indices { try io("KVM_SET_IRQCHIP(\(i))", CKVM_SET_IRQCHIP, &chips[i]) }
+        try io("KVM_SET_PIT2", CKVM_SET_PIT2, &pit)
+        var clock = kvm_clock_data()
+        clock.clock = saved.clock
+        try io("KVM_SET_CLOCK", CKVM_SET_CLOCK, &clock)
+    }
+}
