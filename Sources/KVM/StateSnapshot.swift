@@ -109,11 +109,27 @@ extension VCPU {
         return out
     }
 
-    /// The vCPU's whole state. Call with the vCPU stopped (not in KVM_RUN).
+    /// Finishes what the last exit left pending inside KVM: after an I/O or MMIO exit
+    /// the instruction completes (and, on AMD, RIP moves past it) only on the next
+    /// KVM_RUN. A KVM_RUN with immediate_exit set does exactly that and returns at once
+    /// (KVM API, "immediate_exit"), so the state read afterwards is consistent.
+    public func completePendingOperations() throws(KVMError) {
+        requestExit()
+        defer { clearExitRequest() }
+        switch try run() {
+        case .interrupted: return
+        case let other: throw .invalidState("the vCPU did not stop for the state save (exit \(other))")
+        }
+    }
+
+    /// The vCPU's whole state. Call with the vCPU stopped (not in KVM_RUN), from the
+    /// thread that runs it; finishes a pending I/O or MMIO exit first
+    /// (`completePendingOperations`).
     /// - Parameters:
     ///   - msrIndices: `KVMSystem.msrIndexList()`.
     ///   - xsaveSize: `KVMSystem.xsaveSize`.
     public func saveState(msrIndices: [UInt32], xsaveSize: Int) throws(KVMError) -> VCPUState {
+        try completePendingOperations()
         var regs = kvm_regs(); try io("KVM_GET_REGS", CKVM_GET_REGS, &regs)
         var sregs = kvm_sregs(); try io("KVM_GET_SREGS", CKVM_GET_SREGS, &sregs)
         var xsave = [UInt8](repeating: 0, count: max(xsaveSize, MemoryLayout<kvm_xsave>.size))

@@ -35,7 +35,7 @@ public enum VirtioMMIORegister {
 }
 
 /// Plain-value snapshot of a virtio-mmio transport and its queues.
-public struct MMIOTransportState: Sendable, Equatable {
+public struct MMIOTransportState: Sendable, Equatable, Codable {
     public var status: UInt32
     public var deviceFeaturesSel: UInt32
     public var driverFeaturesSel: UInt32
@@ -220,6 +220,47 @@ public final class MMIOTransport: MMIODevice, Sendable {
                                       interruptStatus: interrupt.interruptStatus,
                                       configGeneration: interrupt.configGeneration,
                                       needsReset: interrupt.needsReset)
+        }
+    }
+
+    /// Puts back a saved transport (`state` of the same device kind in the VM the
+    /// snapshot came from): the registers and, when the saved driver had reached
+    /// DRIVER_OK, the device re-activated with the saved queues, indices included. The
+    /// state is checked first as a guest's queue setup is (sizes, alignment, rings inside
+    /// guest RAM, features the device offers); a state that fails is refused and nothing
+    /// changes. Call before `start()`, on a transport whose driver has not touched it.
+    public func restore(_ saved: MMIOTransportState) throws(MMIORestoreError) {
+        guard saved.queues.count == queueCount else {
+            throw .invalid("\(saved.queues.count) queues saved, the device has \(queueCount)")
+        }
+        let driverOK = saved.status & VirtioStatus.driverOK != 0
+        var queues: [VirtQueue] = []
+        for (i, q) in saved.queues.enumerated() {
+            guard q.maxSize == device.queueMaxSizes[i] else {
+                throw .invalid("queue \(i) was saved with maximum size \(q.maxSize), the device's is \(device.queueMaxSizes[i])")
+            }
+            let vq = VirtQueue(state: q)
+            if driverOK && vq.ready {
+                do { try vq.validate(memory: memory) } catch { throw .invalid("queue \(i): \(error)") }
+            }
+            queues.append(vq)
+        }
+        if driverOK && !featuresAcceptable(saved.driverFeatures) {
+            throw .invalid("the saved features 0x\(String(saved.driverFeatures, radix: 16)) are not ones this device offers")
+        }
+        registers.withLock { r in
+            r.status = saved.status & ~VirtioStatus.deviceNeedsReset
+            r.deviceFeaturesSel = saved.deviceFeaturesSel
+            r.driverFeaturesSel = saved.driverFeaturesSel
+            r.driverFeatures = saved.driverFeatures
+            r.queueSel = saved.queueSel
+            r.queues = queues
+        }
+        interrupt.restore(interruptStatus: saved.interruptStatus, configGeneration: saved.configGeneration,
+                          needsReset: saved.needsReset)
+        if driverOK && !saved.needsReset {
+            submit(.activate(queues: queues, features: saved.driverFeatures))
+            settle()
         }
     }
 
@@ -423,5 +464,13 @@ private final class WeakTransport: Sendable {
     var transport: MMIOTransport? {
         get { ref.withLock { $0.transport } }
         set { ref.withLock { $0.transport = newValue } }
+    }
+}
+
+/// Why a saved transport state cannot be restored.
+public enum MMIORestoreError: Error, Equatable, Sendable, CustomStringConvertible {
+    case invalid(String)
+    public var description: String {
+        switch self { case .invalid(let why): return "the saved virtio-mmio state cannot be restored: \(why)" }
     }
 }

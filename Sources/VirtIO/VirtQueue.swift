@@ -188,7 +188,7 @@ public enum DescriptorChainError: Error, Equatable, Sendable {
 }
 
 /// Plain-value snapshot of a virtqueue (for VM snapshots).
-public struct VirtQueueState: Sendable, Equatable {
+public struct VirtQueueState: Sendable, Equatable, Codable {
     public var maxSize: UInt16
     public var size: UInt16
     public var ready: Bool

@@ -1,4 +1,5 @@
 import Bus
+import Foundation
 import Testing
 @testable import MicroVM
 
@@ -28,6 +29,30 @@ private let loopbackCases: [(mcr: UInt8, msr: UInt8)] = [
 
 @Suite("16550A serial port")
 struct SerialTests {
+    @Test("the state saved from one UART, encoded and restored into another, behaves the same")
+    func snapshotRestore() throws {
+        let (a, _, _) = makeSerial()
+        a.write(offset: Reg.lcr, value: 0x80)   // DLAB: set the divisor
+        a.write(offset: Reg.dll, value: 0x01)
+        a.write(offset: Reg.lcr, value: 0x03)
+        a.write(offset: Reg.ier, value: 0x01)   // rx interrupt
+        a.write(offset: Reg.scr, value: 0x5A)
+        a.enqueueInput(Array("ab".utf8))
+        let saved = try JSONDecoder().decode(Serial.State.self, from: JSONEncoder().encode(a.snapshot))
+        let (b, _, _) = makeSerial()
+        b.restore(saved)
+        #expect(b.snapshot == a.snapshot)
+        #expect(b.read(offset: Reg.scr) == 0x5A)
+        #expect(b.read(offset: Reg.lsr) & 0x01 != 0)   // data ready
+        #expect(b.read(offset: Reg.rbr) == UInt8(ascii: "a"))
+        #expect(b.read(offset: Reg.rbr) == UInt8(ascii: "b"))
+        // A hostile state cannot grow the input past the limit.
+        var big = saved
+        big.input = [UInt8](repeating: 1, count: 1 << 20)
+        b.restore(big)
+        #expect(b.snapshot.input.count == 4096)
+    }
+
     @Test("a THR write is emitted to the console")
     func transmit() {
         let (s, log, irq) = makeSerial()

@@ -331,6 +331,64 @@ let availableEngines: [BlockEngineKind] = BlockEngineKind.auto.kind == .ioUring 
         same.close()
     }
 
+    @Test("a transport saved mid-run and restored over a fresh device serves the next request where the old one left off")
+    func transportRestoreContinues() throws {
+        let dir = TempDirectory()
+        defer { dir.remove() }
+        let base = dir.path + "/base.img"
+        let bytes = randomBytes(1 << 20, seed: 41)
+        try writeFile(base, bytes)
+        let driver = try MockDriver(size: 16)
+        func read(_ sector: UInt8, via transport: MMIOTransport, _ irq: EventTrigger) throws -> [UInt8] {
+            let hdr = try driver.allocate(16, fill: [0, 0, 0, 0, 0, 0, 0, 0, sector, 0, 0, 0, 0, 0, 0, 0])
+            let data = try driver.allocate(512)
+            let status = try driver.allocate(1, fill: [0xEE])
+            _ = try driver.post([.init(address: hdr, length: 16, writable: false),
+                                 .init(address: data, length: 512, writable: true),
+                                 .init(address: status, length: 1, writable: true)])
+            transport.write32(VirtioMMIORegister.queueNotify, 0)
+            try #require(irq.wait(), "no interrupt; device error: \((transport.device as? BlockDevice)?.lastError ?? "none"), used \((try? driver.usedIdx) ?? 99), status 0x\(String(transport.deviceStatus, radix: 16))")
+            #expect(try driver.memory.readBytes(at: status, count: 1) == [0])
+            return try driver.memory.readBytes(at: data, count: 512)
+        }
+        let devA = try BlockDevice(baseImage: base, overlayDirectory: dir.path, serial: "a")
+        let irqA = EventTrigger()
+        let a = try MMIOTransport(device: devA, memory: driver.memory, interrupt: irqA)
+        a.initialise(features: VIRTIO_F_VERSION_1 | VIRTIO_F_EVENT_IDX, queues: [(0, driver)])
+        try a.start()
+        #expect(try read(1, via: a, irqA) == Array(bytes[512 ..< 1024]))
+        a.stop()
+        a.settle()
+        let saved = try JSONDecoder().decode(MMIOTransportState.self, from: JSONEncoder().encode(a.state))
+        #expect(saved.queues[0].nextAvail == 1 && saved.queues[0].nextUsed == 1, "\(saved.queues[0])")
+
+        // A fresh device and transport over the same guest memory, as a restored VM has.
+        let devB = try BlockDevice(baseImage: base, overlayDirectory: dir.path, serial: "b")
+        let irqB = EventTrigger()
+        let b = try MMIOTransport(device: devB, memory: driver.memory, interrupt: irqB)
+        try b.restore(saved)
+        #expect(b.deviceStatus == saved.status)
+        #expect(devB.queueStates()?.first?.nextAvail == 1)
+        try b.start()
+        // EVENT_IDX: the driver asks for an interrupt once the used index passes 1.
+        try driver.setUsedEvent(1)
+        #expect(try read(2, via: b, irqB) == Array(bytes[1024 ..< 1536]))
+        #expect(try driver.usedIdx == 2)
+        b.stop()
+
+        // A state that does not fit is refused, and nothing changes.
+        let devC = try BlockDevice(baseImage: base, overlayDirectory: dir.path, serial: "c")
+        let c = try MMIOTransport(device: devC, memory: driver.memory, interrupt: EventTrigger())
+        var bad = saved
+        bad.queues[0].descTable = 1 << 40  // outside guest RAM
+        #expect(throws: MMIORestoreError.self) { try c.restore(bad) }
+        var tooMany = saved
+        tooMany.queues.append(saved.queues[0])
+        #expect(throws: MMIORestoreError.invalid("2 queues saved, the device has 1")) { try c.restore(tooMany) }
+        #expect(c.deviceStatus == 0 && devC.queueStates() == nil)
+        devA.close(); devB.close(); devC.close()
+    }
+
     @Test func engineSelectionReportsAReason() throws {
         let s = BlockEngineKind.auto
         let disabled = (try? String(contentsOfFile: "/proc/sys/kernel/io_uring_disabled", encoding: .utf8))?

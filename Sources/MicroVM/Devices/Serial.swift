@@ -7,7 +7,7 @@ import Synchronization
 /// 3 LCR, 4 MCR, 5 LSR, 6 MSR, 7 SCR. Transmission is instantaneous, so THR is always
 /// empty; the driver still needs the THR-empty interrupt to keep sending.
 public final class Serial: Sendable {
-    public struct State: Equatable, Sendable {
+    public struct State: Equatable, Sendable, Codable {
         public var ier: UInt8 = 0
         public var iir: UInt8 = 0x01 // no interrupt pending
         public var lcr: UInt8 = 0x03
@@ -39,6 +39,14 @@ public final class Serial: Sendable {
 
     /// A copy of the register state (for snapshots and tests).
     public var snapshot: State { state.withLock { $0 } }
+
+    /// Puts back a state from `snapshot` (a restored VM's UART). Input beyond the
+    /// buffer limit is dropped, as `enqueueInput` would.
+    public func restore(_ saved: State) {
+        var s = saved
+        if s.input.count > Self.inputLimit { s.input = Array(s.input.prefix(Self.inputLimit)) }
+        state.withLock { $0 = s }
+    }
 
     /// Queues bytes for the guest to read (console input). Excess input is dropped.
     public func enqueueInput(_ bytes: [UInt8]) {
