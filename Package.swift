@@ -65,6 +65,7 @@ let package = Package(
         // The VMM process: one per sandbox, started by the library.
         .executableTarget(name: "sandbox-vmm", dependencies: [
             "MicroVM", "KVM", "VirtIO", "SystemShims", "CSystem", "CJail", "SandboxABI", "SandboxCore", "VMMProtocol",
+            .product(name: "Crypto", package: "swift-crypto"),
         ]),
 
         // Kernels, images, recipes, content hashes.

@@ -1,3 +1,6 @@
+#if canImport(Glibc)
+import Glibc
+#endif
 import SystemShims
 
 /// A guest physical address.
@@ -17,11 +20,15 @@ public struct GuestAddress: Hashable, Comparable, Sendable, CustomStringConverti
 public enum GuestMemoryError: Error, Equatable, Sendable, CustomStringConvertible {
     /// [address, address+length) is not entirely inside one RAM region.
     case outOfBounds(address: UInt64, length: UInt64)
+    /// A memory file whose size is not the guest RAM size it should hold.
+    case fileSize(expected: UInt64, actual: UInt64)
 
     public var description: String {
         switch self {
         case let .outOfBounds(a, l):
             return "guest memory access out of bounds: 0x\(String(a, radix: 16)) length \(l)"
+        case let .fileSize(e, a):
+            return "the memory file is \(a) bytes, the guest's RAM is \(e)"
         }
     }
 }
@@ -72,6 +79,53 @@ public final class GuestMemory: @unchecked Sendable {
         self.mapping = try MappedRegion.anonymous(size: totalSize)
         self.regions = regions
         for r in regions { precondition(r.hostOffset + Int(r.size) <= totalSize) }
+    }
+
+    /// Guest RAM of `size` bytes (default layout) mapped copy-on-write from a memory file
+    /// written by `write(to:)`: the file's pages are shared through the page cache and
+    /// each write makes a private copy. The file must be exactly `size` bytes.
+    public init(restoringFrom fd: Int32, size: UInt64) throws {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw SystemError("fstat(memory file)", errno: errno) }
+        guard UInt64(st.st_size) == size else {
+            throw GuestMemoryError.fileSize(expected: size, actual: UInt64(st.st_size))
+        }
+        self.mapping = try MappedRegion.privateFile(fd: fd, size: Int(size))
+        var regions: [GuestRegion] = []
+        let low = min(size, Self.mmioHoleStart)
+        regions.append(GuestRegion(start: GuestAddress(0), size: low, hostOffset: 0))
+        if size > low {
+            regions.append(GuestRegion(start: GuestAddress(Self.highRAMStart), size: size - low, hostOffset: Int(low)))
+        }
+        self.regions = regions
+    }
+
+    /// Writes all of guest RAM to `fd` from offset 0 (a memory file), leaving holes where
+    /// whole 64 KiB chunks are zero, so a mostly untouched guest makes a small file.
+    public func write(to fd: Int32) throws {
+        let total = mapping.size
+        let chunk = 64 * 1024
+        // SAFETY: a private zero buffer of `chunk` bytes, freed by the defer.
+        let zeros = UnsafeMutableRawPointer.allocate(byteCount: chunk, alignment: 16)
+        zeros.initializeMemory(as: UInt8.self, repeating: 0, count: chunk)
+        defer { zeros.deallocate() }
+        guard ftruncate(fd, off_t(total)) == 0 else { throw SystemError("ftruncate(memory file)", errno: errno) }
+        var offset = 0
+        while offset < total {
+            let n = min(chunk, total - offset)
+            // SAFETY: offset + n <= mapping.size; the vCPUs are paused while this runs.
+            let p = mapping.pointer + offset
+            if memcmp(p, zeros, n) != 0 {
+                var done = 0
+                while done < n {
+                    let w = pwrite(fd, p + done, n - done, off_t(offset + done))
+                    if w < 0 && errno == EINTR { continue }
+                    guard w > 0 else { throw SystemError("write(memory file)", errno: w < 0 ? errno : EIO) }
+                    done += w
+                }
+            }
+            offset += n
+        }
     }
 
     /// Total bytes of RAM.

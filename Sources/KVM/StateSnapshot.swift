@@ -160,6 +160,10 @@ extension VCPU {
         // Decode everything before touching the vCPU.
         var regs = try structValue(kvm_regs.self, s.regs, "regs")
         var sregs = try structValue(kvm_sregs.self, s.sregs, "sregs")
+        // A pending interrupt comes back through the vCPU events; the bitmap in the
+        // special registers would queue it a second time (QEMU clears it too).
+        sregs.interrupt_bitmap = (0, 0, 0, 0)
+        Self.pvmSupervisorSegments(&sregs, rip: regs.rip, msrs: s.msrs)
         var xcrs = try structValue(kvm_xcrs.self, s.xcrs, "xcrs")
         var lapic = try structValue(kvm_lapic_state.self, s.lapic, "lapic")
         var events = try structValue(kvm_vcpu_events.self, s.events, "vcpu events")
@@ -185,6 +189,27 @@ extension VCPU {
         try io("KVM_SET_LAPIC", CKVM_SET_LAPIC, &lapic)
         try io("KVM_SET_VCPU_EVENTS", CKVM_SET_VCPU_EVENTS, &events)
         try io("KVM_SET_DEBUGREGS", CKVM_SET_DEBUGREGS, &debug)
+    }
+}
+
+extension VCPU {
+    /// The one PVM-specific step of a restore. A PVM host keeps whether its guest is in
+    /// supervisor or user mode to itself, and KVM_GET_SREGS reports the hardware CS/SS,
+    /// which are CPL-3 selectors (0x33/0x2b) in both modes. A fresh vCPU starts in
+    /// supervisor mode and takes a CS with DPL 3 in its first KVM_SET_SREGS as a switch to
+    /// user mode, so a guest saved in its kernel would come back in user mode and die on
+    /// its first event (measured: a recursive page fault in the kernel entry code). So,
+    /// for a PVM guest (its state carries the VIF registration, MSR 0x4b564d10) stopped at
+    /// a kernel address, CS and SS become the kernel's selectors from MSR_STAR, DPL 0.
+    static func pvmSupervisorSegments(_ sregs: inout kvm_sregs, rip: UInt64, msrs: [MSRValue]) {
+        guard msrs.contains(where: { $0.index == VCPUState.extraMSRs[0] && $0.value != 0 }),
+              rip >= 0xffff_8000_0000_0000,
+              let star = msrs.first(where: { $0.index == 0xc000_0081 })?.value else { return }
+        let kernelCS = UInt16(truncatingIfNeeded: star >> 32) & ~3
+        sregs.cs.selector = kernelCS
+        sregs.cs.dpl = 0
+        sregs.ss.selector = kernelCS + 8
+        sregs.ss.dpl = 0
     }
 }
 

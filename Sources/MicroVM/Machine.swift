@@ -43,6 +43,8 @@ public enum MachineError: Error, Sendable, CustomStringConvertible {
     case invalidConfiguration(String)
     case kvm(KVMError)
     case setup(String)
+    /// A snapshot could not be taken, or does not fit this configuration or host.
+    case snapshot(String)
 
     public var description: String {
         switch self {
@@ -51,6 +53,7 @@ public enum MachineError: Error, Sendable, CustomStringConvertible {
         case .invalidConfiguration(let s): return s
         case .kvm(let e): return e.description
         case .setup(let s): return s
+        case .snapshot(let s): return "snapshot: \(s)"
         }
     }
 }
@@ -97,13 +100,23 @@ public final class Machine: Sendable {
     public let startNanos: UInt64
     private let irqEvents: [EventFD]
     private let transports: [MMIOTransport]
+    private let serial: Serial
     private let stopEvent: EventFD
+    /// Signalled by each vCPU thread once it has parked for a pause.
+    private let pausedEvent: EventFD
+    /// Signalled (once per vCPU) to let parked vCPU threads go on.
+    private let resumeEvent: EventFD
+    /// Whether this machine was restored from a snapshot (it does not boot).
+    public let restored: Bool
     private struct State {
         var stopReason: StopReason?
         var threads: [NativeThread] = []
         var ran = false
         var runStart: UInt64 = 0
         var shutdownState: String?
+        /// A pause is in progress: vCPU threads park and save their state.
+        var pauseRequested = false
+        var savedVCPUs: [Int: Result<VCPUState, KVMError>] = [:]
     }
     private let state = Mutex(State())
 
@@ -113,10 +126,15 @@ public final class Machine: Sendable {
     /// The signal used to kick vCPU threads out of KVM_RUN.
     static let kickSignal = SIGUSR2
 
-    /// Builds the VM: opens KVM, allocates and fills guest memory, creates devices and vCPUs.
-    public init(_ config: MachineConfiguration) throws {
+    /// Builds the VM: opens KVM, allocates and fills guest memory, creates devices and
+    /// vCPUs. With `restoring`, the VM is instead rebuilt from a snapshot: guest RAM is
+    /// the memory file mapped copy-on-write, and the vCPUs, interrupt controllers, UART
+    /// and virtio transports take their saved state (the configuration's devices must be
+    /// the snapshot's, in the same order); nothing is loaded and the kernel file is not read.
+    public init(_ config: MachineConfiguration, restoring: (snapshot: MachineSnapshot, memoryFD: Int32)? = nil) throws {
         startNanos = monotonicNanos()
         configuration = config
+        restored = restoring != nil
         guard config.cpus >= 1 else { throw MachineError.invalidConfiguration("--cpus must be at least 1") }
         guard config.cpus <= MPTable.maxCPUs else {
             throw MachineError.invalidConfiguration("--cpus \(config.cpus) is more than this VMM supports (\(MPTable.maxCPUs))")
@@ -131,14 +149,18 @@ public final class Machine: Sendable {
             throw MachineError.invalidConfiguration("at most \(Layout.maxVirtioDevices) virtio devices")
         }
 
+        if let r = restoring { try r.snapshot.check(against: config) }
+
         // Inputs first: bad files fail before any KVM work.
-        let kernelBytes: [UInt8]
-        do { kernelBytes = try readWholeFile(config.kernelPath) } catch { throw MachineError.kernel(error.description) }
-        let image: KernelImage
-        do { image = try KernelImage.parse(kernelBytes) } catch { throw MachineError.kernel("\(config.kernelPath): \(error.description)") }
+        var kernelBytes: [UInt8] = []
+        var image: KernelImage?
         var initrd: [UInt8]?
-        if let path = config.initrdPath {
-            do { initrd = try readWholeFile(path) } catch { throw MachineError.initrd(error.description) }
+        if restoring == nil {
+            do { kernelBytes = try readWholeFile(config.kernelPath) } catch { throw MachineError.kernel(error.description) }
+            do { image = try KernelImage.parse(kernelBytes) } catch { throw MachineError.kernel("\(config.kernelPath): \(error.description)") }
+            if let path = config.initrdPath {
+                do { initrd = try readWholeFile(path) } catch { throw MachineError.initrd(error.description) }
+            }
         }
 
         var cmdline = KernelCommandLine()
@@ -159,8 +181,20 @@ public final class Machine: Sendable {
             if maxVCPUs > 0 && config.cpus > maxVCPUs {
                 throw MachineError.invalidConfiguration("--cpus \(config.cpus) is more than this host's KVM allows (\(maxVCPUs))")
             }
+            if let r = restoring {
+                let here = try HostIdentity.current(system)
+                guard here == r.snapshot.host else {
+                    throw MachineError.snapshot("taken on \(r.snapshot.host); this host is \(here)")
+                }
+            }
             vm = try system.createVM()
-            memory = try GuestMemory(size: config.memoryMiB << 20)
+            if let r = restoring {
+                do { memory = try GuestMemory(restoringFrom: r.memoryFD, size: config.memoryMiB << 20) } catch {
+                    throw MachineError.snapshot("\(error)")
+                }
+            } else {
+                memory = try GuestMemory(size: config.memoryMiB << 20)
+            }
             try vm.setTSSAddress(0xFFFB_D000)
             try vm.mapMemory(memory)
             try vm.createIRQChip()
@@ -169,23 +203,31 @@ public final class Machine: Sendable {
             throw MachineError.kvm(e)
         }
 
-        // Guest memory contents.
-        let entry = try BootLoader.load(kernel: image, kernelBytes: kernelBytes, initrd: initrd, commandLine: cmdline, memory: memory)
-        try CPUSetup.writeDescriptorTables(memory)
-        try CPUSetup.writeIdentityPageTables(memory)
-        try MPTable.write(cpus: config.cpus, to: memory)
+        // Guest memory contents (a restored VM's are in the memory file).
+        var entry: BootEntry?
+        if let image {
+            entry = try BootLoader.load(kernel: image, kernelBytes: kernelBytes, initrd: initrd, commandLine: cmdline, memory: memory)
+            try CPUSetup.writeDescriptorTables(memory)
+            try CPUSetup.writeIdentityPageTables(memory)
+            try MPTable.write(cpus: config.cpus, to: memory)
+        }
 
         // Devices.
         console = ConsoleLog(capacity: config.consoleCapacity, sink: config.consoleSink)
         bootTimer = BootTimer(onMark: config.onBootMark)
         stopEvent = try EventFD()
+        pausedEvent = try EventFD()
+        resumeEvent = try EventFD(nonBlocking: true, semaphore: true)
         var bus = DeviceBus()
         var irqEvents: [EventFD] = []
         do {
             let serialIRQ = try EventFD()
             try vm.registerIRQFD(serialIRQ, gsi: Layout.serialIRQ)
             irqEvents.append(serialIRQ)
-            try bus.addPorts(base: Layout.serialCOM1, count: 8, Serial(output: console, interrupt: IRQFDTrigger(event: serialIRQ)))
+            let serial = Serial(output: console, interrupt: IRQFDTrigger(event: serialIRQ))
+            if let r = restoring { serial.restore(r.snapshot.serial) }
+            self.serial = serial
+            try bus.addPorts(base: Layout.serialCOM1, count: 8, serial)
             try bus.addPorts(base: Layout.bootTimerPort, count: 1, bootTimer)
             let stopBox = WeakStopper()
             try bus.addPorts(base: Layout.i8042Command, count: 1, I8042(onReset: { stopBox.machine?.requestStop(.guestReset) }))
@@ -205,6 +247,11 @@ public final class Machine: Sendable {
                         }
                     }
                 }
+                if let r = restoring {
+                    do { try transport.restore(r.snapshot.transports[i]) } catch {
+                        throw MachineError.snapshot("virtio device \(i): \(error)")
+                    }
+                }
                 try bus.addMMIO(base: base, size: Layout.virtioMMIOSize, transport)
                 transports.append(transport)
             }
@@ -218,7 +265,9 @@ public final class Machine: Sendable {
             for id in 0..<config.cpus {
                 let vcpu = try vm.createVCPU(id: id)
                 try vcpu.setCPUID(CPUIDPolicy.entries(from: supported, vcpuID: id, vcpuCount: config.cpus))
-                if id == 0 {
+                if let r = restoring {
+                    try vcpu.restoreState(r.snapshot.vcpus[id], xsaveSize: system.xsaveSize)
+                } else if id == 0, let entry {
                     let base = try vcpu.specialRegisters()
                     let (regs, sregs): (Registers, SpecialRegisters)
                     switch entry {
@@ -232,8 +281,10 @@ public final class Machine: Sendable {
                 vcpus.append(vcpu)
             }
             self.vcpus = vcpus
+            if let r = restoring { try vm.restoreState(r.snapshot.vm) }
             stopBox.machine = self
         } catch let e as KVMError {
+            if case .invalidState(let why) = e { throw MachineError.snapshot(why) }
             throw MachineError.kvm(e)
         }
     }
@@ -249,6 +300,11 @@ public final class Machine: Sendable {
         installKickSignalHandler(Self.kickSignal)
         for t in transports { try t.start() }
         defer { for t in transports { t.stop() } }
+        if restored {
+            // A doorbell the guest rang just before the snapshot may not have been served:
+            // one spurious notification per queue is always allowed, and serves it.
+            for t in transports { for q in 0..<t.queueCount { t.notifyEventFD(forQueue: q)?.signal() } }
+        }
         let runNanos = monotonicNanos()
         state.withLock { $0.runStart = runNanos }
         let bus = self.bus
@@ -297,6 +353,10 @@ public final class Machine: Sendable {
     private func runLoop(_ vcpu: VCPU, bus: DeviceBus) {
         unblockSignalInCurrentThread(Self.kickSignal)
         while !stopping {
+            if state.withLock({ $0.pauseRequested }) {
+                park(vcpu)
+                continue
+            }
             let exit: VCPUExit
             do { exit = try vcpu.run() } catch {
                 requestStop(.kvmError(error.description))
@@ -308,6 +368,79 @@ public final class Machine: Sendable {
                 return
             }
         }
+    }
+}
+
+// MARK: - Pause, snapshot, resume
+
+extension Machine {
+    /// On a vCPU's own thread: saves its state for the snapshot, says it is parked, and
+    /// waits to be resumed (or for the VM to stop).
+    private func park(_ vcpu: VCPU) {
+        let saved: Result<VCPUState, KVMError>
+        do throws(KVMError) {
+            saved = .success(try vcpu.saveState(msrIndices: try system.msrIndexList(), xsaveSize: system.xsaveSize))
+        } catch { saved = .failure(error) }
+        state.withLock { $0.savedVCPUs[vcpu.id] = saved }
+        pausedEvent.signal()
+        while true {
+            var fds = [pollfd(fd: resumeEvent.fd.rawValue, events: Int16(POLLIN), revents: 0),
+                       pollfd(fd: stopEvent.fd.rawValue, events: Int16(POLLIN), revents: 0)]
+            let r = poll(&fds, 2, -1)
+            if r < 0 && errno == EINTR { continue }
+            if fds[0].revents != 0 && resumeEvent.wait() > 0 { break }
+            if fds[1].revents != 0 { break }
+        }
+        if !stopping { vcpu.clearExitRequest() }
+    }
+
+    /// Stops every vCPU where it is (each saves its own state) and the device workers
+    /// (each finishes the request it is serving), so the VM is quiescent. Blocks until
+    /// then. Call from any thread but a vCPU's, while `run()` is running.
+    public func pause() throws {
+        let threads: [NativeThread] = state.withLock { s in
+            s.pauseRequested = true
+            s.savedVCPUs = [:]
+            return s.threads
+        }
+        for v in vcpus { v.requestExit() }
+        for t in threads { t.kill(Self.kickSignal) }
+        var parked = 0
+        while parked < vcpus.count {
+            guard waitReadable(pausedEvent.fd.rawValue, timeoutMillis: 10_000) else {
+                throw MachineError.snapshot("the vCPUs did not stop within 10 s for the snapshot (\(parked) of \(vcpus.count) did)")
+            }
+            parked += Int(pausedEvent.wait())
+        }
+        for t in transports { t.stop() }
+    }
+
+    /// The paused VM's state; with `memoryFD`, guest RAM is written to it too (the memory
+    /// file; see `GuestMemory.write(to:)`). Call between `pause()` and `resume()`.
+    public func snapshot(memoryFD: Int32?) throws -> MachineSnapshot {
+        let saved = state.withLock { $0.savedVCPUs }
+        var vcpuStates: [VCPUState] = []
+        for v in vcpus {
+            switch saved[v.id] {
+            case .success(let s)?: vcpuStates.append(s)
+            case .failure(let e)?: throw MachineError.snapshot("vCPU \(v.id): \(e)")
+            case nil: throw MachineError.snapshot("vCPU \(v.id) is not paused")
+            }
+        }
+        for t in transports { t.settle() }
+        let vmState: VMState
+        do { vmState = try vm.saveState() } catch { throw MachineError.kvm(error) }
+        if let memoryFD { try memory.write(to: memoryFD) }
+        return MachineSnapshot(host: try HostIdentity.current(system), memoryBytes: memory.size, cpus: vcpus.count, vcpus: vcpuStates, vm: vmState,
+                               serial: serial.snapshot, transports: transports.map(\.state),
+                               deviceTypes: transports.map(\.device.deviceType))
+    }
+
+    /// Lets a paused VM go on.
+    public func resume() throws {
+        for t in transports { try t.start() }
+        state.withLock { $0.pauseRequested = false }
+        resumeEvent.signal(UInt64(vcpus.count))
     }
 }
 

@@ -72,7 +72,7 @@ public enum GuestBoot {
             }
             switch e.kind {
             case .failed: throw e.error ?? .vmm("the VMM failed to set the VM up")
-            case .ready: continue
+            case .ready, .snapshotted: continue
             case .stopped:
                 if let keepError = e.error { throw keepError }
                 let ending: Ending

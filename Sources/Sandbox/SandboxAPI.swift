@@ -55,6 +55,10 @@ public struct SandboxConfiguration: Sendable {
     /// image's size (images have about 1 GiB free). The growth is sparse: host space is
     /// used only as the guest writes. At least the image's size, at most 16 TiB.
     public var diskSizeMiB: UInt64?
+    /// Start from this snapshot directory (made by ``SnapshotMaker``) instead of booting:
+    /// its memory, CPU state and disk. `memoryMiB` and `cpus` must be the snapshot's;
+    /// `image`, `kernel` and `diskSizeMiB` are the snapshot's and are not used.
+    public var snapshot: String?
     /// Copy the guest console to this host descriptor (debugging).
     public var consoleFD: Int32?
     /// The VMM executable; nil finds it by the rule of ``VMMExecutable`` (`$SANDBOX_VMM`,
@@ -109,8 +113,14 @@ enum GuestCrashSummary {
 /// Milliseconds spent in each phase of a run.
 public struct PhaseTimings: Sendable, Equatable {
     /// Library call to the first guest instruction: resolving inputs, spawning the VMM
-    /// process, building the VM (memory, kernel load, devices, vCPUs).
+    /// process, building the VM (memory, kernel load, devices, vCPUs). On a restore:
+    /// the call to the VMM process running (its own start before the restore).
     public var vmmStart: Double = 0
+    /// Whether the run started from a snapshot (then `kernelBoot` is 0).
+    public var restored = false
+    /// On a restore: the VMM building the VM from the snapshot (mapping its memory,
+    /// loading every vCPU's and device's state), before the vCPUs run.
+    public var restore: Double = 0
     /// Kernel entry to the guest's init (PID 1) starting, by the guest's own boot clock.
     public var kernelBoot: Double = 0
     /// Init started to the agent connected over vsock and answering.

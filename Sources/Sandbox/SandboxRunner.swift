@@ -30,14 +30,24 @@ public enum SandboxRunner {
             return result
         }
         // Check and resolve inputs before starting anything.
-        let kernel: String, image: String
+        var kernel = "", image = ""
         do {
             try InputCheck.check(config)
-            kernel = try config.kernel ?? KernelStore.defaultKernelPath(progress: progress)
-            image = try RootImage.resolve(config.image, progress: { line in
-                if !line.contains("is up to date") { progress(line) }
-            })
-            if let d = config.diskSizeMiB {
+            if let dir = config.snapshot {
+                // A restore brings its own kernel state, RAM and disk.
+                if config.diskSizeMiB != nil {
+                    throw SandboxError.invalidInput("diskSize cannot be set on a run from a snapshot: the disk is the snapshot's (set it when making the snapshot)")
+                }
+                guard FileManager.default.fileExists(atPath: dir) else {
+                    throw SandboxError(.snapshot, "\(dir): no such snapshot directory")
+                }
+            } else {
+                kernel = try config.kernel ?? KernelStore.defaultKernelPath(progress: progress)
+                image = try RootImage.resolve(config.image, progress: { line in
+                    if !line.contains("is up to date") { progress(line) }
+                })
+            }
+            if config.snapshot == nil, let d = config.diskSizeMiB {
                 let size = (try? FileManager.default.attributesOfItem(atPath: image)[.size] as? NSNumber)?.uint64Value
                 try InputCheck.diskSize(d, imageBytes: size, imageName: "the image \(config.image)")
             }
@@ -60,11 +70,12 @@ public enum SandboxRunner {
             result.outcome = .infrastructureError(.from(error, code: .invalidInput))
             return result
         }
-        let vmConfig = VMMConfig(mode: .agent, kernelPath: kernel, imagePath: image, overlayDirectory: SandboxPaths.overlayDirectory,
+        var vmConfig = VMMConfig(mode: .agent, kernelPath: kernel, imagePath: image, overlayDirectory: SandboxPaths.overlayDirectory,
                                  memoryMiB: config.memoryMiB, cpus: config.cpus,
                                  vmTimeoutSeconds: bootTimeout + (commandTimeout ?? 86_400) + 30,
                                  bootTimeoutSeconds: bootTimeout, keepDiskPath: config.keepDiskPath,
                                  streamConsole: config.consoleFD != nil, diskSizeBytes: config.diskSizeMiB.map { $0 << 20 })
+        vmConfig.restoreDirectory = config.snapshot
         let vmm: VMMProcess
         do { vmm = try VMMProcess.spawn(vmConfig, executable: config.vmmExecutable, stderr: config.consoleFD) } catch {
             result.outcome = .infrastructureError(error)
@@ -114,12 +125,21 @@ public enum SandboxRunner {
             setupDeadline?.cancel()  // set-up answered; copy-in and the command have their own bounds
             let connected = monotonicNanos()
             let vcpuStart = ms(t0, spawned) + (ready.vcpuStartMillis ?? 0)
-            let sinceInit = Double(pong.guestNowNanos &- pong.initStartedNanos) / 1e6
-            let initStart = max(vcpuStart, ms(t0, connected) - sinceInit)
-            result.timings.vmmStart = vcpuStart
-            result.timings.kernelBoot = initStart - vcpuStart
-            result.timings.agentReady = ms(t0, connected) - initStart
-            result.timings.agentStartup = Double(pong.agentReadyNanos &- pong.initStartedNanos) / 1e6
+            if let restore = ready.restoreMillis {
+                // Restored: no boot; the VM was built from the snapshot, then the agent
+                // (already listening in the snapshot) took the new connection.
+                result.timings.vmmStart = ms(t0, spawned)
+                result.timings.restore = restore
+                result.timings.agentReady = ms(t0, connected) - ms(t0, spawned) - restore
+                result.timings.restored = true
+            } else {
+                let sinceInit = Double(pong.guestNowNanos &- pong.initStartedNanos) / 1e6
+                let initStart = max(vcpuStart, ms(t0, connected) - sinceInit)
+                result.timings.vmmStart = vcpuStart
+                result.timings.kernelBoot = initStart - vcpuStart
+                result.timings.agentReady = ms(t0, connected) - initStart
+                result.timings.agentStartup = Double(pong.agentReadyNanos &- pong.initStartedNanos) / 1e6
+            }
             tExec = connected
             for c in config.copyIn {
                 let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: c.hostPath)))

@@ -170,6 +170,7 @@ final class VMMProcess: Sendable {
             case .stopped?, nil: return .infrastructureError(.guest(e.reason ?? "the VM stopped before the agent was ready"))
             }
         case .ready: return .infrastructureError(.internal("unexpected ready event"))
+        case .snapshotted: return .infrastructureError(.internal("unexpected snapshotted event"))
         }
     }
 
@@ -184,6 +185,13 @@ final class VMMProcess: Sendable {
     func kill() {
         if state.withLock({ $0.reaped }) { return }
         _ = Glibc.kill(pid, SIGKILL)
+    }
+
+    /// Asks the VMM to write a snapshot of the VM (into the configuration's snapshot
+    /// directory); it answers with a `snapshotted` or `failed` event, then stops the VM.
+    func requestSnapshot() {
+        let s: [UInt8] = Array("snapshot\n".utf8)
+        s.withUnsafeBytes { _ = send(control.rawValue, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
     }
 
     /// Asks the VMM to stop the VM now.

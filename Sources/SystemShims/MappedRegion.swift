@@ -26,6 +26,15 @@ public final class MappedRegion: @unchecked Sendable {
         return MappedRegion(pointer: p, size: size)
     }
 
+    /// A private copy-on-write mapping of `fd` (restored guest RAM): reads come from the
+    /// file's page cache, shared by every mapping of the same file; a write gives this
+    /// mapping its own copy of the page and never reaches the file.
+    public static func privateFile(fd: Int32, size: Int) throws(SystemError) -> MappedRegion {
+        let p = mmap(nil, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, fd, 0)
+        guard let p, p != MAP_FAILED else { throw SystemError("mmap(private file, \(size))", errno: Glibc.errno) }
+        return MappedRegion(pointer: p, size: size)
+    }
+
     private init(pointer: UnsafeMutableRawPointer, size: Int) {
         self.pointer = pointer
         self.size = size
@@ -40,9 +49,12 @@ public final class EventFD: @unchecked Sendable {
     // @unchecked: only the immutable descriptor is stored.
     public let fd: FileDescriptor
 
-    public init(nonBlocking: Bool = false, initial: UInt32 = 0) throws(SystemError) {
+    /// - Parameter semaphore: EFD_SEMAPHORE: each read takes 1 from the counter (so N
+    ///   waiting threads can each take one of N signals) instead of all of it.
+    public init(nonBlocking: Bool = false, initial: UInt32 = 0, semaphore: Bool = false) throws(SystemError) {
         var flags = Int32(EFD_CLOEXEC)
         if nonBlocking { flags |= Int32(EFD_NONBLOCK) }
+        if semaphore { flags |= Int32(EFD_SEMAPHORE) }
         let raw = try retryingEINTR("eventfd") { eventfd(initial, flags) }
         fd = FileDescriptor(owning: raw)
     }

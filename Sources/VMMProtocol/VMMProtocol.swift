@@ -38,6 +38,12 @@ public struct VMMConfig: Codable, Sendable {
     /// Grow the root disk to this many bytes (the guest agent grows the file system to
     /// match at boot); nil keeps the image's size.
     public var diskSizeBytes: UInt64?
+    /// Agent mode: where a "snapshot" control line makes the VMM write a snapshot of the
+    /// VM (then it stops). See Docs/SnapshotFormat.md.
+    public var snapshotDirectory: String?
+    /// Agent mode: restore the VM from the snapshot in this directory instead of booting
+    /// (`kernelPath` and `imagePath` are then not used: the snapshot has its own disk).
+    public var restoreDirectory: String?
 
     public init(mode: Mode, kernelPath: String, initrdPath: String? = nil, imagePath: String?, overlayDirectory: String,
                 memoryMiB: UInt64, cpus: Int, vmTimeoutSeconds: Double?, bootTimeoutSeconds: Double,
@@ -81,7 +87,11 @@ public enum VMMStopKind: String, Codable, Sendable {
 
 /// Control events from the VMM process to the library.
 public struct VMMEvent: Codable, Sendable {
-    public enum Kind: String, Codable, Sendable { case ready, stopped, failed }
+    public enum Kind: String, Codable, Sendable {
+        case ready, stopped, failed
+        /// The snapshot asked for was written (then the VM stops as usual).
+        case snapshotted
+    }
     public var kind: Kind
     /// ready: milliseconds from VMM start to init started / agent ready / connected.
     public var initMillis: Double?
@@ -89,6 +99,11 @@ public struct VMMEvent: Codable, Sendable {
     public var connectedMillis: Double?
     /// ready: milliseconds from VMM start to the first KVM_RUN.
     public var vcpuStartMillis: Double?
+    /// ready, on a restore: milliseconds from VMM start to the restored VM built (memory
+    /// mapped, every state loaded), just before its vCPUs run.
+    public var restoreMillis: Double?
+    /// snapshotted: milliseconds the snapshot took (pause to files written).
+    public var snapshotMillis: Double?
     /// stopped: how it ended, in words and as a kind.
     public var reason: String?
     public var stop: VMMStopKind?

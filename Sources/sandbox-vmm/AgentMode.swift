@@ -15,7 +15,19 @@ import Glibc
 /// vsock port, reports events on fd 4, and returns when the VM stops.
 enum AgentMode {
     static func run(_ config: VMMConfig, control: FileDescriptor, report: @escaping @Sendable (VMMEvent) -> Void) throws {
-        guard let imagePath = config.imagePath else { throw SandboxError.invalidInput("agent mode needs a root image") }
+        // A restore takes its disk, RAM and device state from the snapshot directory.
+        var restoring: (snapshot: MachineSnapshot, memory: FileDescriptor)?
+        if let dir = config.restoreDirectory {
+            guard config.diskSizeBytes == nil else {
+                throw SandboxError.invalidInput("a restored sandbox's disk size is the snapshot's; set the disk size when the snapshot is made")
+            }
+            let snapshot = try SnapshotFiles.readState(from: dir)
+            restoring = (snapshot, try SnapshotFiles.openMemory(in: dir, expected: snapshot.memoryBytes))
+        }
+        defer { restoring?.memory.close() }
+        guard let imagePath = config.restoreDirectory.map({ $0 + "/" + SnapshotFiles.diskFile }) ?? config.imagePath else {
+            throw SandboxError.invalidInput("agent mode needs a root image")
+        }
         let agentReady = try EventFD()
         let disk = try RootDisk.open(imagePath: imagePath, overlayDirectory: config.overlayDirectory, sizeBytes: config.diskSizeBytes)
         defer { disk.close() }
@@ -34,7 +46,11 @@ enum AgentMode {
             mc.consoleSink = { bytes in try? writeAll(2, bytes) }
         }
         mc.onBootMark = { mark in if mark.value == GuestABI.BootMark.agentReady.rawValue { agentReady.signal() } }
-        let machine = try VMMMachine.make(mc)
+        let machine = try VMMMachine.make(mc, restoring: restoring.map { ($0.snapshot, $0.memory.rawValue) })
+        let restoredNanos = restoring == nil ? nil : monotonicNanos()
+        // A restored guest may think it has vsock connections (the snapshot's): tell it
+        // every connection is gone. Its agent's listening socket stays.
+        if restoring != nil { vsock.sendTransportReset() }
         let stopped = try EventFD()
         let outcome = Mutex<Result<MachineResult, SandboxError>?>(nil)
         let vmThread = try NativeThread(name: "vm") {
@@ -54,7 +70,13 @@ enum AgentMode {
         var lastError = "no attempt"
         let debug = ProcessInfo.processInfo.environment["SANDBOX_DEBUG_VMM"] != nil
         while running() && monotonicNanos() < bootDeadline {
-            _ = waitReadable(agentReady.fd.rawValue, timeoutMillis: 20)
+            if restoring != nil {
+                // The restored guest is up at once; connect only after it has dropped the
+                // snapshot's connections (the transport reset), or it drops ours too.
+                if !vsock.transportResetHandled { usleep(200); continue }
+            } else {
+                _ = waitReadable(agentReady.fd.rawValue, timeoutMillis: 20)
+            }
             guard running() else { break }
             let attempt = monotonicNanos()
             do {
@@ -83,8 +105,20 @@ enum AgentMode {
             ready.agentMillis = ms(.agentReady)
             ready.connectedMillis = Double(monotonicNanos() - machine.startNanos) / 1e6
             ready.vcpuStartMillis = Double(machine.runStartNanos - machine.startNanos) / 1e6
+            ready.restoreMillis = restoredNanos.map { Double($0 - machine.startNanos) / 1e6 }
             report(ready)
-            Relay.run(connection: connection, agentFD: VMMFileDescriptors.agent, control: control, stopped: stopped, machine: machine)
+            let ask = Relay.run(connection: connection, agentFD: VMMFileDescriptors.agent, control: control, stopped: stopped, machine: machine)
+            if ask == .snapshot {
+                var e = VMMEvent(kind: .snapshotted)
+                do {
+                    e.snapshotMillis = try takeSnapshot(config, machine: machine, connection: connection, disk: disk)
+                } catch {
+                    e = VMMEvent(kind: .failed)
+                    e.error = VMMMachine.error(error)
+                }
+                report(e)
+                machine.requestStop(.stopRequested)
+            }
         }
         vmThread.join()
         connection?.close()
@@ -117,6 +151,28 @@ enum AgentMode {
         }
     }
 
+    /// Writes a snapshot of the running VM into `config.snapshotDirectory`: closes the
+    /// agent connection (the guest's agent goes back to accept()), pauses the VM, and
+    /// writes the memory file, the disk as the guest sees it, and the state file (last).
+    /// Returns how long it took in milliseconds.
+    static func takeSnapshot(_ config: VMMConfig, machine: Machine, connection: VsockConnection, disk: BlockDevice) throws -> Double {
+        guard let dir = config.snapshotDirectory else {
+            throw SandboxError.invalidInput("a snapshot was asked for, but the VMM was started without a snapshot directory")
+        }
+        connection.close()
+        // Let the guest take the close in (its RST reply) before the VM stops.
+        let closeDeadline = monotonicNanos() + 1_000_000_000
+        while connection.state.phase != .closed && monotonicNanos() < closeDeadline { usleep(1000) }
+        let started = monotonicNanos()
+        try machine.pause()
+        let memory = try SnapshotFiles.createMemory(in: dir)
+        defer { memory.close() }
+        let state = try machine.snapshot(memoryFD: memory.rawValue)
+        try RootDisk.export(disk, to: dir + "/" + SnapshotFiles.diskFile)
+        try SnapshotFiles.writeState(state, to: dir)
+        return Double(monotonicNanos() - started) / 1e6
+    }
+
     static func log(_ line: String) {
         var s = "sandbox-vmm: " + line + "\n"
         s.withUTF8 { try? writeAll(2, UnsafeRawBufferPointer($0)) }
@@ -127,7 +183,13 @@ enum AgentMode {
 enum Relay {
     /// Runs until either side closes or the VM stops; a "stop" line or EOF on the control
     /// socket stops the VM.
-    static func run(connection: VsockConnection, agentFD: Int32, control: FileDescriptor, stopped: EventFD, machine: Machine) {
+    /// What ended the relay at the library's request.
+    enum Ask { case none, stop, snapshot }
+
+    /// Control lines from the library: "stop" stops the VM; "snapshot" ends the relay so
+    /// the VMM can take a snapshot (the agent connection is closed for it).
+    @discardableResult
+    static func run(connection: VsockConnection, agentFD: Int32, control: FileDescriptor, stopped: EventFD, machine: Machine) -> Ask {
         let toGuest = try? NativeThread(name: "relay-in") {
             var buf = [UInt8](repeating: 0, count: 64 * 1024)
             while true {
@@ -147,25 +209,37 @@ enum Relay {
             }
             shutdown(agentFD, Int32(SHUT_WR))
         }
-        // Control: wait for "stop", EOF (the library went away) or the VM's end.
+        // Control: wait for a line ("stop", "snapshot"), EOF (the library went away) or
+        // the VM's end. Lines are short; anything unknown or malformed stops the VM.
         var fds = [pollfd(fd: control.rawValue, events: Int16(POLLIN), revents: 0),
                    pollfd(fd: stopped.fd.rawValue, events: Int16(POLLIN), revents: 0)]
-        while true {
+        var pending: [UInt8] = []
+        var ask = Ask.none
+        loop: while true {
             let r = poll(&fds, 2, -1)
             if r < 0 && errno == EINTR { continue }
             if fds[1].revents != 0 { break }
             if fds[0].revents != 0 {
-                var b = [UInt8](repeating: 0, count: 64)
+                var b = [UInt8](repeating: 0, count: 256)
                 let n = (try? b.withUnsafeMutableBytes { try readSome(control.rawValue, into: $0) }) ?? 0
-                if n <= 0 || b[0..<n].contains(UInt8(ascii: "s")) {
-                    machine.requestStop(.stopRequested)
-                    break
+                if n <= 0 { ask = .stop; break }
+                pending += b[0..<n]
+                while let nl = pending.firstIndex(of: UInt8(ascii: "\n")) {
+                    let line = String(decoding: pending[..<nl], as: UTF8.self)
+                    pending.removeSubrange(...nl)
+                    ask = line == "snapshot" ? .snapshot : .stop
+                    break loop
                 }
+                if pending.count > 1024 { ask = .stop; break }
             }
         }
-        connection.close()
+        if ask != .snapshot {
+            machine.requestStop(.stopRequested)
+            connection.close()
+        }
         shutdown(agentFD, Int32(SHUT_RDWR))
         toGuest?.join()
         toHost?.join()
+        return ask
     }
 }

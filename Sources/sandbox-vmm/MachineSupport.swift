@@ -6,8 +6,8 @@ import VMMProtocol
 
 /// Building a `Machine` and describing how it ended, shared by both modes.
 enum VMMMachine {
-    static func make(_ config: MachineConfiguration) throws(SandboxError) -> Machine {
-        do { return try Machine(config) } catch { throw Self.error(error) }
+    static func make(_ config: MachineConfiguration, restoring: (snapshot: MachineSnapshot, memoryFD: Int32)? = nil) throws(SandboxError) -> Machine {
+        do { return try Machine(config, restoring: restoring) } catch { throw Self.error(error) }
     }
 
     /// A set-up or run error as the library's error, with the code that says whose it is.
@@ -27,6 +27,7 @@ enum VMMMachine {
         case .kernel: return SandboxError(.kernel, m.description)
         case .initrd, .invalidConfiguration: return SandboxError(.invalidInput, m.description)
         case .setup: return SandboxError(.vmm, m.description)
+        case .snapshot: return SandboxError(.snapshot, m.description)
         }
     }
 }

@@ -26,6 +26,8 @@ struct Exec: ParsableCommand {
     var memory: UInt64 = 256
     @Option(parsing: .unconditional, help: "Number of vCPUs (1 to 32).")
     var cpus: Int = 1
+    @Option(help: "Start from this snapshot (made by `sandbox snapshot create`) instead of booting; --memory and --cpus must be the snapshot's.")
+    var snapshot: String?
     @Option(name: .customLong("disk-size"), parsing: .unconditional, help: "Grow the root disk and its file system to this size (MiB, or 512M, 4G, 1T); sparse on the host.")
     var diskSize: String?
     @Option(parsing: .unconditional, help: "Wall-clock limit for the command, in seconds (0 = none; at most 30 days).")
@@ -63,6 +65,7 @@ struct Exec: ParsableCommand {
         config.cpus = cpus
         config.workingDirectory = workdir
         config.keepDiskPath = keepDisk
+        config.snapshot = snapshot
         config.consoleFD = console ? 2 : nil
         // Output streams straight to the terminal: no cap, nothing kept in memory.
         config.outputLimit = 0
@@ -95,7 +98,11 @@ struct Exec: ParsableCommand {
             case .stderr(let b): b.withUnsafeBytes { writeAll(2, $0) }
             }
         }
-        if timings {
+        if timings && result.timings.restored {
+            let t = result.timings
+            printError(String(format: "sandbox: restored from the snapshot: vmm %.1f ms, restore %.1f ms, agent %.1f ms, exec %.1f ms, teardown %.1f ms, total %.1f ms",
+                              t.vmmStart, t.restore, t.agentReady, t.exec, t.teardown, t.total))
+        } else if timings {
             let t = result.timings
             printError(String(format: "sandbox: vmm %.1f ms, kernel boot %.1f ms, agent %.1f ms (guest startup %.1f ms), exec %.1f ms, teardown %.1f ms, total %.1f ms",
                               t.vmmStart, t.kernelBoot, t.agentReady, t.agentStartup, t.exec, t.teardown, t.total))

@@ -58,6 +58,9 @@ public final class VsockDevice: VirtioDevice, @unchecked Sendable {
     private var nextPort: UInt32
     private var stats = VsockStatistics()
     private var transportResetPending = false
+    /// How many event buffers the guest had posted right after a TRANSPORT_RESET took
+    /// one: its driver posts the buffer again once it has handled the reset.
+    private var eventBuffersAfterReset: UInt16?
 
     /// - Parameters:
     ///   - guestCID: the guest's context ID (3 or more; 0-2 are reserved).
@@ -70,7 +73,9 @@ public final class VsockDevice: VirtioDevice, @unchecked Sendable {
         self.guestCID = guestCID
         self.queueMaxSizes = [queueSize, queueSize, queueSize]
         self.configuration = configuration
-        self.nextPort = configuration.ephemeralPorts.lowerBound
+        // A random start: a restored guest may still hold state for the ports the VMM
+        // it was snapshotted from used, which started at the bottom of the range.
+        self.nextPort = UInt32.random(in: configuration.ephemeralPorts)
     }
 
     /// Why the device set DEVICE_NEEDS_RESET, if it did.
@@ -162,6 +167,17 @@ public final class VsockDevice: VirtioDevice, @unchecked Sendable {
     /// on the event queue, spec 5.10.6.7), e.g. after restoring a snapshot; the guest
     /// then resets its sockets. Host connections fail with `.deviceReset`. The event
     /// waits for an event buffer if the guest has none posted.
+    /// Whether the guest has handled the last TRANSPORT_RESET: it was delivered and the
+    /// guest has posted the event buffer again (its driver does that after resetting its
+    /// sockets). A host connection made before that may be reset with them.
+    public var transportResetHandled: Bool {
+        lock.withLock {
+            if transportResetPending { return false }
+            guard let after = eventBuffersAfterReset, let q = event, let memory else { return true }
+            return ((try? q.pendingCount(memory: memory)) ?? 0) > after
+        }
+    }
+
     public func sendTransportReset() {
         lock.withLock {
             guard event != nil, !failed else { return }
@@ -469,6 +485,7 @@ public final class VsockDevice: VirtioDevice, @unchecked Sendable {
             }
             try q.addUsed(memory: memory, head: chain.head, length: 4)
             transportResetPending = false
+            eventBuffersAfterReset = try q.pendingCount(memory: memory)
             if try q.needsInterrupt(memory: memory) { interrupt.signalUsedBuffer() }
             event = q
         } catch let e as FatalError {

@@ -1,0 +1,101 @@
+import Foundation
+import SandboxCore
+import SandboxImages
+import SystemShims
+import VMMProtocol
+
+/// Makes snapshots: a sandbox booted once, stopped with its agent listening, written to a
+/// directory from which any number of later sandboxes start in milliseconds
+/// (`SandboxConfiguration.snapshot`). See Docs/SnapshotFormat.md.
+public enum SnapshotMaker {
+    /// What making a snapshot cost.
+    public struct Result: Sendable {
+        /// The snapshot directory.
+        public var directory: String
+        /// Milliseconds from the call to the agent answering in the booted VM.
+        public var bootMillis: Double
+        /// Milliseconds the VMM took to pause the VM and write the files.
+        public var snapshotMillis: Double
+        /// Milliseconds for the whole call.
+        public var totalMillis: Double
+    }
+
+    /// Boots a sandbox from `configuration` (its image, kernel, memory, vCPUs and disk
+    /// size), waits until its agent answers, and writes a snapshot of it to `directory`,
+    /// which must not exist yet. The files are written to a temporary sibling first and
+    /// renamed into place, so `directory` either holds a whole snapshot or does not exist.
+    public static func create(directory: String, configuration config: SandboxConfiguration,
+                              progress: (String) -> Void = { _ in }) throws(SandboxError) -> Result {
+        do { return try make(directory: directory, config: config, progress: progress) } catch {
+            throw .from(error, code: .snapshot)
+        }
+    }
+
+    private static func make(directory: String, config: SandboxConfiguration, progress: (String) -> Void) throws -> Result {
+        let t0 = monotonicNanos()
+        func ms(_ from: UInt64, _ to: UInt64 = monotonicNanos()) -> Double { Double(to &- from) / 1e6 }
+        guard config.snapshot == nil else {
+            throw SandboxError.invalidInput("a snapshot is made by booting; the configuration must not itself start from a snapshot")
+        }
+        guard !FileManager.default.fileExists(atPath: directory) else {
+            throw SandboxError.invalidInput("\(directory) already exists; a snapshot is written to a new directory")
+        }
+        try InputCheck.check(config)
+        let kernel = try config.kernel ?? KernelStore.defaultKernelPath(progress: progress)
+        let image = try RootImage.resolve(config.image, progress: { line in
+            if !line.contains("is up to date") { progress(line) }
+        })
+        if let d = config.diskSizeMiB {
+            let size = (try? FileManager.default.attributesOfItem(atPath: image)[.size] as? NSNumber)?.uint64Value
+            try InputCheck.diskSize(d, imageBytes: size, imageName: "the image \(config.image)")
+        }
+        let parent = (directory as NSString).deletingLastPathComponent
+        let partial = (parent.isEmpty ? "." : parent) + "/." + (directory as NSString).lastPathComponent + ".partial-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        do { try FileManager.default.createDirectory(atPath: partial, withIntermediateDirectories: true) } catch {
+            throw SandboxError(.host, "cannot create the snapshot directory \(partial)", underlying: error)
+        }
+        var done = false
+        defer { if !done { try? FileManager.default.removeItem(atPath: partial) } }
+
+        let bootTimeout = try SandboxConfiguration.resolvedBootTimeout(config.bootTimeout)
+        var vmConfig = VMMConfig(mode: .agent, kernelPath: kernel, imagePath: image, overlayDirectory: SandboxPaths.overlayDirectory,
+                                 memoryMiB: config.memoryMiB, cpus: config.cpus, vmTimeoutSeconds: bootTimeout + 120,
+                                 bootTimeoutSeconds: bootTimeout, streamConsole: config.consoleFD != nil,
+                                 diskSizeBytes: config.diskSizeMiB.map { $0 << 20 })
+        vmConfig.snapshotDirectory = partial
+        let vmm = try VMMProcess.spawn(vmConfig, executable: config.vmmExecutable, stderr: config.consoleFD)
+        defer { vmm.reap(patienceMillis: 10_000) }
+        let first = vmm.nextEvent(timeoutMillis: Int32(min((bootTimeout + 10) * 1000, Double(Int32.max))))
+        guard let ready = first, ready.kind == .ready else {
+            if first == nil { vmm.kill() }
+            throw SandboxError(.snapshot, "the VM to snapshot did not come up: \(vmm.outcomeForEarlyEnd(first))")
+        }
+        // The agent must answer before the VM is frozen with it.
+        let client = AgentClient(fd: vmm.agent)
+        let watchdog = try? Watchdog(after: 30) { [vmm] in vmm.kill() }
+        do {
+            try client.hello()
+            _ = try client.ping()
+        } catch {
+            watchdog?.cancel()
+            vmm.requestStop()
+            throw SandboxError.from(error, code: .snapshot, context: "the guest agent of the VM to snapshot did not answer")
+        }
+        watchdog?.cancel()
+        let booted = ms(t0)
+        vmm.requestSnapshot()
+        guard let e = vmm.nextEvent(timeoutMillis: 120_000) else {
+            vmm.kill()
+            throw SandboxError(.snapshot, "the VMM did not report the snapshot within 120 s; it was killed")
+        }
+        guard e.kind == .snapshotted, let took = e.snapshotMillis else {
+            throw e.error ?? SandboxError(.snapshot, "the VMM did not write the snapshot (event \(e.kind.rawValue))")
+        }
+        _ = vmm.waitStopped(timeoutMillis: 10_000)
+        guard rename(partial, directory) == 0 else {
+            throw SandboxError(.host, "cannot move the snapshot into place at \(directory): \(String(cString: strerror(errno)))")
+        }
+        done = true
+        return Result(directory: directory, bootMillis: booted, snapshotMillis: took, totalMillis: ms(t0))
+    }
+}

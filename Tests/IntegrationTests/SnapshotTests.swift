@@ -1,0 +1,108 @@
+import Foundation
+import Testing
+
+/// Snapshots: `sandbox snapshot create`, then sandboxes that start from it.
+@Suite("snapshots: make one, start sandboxes from it", .serialized)
+struct SnapshotTests {
+    let t = ["--timeout", Fixture.inLab ? "600" : "60"]
+
+    func sandbox(_ args: [String]) throws -> Fixture.Result {
+        try Fixture.run(Fixture.sandboxBinary, args, timeout: Fixture.inLab ? 900 : 120)
+    }
+
+    /// A fresh snapshot in a scratch directory (removed by the caller).
+    func makeSnapshot(_ extra: [String] = []) throws -> (dir: String, path: String) {
+        let dir = NSTemporaryDirectory() + "sandbox-snap-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        let r = try sandbox(["snapshot", "create", dir + "/s"] + extra)
+        try #require(r.status == 0, "snapshot create: \(r.stderr)")
+        #expect(r.stderr.contains("snapshot written to \(dir)/s"), "\(r.stderr)")
+        return (dir, dir + "/s")
+    }
+
+    @Test("a sandbox started from a snapshot runs commands, and each one starts from the snapshot, not from the last run")
+    func restoreRunsCommands() throws {
+        let (scratch, snap) = try makeSnapshot()
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        for f in ["state.json", "memory", "disk.ext4"] {
+            #expect(FileManager.default.fileExists(atPath: snap + "/" + f), "no \(f) in the snapshot")
+        }
+        let a = try sandbox(["exec", "--snapshot", snap, "--timings"] + t + ["--", "sh", "-c", "echo restored; test -e /root/mark && echo seen; echo x > /root/mark; sync; cat /root/mark; exit 3"])
+        #expect(a.status == 3, "\(a.stderr)")
+        #expect(a.stdout == "restored\nx\n", "\(a.stdout) \(a.stderr)")
+        #expect(a.stderr.contains("restored from the snapshot"), "\(a.stderr)")
+        // The next sandbox sees neither the file nor anything else of the first.
+        let b = try sandbox(["exec", "--snapshot", snap] + t + ["--", "sh", "-c", "test -e /root/mark && echo seen || echo clean; echo out; echo err >&2"])
+        #expect(b.status == 0, "\(b.stderr)")
+        #expect(b.stdout == "clean\nout\n")
+        #expect(b.stderr == "err\n", "\(b.stderr)")
+        // Memory writes of one restored guest are its own (the memory file is never written).
+        let sum = try Fixture.sha256(file: snap + "/memory")
+        let c = try sandbox(["exec", "--snapshot", snap] + t + ["--", "sh", "-c", "dd if=/dev/zero of=/dev/shm/fill bs=1M count=32 2>/dev/null; echo ok"])
+        #expect(c.stdout == "ok\n", "\(c.stderr)")
+        #expect(try Fixture.sha256(file: snap + "/memory") == sum)
+    }
+
+    @Test("bad snapshots and mismatched settings are refused with a specific error")
+    func badSnapshots() throws {
+        let (scratch, snap) = try makeSnapshot()
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        func run(_ path: String, _ extra: [String] = []) throws -> Fixture.Result {
+            try sandbox(["exec", "--snapshot", path] + extra + t + ["--", "true"])
+        }
+        let missing = try run(scratch + "/nope")
+        #expect(missing.status == 125 && missing.stderr.contains("no such snapshot directory"), "\(missing.stderr)")
+
+        let memory = try run(snap, ["--memory", "512"])
+        #expect(memory.status == 125 && memory.stderr.contains("taken with 256 MiB of guest memory, this VM has 512 MiB"), "\(memory.stderr)")
+        let cpus = try run(snap, ["--cpus", "2"])
+        #expect(cpus.status == 125 && cpus.stderr.contains("taken with 1 vCPUs"), "\(cpus.stderr)")
+        let disk = try run(snap, ["--disk-size", "4G"])
+        #expect(disk.status == 125 && disk.stderr.contains("the disk is the snapshot's"), "\(disk.stderr)")
+
+        // A copy of the snapshot to damage, one way at a time.
+        func damaged(_ name: String, _ damage: (String) throws -> Void) throws -> Fixture.Result {
+            // The disk is large: link it; copy the rest (the memory file sparsely).
+            let copy = scratch + "/" + name
+            try FileManager.default.createDirectory(atPath: copy, withIntermediateDirectories: false)
+            try FileManager.default.linkItem(atPath: snap + "/disk.ext4", toPath: copy + "/disk.ext4")
+            try FileManager.default.copyItem(atPath: snap + "/state.json", toPath: copy + "/state.json")
+            let cp = try Fixture.run("/bin/cp", ["--sparse=always", snap + "/memory", copy + "/memory"])
+            try #require(cp.status == 0, "\(cp.stderr)")
+            try damage(copy)
+            return try run(copy)
+        }
+        let edited = try damaged("edited") { dir in
+            var text = try String(contentsOfFile: dir + "/state.json", encoding: .utf8)
+            #expect(text.contains("\"memoryBytes\":268435456"))
+            text = text.replacingOccurrences(of: "\"memoryBytes\":268435456", with: "\"memoryBytes\":268439552")
+            try text.write(toFile: dir + "/state.json", atomically: true, encoding: .utf8)
+        }
+        #expect(edited.status == 125 && edited.stderr.contains("checksum does not match"), "\(edited.stderr)")
+        let truncated = try damaged("truncated") { dir in
+            let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/state.json"))
+            try fh.truncate(atOffset: 100)
+            try fh.close()
+        }
+        #expect(truncated.status == 125 && truncated.stderr.contains("state.json: not a snapshot state file"), "\(truncated.stderr)")
+        let format = try damaged("format") { dir in
+            var text = try String(contentsOfFile: dir + "/state.json", encoding: .utf8)
+            text = text.replacingOccurrences(of: "\"format\":1,", with: "\"format\":99,")
+            try text.write(toFile: dir + "/state.json", atomically: true, encoding: .utf8)
+        }
+        #expect(format.status == 125 && format.stderr.contains("snapshot format 99; this sandbox-vmm reads format 1"), "\(format.stderr)")
+        let shortMemory = try damaged("short-memory") { dir in
+            chmod(dir + "/memory", 0o644)
+            let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/memory"))
+            try fh.truncate(atOffset: 1 << 20)
+            try fh.close()
+        }
+        #expect(shortMemory.status == 125 && shortMemory.stderr.contains("the memory file is 1048576 bytes, the snapshot's guest has 268435456"), "\(shortMemory.stderr)")
+        let noState = try damaged("incomplete") { dir in try FileManager.default.removeItem(atPath: dir + "/state.json") }
+        #expect(noState.status == 125 && noState.stderr.contains("no such snapshot state file"), "\(noState.stderr)")
+
+        // Making one over an existing directory is refused; nothing is written there.
+        let again = try sandbox(["snapshot", "create", snap])
+        #expect(again.status == 1 && again.stderr.contains("already exists"), "\(again.stderr)")
+    }
+}
