@@ -5,6 +5,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case pong = 0x03
     case error = 0x04
     case shutdown = 0x05
+    case seed = 0x06
     case exec = 0x10
     case stdinData = 0x11
     case stdinEOF = 0x12
@@ -32,6 +33,10 @@ public enum AgentMessage: Equatable, Sendable {
     case error(ErrorMessage)
     /// Host → guest: sync and power off; no reply.
     case shutdown
+    /// Host → guest: make this guest unique after a restore: mix `entropy` into the
+    /// kernel's random pool and reseed it, and set the wall clock. No reply on success
+    /// (a Ping after it confirms it was handled), Error on failure.
+    case seed(Seed)
     case exec(Exec)
     /// Host → guest: bytes for the command's stdin (``StdinMode/stream``).
     case stdinData([UInt8])
@@ -65,6 +70,7 @@ public enum AgentMessage: Equatable, Sendable {
         case .pong: .pong
         case .error: .error
         case .shutdown: .shutdown
+        case .seed: .seed
         case .exec: .exec
         case .stdinData: .stdinData
         case .stdinEOF: .stdinEOF
@@ -101,6 +107,11 @@ public enum AgentMessage: Equatable, Sendable {
             try w.string(e.message, field: "error.message", limit: L.maxMessageLength)
         case .shutdown, .stdinEOF, .kill, .timedOut:
             break
+        case .seed(let s):
+            guard (Seed.minEntropy...Seed.maxEntropy).contains(s.entropy.count) else {
+                throw .invalidValue(field: "seed.entropy.count", value: UInt64(s.entropy.count))
+            }
+            w.u64(s.unixNanos); w.raw(s.entropy)
         case .exec(let e):
             guard !e.arguments.isEmpty else { throw .invalidValue(field: "exec.argv.count", value: 0) }
             try w.strings(e.arguments, field: "exec.argv", countLimit: L.maxArguments, lengthLimit: L.maxArgumentLength)
@@ -172,6 +183,13 @@ public enum AgentMessage: Equatable, Sendable {
             let code = AgentErrorCode(rawValue: try r.u16("error.code"))
             message = .error(ErrorMessage(code: code, message: try r.string("error.message", limit: L.maxMessageLength)))
         case .shutdown: message = .shutdown
+        case .seed:
+            let nanos = try r.u64("seed.unixNanos")
+            let entropy = r.rest()
+            guard (Seed.minEntropy...Seed.maxEntropy).contains(entropy.count) else {
+                throw .invalidValue(field: "seed.entropy.count", value: UInt64(entropy.count))
+            }
+            message = .seed(Seed(unixNanos: nanos, entropy: entropy))
         case .stdinEOF: message = .stdinEOF
         case .kill: message = .kill
         case .timedOut: message = .timedOut
@@ -224,5 +242,18 @@ public enum AgentMessage: Equatable, Sendable {
         }
         guard r.remaining == 0 else { throw .trailingBytes(messageType: rawType, count: r.remaining) }
         return message
+    }
+}
+
+/// Payload of ``AgentMessage/seed(_:)``: u64 wall-clock time (ns since 1970, UTC), then
+/// 16 to 512 bytes of entropy from the host's random source.
+public struct Seed: Equatable, Sendable {
+    public static let minEntropy = 16
+    public static let maxEntropy = 512
+    public var unixNanos: UInt64
+    public var entropy: [UInt8]
+    public init(unixNanos: UInt64, entropy: [UInt8]) {
+        self.unixNanos = unixNanos
+        self.entropy = entropy
     }
 }

@@ -6,6 +6,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <grp.h>
+#include <linux/random.h>
 #include <linux/vm_sockets.h>
 #include <net/if.h>
 #include <signal.h>
@@ -369,4 +370,33 @@ int64_t cinit_grow_ext4(const char *mountpoint) {
     e = errno;
     close(dir);
     return rc == 0 ? (int64_t)blocks : -e;
+}
+
+// Mixes `len` bytes into the kernel's random pool, crediting them as entropy
+// (RNDADDENTROPY, needs CAP_SYS_ADMIN), then reseeds the CRNG (RNDRESEEDCRNG), so that
+// guests restored from one snapshot stop sharing their random state. Returns 0 or -errno.
+int cinit_seed_random(const uint8_t *bytes, int len) {
+    if (len <= 0 || len > 4096) return -EINVAL;
+    struct rand_pool_info *info = malloc(sizeof(*info) + (size_t)len);
+    if (!info) return -ENOMEM;
+    info->entropy_count = len * 8;
+    info->buf_size = len;
+    memcpy(info->buf, bytes, (size_t)len);
+    int rc = 0;
+    int fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+    if (fd < 0) rc = -errno;
+    else {
+        if (ioctl(fd, RNDADDENTROPY, info) < 0) rc = -errno;
+        else if (ioctl(fd, RNDRESEEDCRNG) < 0) rc = -errno;
+        close(fd);
+    }
+    memset(info, 0, sizeof(*info) + (size_t)len);
+    free(info);
+    return rc;
+}
+
+// Sets CLOCK_REALTIME to `unix_nanos`. Returns 0 or -errno.
+int cinit_set_realtime(uint64_t unix_nanos) {
+    struct timespec ts = { .tv_sec = (time_t)(unix_nanos / 1000000000ull), .tv_nsec = (long)(unix_nanos % 1000000000ull) };
+    return clock_settime(CLOCK_REALTIME, &ts) == 0 ? 0 : -errno;
 }

@@ -7,7 +7,8 @@ import VirtIO
 /// See Docs/SnapshotFormat.md.
 public struct MachineSnapshot: Codable, Sendable, Equatable {
     /// Bumped whenever this structure or what a field means changes.
-    public static let currentFormat = 1
+    /// 2: state.json names the sandbox-vmm build; restored guests are reseeded.
+    public static let currentFormat = 2
 
     public var format: Int = MachineSnapshot.currentFormat
     /// The host the snapshot was taken on; a restore elsewhere is refused.

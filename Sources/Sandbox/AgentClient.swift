@@ -93,6 +93,18 @@ public final class AgentClient: Sendable {
         }
     }
 
+    /// Makes a restored guest unique: 64 bytes from the host's random source for its
+    /// kernel's random pool, and the host's wall clock. The agent answers only on failure
+    /// (an Error), so a following `ping()` confirms it.
+    public func seed() throws {
+        var rng = SystemRandomNumberGenerator()
+        let entropy = (0..<64).map { _ in UInt8.random(in: 0...255, using: &rng) }
+        var ts = timespec()
+        clock_gettime(CLOCK_REALTIME, &ts)
+        let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
+        try send(.seed(Seed(unixNanos: now, entropy: entropy)))
+    }
+
     /// Ping: the agent answers with its boot timestamps.
     public func ping() throws -> Pong {
         let token = UInt64(state.withLock { $0.nextID })

@@ -117,6 +117,9 @@ public enum SandboxRunner {
         defer { setupDeadline?.cancel(); deadline?.cancel() }
         do {
             try client.hello()
+            // A restored guest has the snapshot's random state and clock: renew both
+            // (the Ping below confirms it, or fails the run with the agent's error).
+            if ready.restoreMillis != nil { try client.seed() }
             // Phase times: the VMM reports when the vCPUs started; the agent reports, on
             // the guest's boot clock, when init started and what the clock read when it
             // answered, which places init's start on the host clock (to within the

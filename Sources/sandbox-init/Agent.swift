@@ -69,6 +69,8 @@ final class Agent {
                     if runner.shutdownRequested { return true }
                 case .ping(let value):
                     try send(pong(value), frame.id)
+                case .seed(let seed):
+                    if let failure = Self.apply(seed) { try send(.error(ErrorMessage(code: .internal, message: failure)), frame.id) }
                 case .writeFile(let chunk):
                     try writeFile(chunk, id: frame.id, send: send)
                 case .readFile(let path):
@@ -93,6 +95,15 @@ final class Agent {
             log("closing connection: \(error)")
             return false
         }
+    }
+
+    /// Makes this guest unique (random pool, wall clock); nil, or what failed.
+    static func apply(_ seed: Seed) -> String? {
+        let rc = seed.entropy.withUnsafeBufferPointer { cinit_seed_random($0.baseAddress, Int32($0.count)) }
+        if rc < 0 { return "seeding the random pool: \(errnoDescription(-rc))" }
+        let clock = cinit_set_realtime(seed.unixNanos)
+        if clock < 0 { return "setting the clock: \(errnoDescription(-clock))" }
+        return nil
     }
 
     func pong(_ echo: UInt64) -> AgentMessage {

@@ -191,7 +191,7 @@ final class ExecRunner {
             Glibc.kill(-pid, SIGKILL)
         case .error(let e):
             log("host reported error \(e.code.rawValue): \(e.message)")
-        case .exec, .readFile, .writeFile:
+        case .exec, .readFile, .writeFile, .seed:
             try send(.error(ErrorMessage(code: .busy, message: "an exec is running on this connection")), frame.id)
         case .hello, .pong, .output, .exited, .signalled, .execFailed, .timedOut, .fileData, .fileEnd, .fileError:
             try send(.error(ErrorMessage(code: .protocolViolation, message: "unexpected \(frame.message.type) during exec")), frame.id)

@@ -23,9 +23,20 @@ enum SnapshotFiles {
     /// What state.json holds.
     struct Manifest: Codable {
         var format: Int
+        /// The sandbox-vmm build that wrote it (`vmmBuild()`); another build refuses it.
+        var vmmBuild: String
         /// Hex SHA-256 of `machine` encoded as JSON with sorted keys.
         var machineSHA256: String
         var machine: MachineSnapshot
+    }
+
+    /// This executable's identity: its size and modification time. A rebuilt VMM (and
+    /// with it, as the build scripts go, the guest agent in new images) writes and
+    /// expects other states, so snapshots are tied to the build that made them.
+    static func vmmBuild() -> String {
+        var st = stat()
+        guard stat("/proc/self/exe", &st) == 0 else { return "unknown" }
+        return "\(st.st_size)-\(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)"
     }
 
     static func encoder() -> JSONEncoder {
@@ -41,7 +52,7 @@ enum SnapshotFiles {
 
     /// Writes the state file for `machine` into `dir` (atomically).
     static func writeState(_ machine: MachineSnapshot, to dir: String) throws {
-        let manifest = Manifest(format: MachineSnapshot.currentFormat, machineSHA256: try digest(machine), machine: machine)
+        let manifest = Manifest(format: MachineSnapshot.currentFormat, vmmBuild: vmmBuild(), machineSHA256: try digest(machine), machine: machine)
         let data = try encoder().encode(manifest)
         let path = dir + "/" + stateFile
         do { try data.write(to: URL(fileURLWithPath: path), options: .atomic) } catch {
@@ -70,6 +81,9 @@ enum SnapshotFiles {
         }
         guard try digest(manifest.machine) == manifest.machineSHA256 else {
             throw SandboxError(.snapshot, "\(path): the snapshot state's checksum does not match (the file was changed or damaged)")
+        }
+        guard manifest.vmmBuild == vmmBuild() else {
+            throw SandboxError(.snapshot, "\(path): made by another sandbox-vmm build (\(manifest.vmmBuild); this one is \(vmmBuild())); take the snapshot again")
         }
         return manifest.machine
     }

@@ -10,6 +10,7 @@ enum Samples {
         ("hello", 0, .hello(Hello())),
         ("hello-old", 0, .hello(Hello(version: 7, capabilities: [.exec, .files]))),
         ("ping", 9, .ping(0xDEAD_BEEF_CAFE)),
+        ("seed", 4, .seed(Seed(unixNanos: 1_764_600_000_000_000_000, entropy: Array(0..<64)))),
         ("pong", 9, .pong(Pong(echo: 1, guestNowNanos: 2, initStartedNanos: 3, agentReadyNanos: .max))),
         ("error", 0, .error(ErrorMessage(code: .busy, message: "an exec is running"))),
         ("error-unknown-code", 0, .error(ErrorMessage(code: AgentErrorCode(rawValue: 999), message: ""))),

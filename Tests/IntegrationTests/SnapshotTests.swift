@@ -43,6 +43,25 @@ struct SnapshotTests {
         #expect(try Fixture.sha256(file: snap + "/memory") == sum)
     }
 
+    @Test("two sandboxes restored from one snapshot differ in entropy and have the host's clock")
+    func restoredSandboxesAreUnique() throws {
+        let (scratch, snap) = try makeSnapshot()
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        let script = "cat /proc/sys/kernel/random/uuid; head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"
+        var seen: [[String]] = []
+        for _ in 0..<2 {
+            let r = try sandbox(["exec", "--snapshot", snap] + t + ["--", "sh", "-c", script])
+            #expect(r.status == 0, "\(r.stderr)")
+            let lines = r.stdout.split(separator: "\n").map(String.init)
+            try #require(lines.count == 3, "\(r.stdout)")
+            let guestTime = Double(lines[2]) ?? 0
+            #expect(abs(guestTime - Date().timeIntervalSince1970) <= (Fixture.inLab ? 5 : 2), "guest clock \(lines[2]), host \(Date().timeIntervalSince1970)")
+            seen.append(lines)
+        }
+        #expect(seen[0][0] != seen[1][0], "both restored sandboxes read uuid \(seen[0][0])")
+        #expect(seen[0][1] != seen[1][1] && seen[0][1].count == 128, "urandom: \(seen[0][1]) / \(seen[1][1])")
+    }
+
     @Test("bad snapshots and mismatched settings are refused with a specific error")
     func badSnapshots() throws {
         let (scratch, snap) = try makeSnapshot()
@@ -87,10 +106,10 @@ struct SnapshotTests {
         #expect(truncated.status == 125 && truncated.stderr.contains("state.json: not a snapshot state file"), "\(truncated.stderr)")
         let format = try damaged("format") { dir in
             var text = try String(contentsOfFile: dir + "/state.json", encoding: .utf8)
-            text = text.replacingOccurrences(of: "\"format\":1,", with: "\"format\":99,")
+            text = text.replacingOccurrences(of: "\"format\":2,", with: "\"format\":99,")
             try text.write(toFile: dir + "/state.json", atomically: true, encoding: .utf8)
         }
-        #expect(format.status == 125 && format.stderr.contains("snapshot format 99; this sandbox-vmm reads format 1"), "\(format.stderr)")
+        #expect(format.status == 125 && format.stderr.contains("snapshot format 99; this sandbox-vmm reads format 2"), "\(format.stderr)")
         let shortMemory = try damaged("short-memory") { dir in
             chmod(dir + "/memory", 0o644)
             let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/memory"))
@@ -98,6 +117,13 @@ struct SnapshotTests {
             try fh.close()
         }
         #expect(shortMemory.status == 125 && shortMemory.stderr.contains("the memory file is 1048576 bytes, the snapshot's guest has 268435456"), "\(shortMemory.stderr)")
+        let otherBuild = try damaged("other-build") { dir in
+            var text = try String(contentsOfFile: dir + "/state.json", encoding: .utf8)
+            let range = try #require(text.range(of: "\"vmmBuild\":\"[^\"]*\"", options: .regularExpression))
+            text.replaceSubrange(range, with: "\"vmmBuild\":\"1-2.3\"")
+            try text.write(toFile: dir + "/state.json", atomically: true, encoding: .utf8)
+        }
+        #expect(otherBuild.status == 125 && otherBuild.stderr.contains("made by another sandbox-vmm build (1-2.3"), "\(otherBuild.stderr)")
         let noState = try damaged("incomplete") { dir in try FileManager.default.removeItem(atPath: dir + "/state.json") }
         #expect(noState.status == 125 && noState.stderr.contains("no such snapshot state file"), "\(noState.stderr)")
 

@@ -79,6 +79,11 @@ int cinit_end_vm(void);
 /// device. Returns the new size in file-system blocks, or -errno.
 int64_t cinit_grow_ext4(const char *mountpoint);
 
+/// Credits `len` bytes to the kernel's random pool and reseeds it. 0 or -errno.
+int cinit_seed_random(const uint8_t *bytes, int len);
+/// Sets the wall clock (ns since 1970). 0 or -errno.
+int cinit_set_realtime(uint64_t unix_nanos);
+
 /// Standard input of a spawned command.
 enum cinit_stdin_mode { CINIT_STDIN_NULL = 0, CINIT_STDIN_PIPE = 1, CINIT_STDIN_CLOSED = 2 };
 
