@@ -72,7 +72,7 @@ public struct BatchFileError: Error, Sendable, CustomStringConvertible {
 public enum BatchFile {
     static let topLevelKeys: Set<String> = ["defaults", "jobs"]
     static let settingKeys: Set<String> = ["image", "env", "files", "timeout", "expect", "expected_exit", "signal",
-                                           "retries", "memory", "cpus", "workdir", "disk_size"]
+                                           "retries", "memory", "cpus", "workdir", "disk_size", "snapshot"]
     static let jobKeys: Set<String> = settingKeys.union(["name", "command"])
 
     /// Reads `path` and returns its jobs in file order.
@@ -115,6 +115,7 @@ private struct JobSettings {
     var cpus: Int?
     var workdir: String?
     var diskSizeMiB: UInt64?
+    var snapshot: String?
 }
 
 private struct Validator {
@@ -237,6 +238,10 @@ private struct Validator {
             if let v = s.memory ?? defaults.memory { config.memoryMiB = v }
             if let v = s.cpus ?? defaults.cpus { config.cpus = v }
             if let v = s.diskSizeMiB ?? defaults.diskSizeMiB { config.diskSizeMiB = v }
+            if let v = s.snapshot ?? defaults.snapshot { config.snapshot = v }
+            if config.snapshot != nil && config.diskSizeMiB != nil {
+                error(m["disk_size"] ?? m["snapshot"] ?? item, "\(label): 'disk_size' cannot be combined with 'snapshot' (the disk is the snapshot's)")
+            }
             if let v = s.workdir ?? defaults.workdir { config.workingDirectory = v }
             let expectation = s.expectation ?? defaults.expectation ?? .exit(0)
             if expectation == .timeout && config.timeout == nil {
@@ -296,6 +301,14 @@ private struct Validator {
                 if let r = integer(value), r >= 32 { s.memory = UInt64(r) } else { error(value, "\(context): 'memory' must be a whole number of MiB >= 32") }
             case "cpus":
                 if let r = integer(value), r >= 1, r <= InputCheck.maxCPUs { s.cpus = r } else { error(value, "\(context): 'cpus' must be a whole number from 1 to \(InputCheck.maxCPUs)") }
+            case "snapshot":
+                if let given = string(value, context: context, key: k) {
+                    // Relative to the job file, as copy-in paths are.
+                    let dir = given.hasPrefix("/") ? given : (baseDirectory as NSString).appendingPathComponent(given)
+                    if FileManager.default.fileExists(atPath: dir + "/state.json") { s.snapshot = dir } else {
+                        error(value, "\(context): 'snapshot' \(dir) is not a snapshot directory (no state.json; make one with `sandbox snapshot create`)")
+                    }
+                }
             case "disk_size":
                 // A whole number of MiB, or a string with a unit ("4G").
                 let text = integer(value).map(String.init) ?? value.scalar?.string ?? ""

@@ -90,6 +90,24 @@ struct BatchTests {
          "bad.yaml:2:14: defaults: 'disk_size' must be from 1 MiB to 16777216 MiB (16 TiB) (got 0 MiB)"),
     ]
 
+    @Test("snapshot: jobs start from a snapshot; a missing one is refused before anything runs")
+    func snapshotKey() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let made = try Fixture.run(Fixture.sandboxBinary, ["snapshot", "create", dir + "/snap"], timeout: Fixture.inLab ? 900 : 120)
+        try #require(made.status == 0, "\(made.stderr)")
+        var yaml = "defaults: {snapshot: snap}\njobs:\n"
+        for i in 1...6 { yaml += "  - {name: j\(i), command: \"echo \(i) > /root/f && cat /root/f\"}\n" }
+        try yaml.write(toFile: dir + "/s.yaml", atomically: true, encoding: .utf8)
+        let r = try batch([dir + "/s.yaml", "--parallel", "2", "--jsonl", dir + "/s.jsonl"], timeout: Fixture.inLab ? 900 : 120)
+        #expect(r.status == 0, "\(r.stdout)\n\(r.stderr)")
+        let recs = try records(dir + "/s.jsonl")
+        #expect(recs.count == 6 && recs.values.allSatisfy { $0["result"] as? String == "passed" }, "\(recs)")
+        try "jobs:\n  - {name: a, snapshot: nowhere, command: \"true\"}\n".write(toFile: dir + "/bad.yaml", atomically: true, encoding: .utf8)
+        let bad = try batch([dir + "/bad.yaml"], timeout: 60)
+        #expect(bad.status == 2 && bad.stderr.contains("bad.yaml:2:25: job 'a': 'snapshot' \(dir)/nowhere is not a snapshot directory"), "\(bad.stderr)")
+    }
+
     @Test("disk_size grows a job's root file system")
     func diskSizeKey() throws {
         let dir = try scratch()
