@@ -62,6 +62,18 @@ struct SnapshotTests {
         #expect(seen[0][1] != seen[1][1] && seen[0][1].count == 128, "urandom: \(seen[0][1]) / \(seen[1][1])")
     }
 
+    /// Scripts/test makes a snapshot on the host before the lab lane and names it here;
+    /// in the lab (another host kind, or at least another CPU) it must be refused.
+    static let foreignSnapshot = ProcessInfo.processInfo.environment["SANDBOX_FOREIGN_SNAPSHOT"]
+
+    @Test("a snapshot taken on another host kind or CPU is refused, saying both",
+          .enabled(if: foreignSnapshot != nil, "needs SANDBOX_FOREIGN_SNAPSHOT: a snapshot made on another host (Scripts/test sets it for the lab lane)"))
+    func foreignHostIsRefused() throws {
+        let r = try sandbox(["exec", "--snapshot", try #require(Self.foreignSnapshot)] + t + ["--", "true"])
+        #expect(r.status == 125, "\(r.stderr)")
+        #expect(r.stderr.contains("snapshot: taken on ") && r.stderr.contains("; this host is "), "\(r.stderr)")
+    }
+
     @Test("bad snapshots and mismatched settings are refused with a specific error")
     func badSnapshots() throws {
         let (scratch, snap) = try makeSnapshot()
