@@ -62,15 +62,19 @@ public final class GuestMemory: @unchecked Sendable {
     public static let mmioHoleStart: UInt64 = 0xC000_0000
     public static let highRAMStart: UInt64 = 0x1_0000_0000
 
-    /// Allocates `size` bytes of guest RAM with the default layout.
-    public convenience init(size: UInt64) throws {
-        var regions: [GuestRegion] = []
+    /// The default layout of `size` bytes: RAM below the MMIO hole, the rest from 4 GiB.
+    static func defaultRegions(size: UInt64) -> [GuestRegion] {
         let low = min(size, Self.mmioHoleStart)
-        regions.append(GuestRegion(start: GuestAddress(0), size: low, hostOffset: 0))
+        var regions = [GuestRegion(start: GuestAddress(0), size: low, hostOffset: 0)]
         if size > low {
             regions.append(GuestRegion(start: GuestAddress(Self.highRAMStart), size: size - low, hostOffset: Int(low)))
         }
-        try self.init(regions: regions, totalSize: Int(size))
+        return regions
+    }
+
+    /// Allocates `size` bytes of guest RAM with the default layout.
+    public convenience init(size: UInt64) throws {
+        try self.init(regions: Self.defaultRegions(size: size), totalSize: Int(size))
     }
 
     /// Allocates guest RAM for explicit regions (tests).
@@ -91,13 +95,7 @@ public final class GuestMemory: @unchecked Sendable {
             throw GuestMemoryError.fileSize(expected: size, actual: UInt64(st.st_size))
         }
         self.mapping = try MappedRegion.privateFile(fd: fd, size: Int(size))
-        var regions: [GuestRegion] = []
-        let low = min(size, Self.mmioHoleStart)
-        regions.append(GuestRegion(start: GuestAddress(0), size: low, hostOffset: 0))
-        if size > low {
-            regions.append(GuestRegion(start: GuestAddress(Self.highRAMStart), size: size - low, hostOffset: Int(low)))
-        }
-        self.regions = regions
+        self.regions = Self.defaultRegions(size: size)
     }
 
     /// Writes all of guest RAM to `fd` from offset 0 (a memory file), leaving holes where

@@ -229,8 +229,8 @@ public final class Machine: Sendable {
             self.serial = serial
             try bus.addPorts(base: Layout.serialCOM1, count: 8, serial)
             try bus.addPorts(base: Layout.bootTimerPort, count: 1, bootTimer)
-            let stopBox = WeakStopper()
-            try bus.addPorts(base: Layout.i8042Command, count: 1, I8042(onReset: { stopBox.machine?.requestStop(.guestReset) }))
+            let stopBox = WeakReference<Machine>()  // set at the end of init, before any vCPU runs
+            try bus.addPorts(base: Layout.i8042Command, count: 1, I8042(onReset: { stopBox.object?.requestStop(.guestReset) }))
             var transports: [MMIOTransport] = []
             for (i, dev) in config.virtioDevices.enumerated() {
                 let base = Layout.virtioMMIOBase + UInt64(i) * Layout.virtioMMIOSize
@@ -282,7 +282,7 @@ public final class Machine: Sendable {
             }
             self.vcpus = vcpus
             if let r = restoring { try vm.restoreState(r.snapshot.vm) }
-            stopBox.machine = self
+            stopBox.object = self
         } catch let e as KVMError {
             if case .invalidState(let why) = e { throw MachineError.snapshot(why) }
             throw MachineError.kvm(e)
@@ -444,13 +444,4 @@ extension Machine {
     }
 }
 
-/// Lets a device callback reach the machine without a retain cycle.
-private final class WeakStopper: Sendable {
-    private struct Ref { weak var machine: Machine? }
-    private let ref = Mutex(Ref())
-    /// Set once during Machine.init, before any vCPU runs.
-    var machine: Machine? {
-        get { ref.withLock { $0.machine } }
-        set { ref.withLock { $0.machine = newValue } }
-    }
-}
+

@@ -14,6 +14,20 @@ import Glibc
 /// agent through it, tears everything down. Blocking: call from a dedicated thread
 /// (the async API does that for you).
 public enum SandboxRunner {
+    /// What a boot needs, resolved and checked: the kernel (the cached one unless the
+    /// configuration names one), the image's path, and the disk size against the image.
+    static func bootInputs(_ config: SandboxConfiguration, progress: (String) -> Void) throws -> (kernel: String, image: String) {
+        let kernel = try config.kernel ?? KernelStore.defaultKernelPath(progress: progress)
+        let image = try RootImage.resolve(config.image, progress: { line in
+            if !line.contains("is up to date") { progress(line) }
+        })
+        if let d = config.diskSizeMiB {
+            let size = (try? FileManager.default.attributesOfItem(atPath: image)[.size] as? NSNumber)?.uint64Value
+            try InputCheck.diskSize(d, imageBytes: size, imageName: "the image \(config.image)")
+        }
+        return (kernel, image)
+    }
+
     /// Runs `command`. Output chunks go to `onOutput` as they arrive (and are collected
     /// into the result up to `configuration.outputLimit`).
     public static func run(_ command: [String], configuration config: SandboxConfiguration,
@@ -42,14 +56,7 @@ public enum SandboxRunner {
                     throw SandboxError(.snapshot, "\(dir): no such snapshot directory")
                 }
             } else {
-                kernel = try config.kernel ?? KernelStore.defaultKernelPath(progress: progress)
-                image = try RootImage.resolve(config.image, progress: { line in
-                    if !line.contains("is up to date") { progress(line) }
-                })
-            }
-            if config.snapshot == nil, let d = config.diskSizeMiB {
-                let size = (try? FileManager.default.attributesOfItem(atPath: image)[.size] as? NSNumber)?.uint64Value
-                try InputCheck.diskSize(d, imageBytes: size, imageName: "the image \(config.image)")
+                (kernel, image) = try bootInputs(config, progress: progress)
             }
             for c in config.copyIn {
                 var isDirectory: ObjCBool = false

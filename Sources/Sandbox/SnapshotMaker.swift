@@ -41,14 +41,7 @@ public enum SnapshotMaker {
             throw SandboxError.invalidInput("\(directory) already exists; a snapshot is written to a new directory")
         }
         try InputCheck.check(config)
-        let kernel = try config.kernel ?? KernelStore.defaultKernelPath(progress: progress)
-        let image = try RootImage.resolve(config.image, progress: { line in
-            if !line.contains("is up to date") { progress(line) }
-        })
-        if let d = config.diskSizeMiB {
-            let size = (try? FileManager.default.attributesOfItem(atPath: image)[.size] as? NSNumber)?.uint64Value
-            try InputCheck.diskSize(d, imageBytes: size, imageName: "the image \(config.image)")
-        }
+        let (kernel, image) = try SandboxRunner.bootInputs(config, progress: progress)
         let parent = (directory as NSString).deletingLastPathComponent
         let partial = (parent.isEmpty ? "." : parent) + "/." + (directory as NSString).lastPathComponent + ".partial-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         do { try FileManager.default.createDirectory(atPath: partial, withIntermediateDirectories: true) } catch {

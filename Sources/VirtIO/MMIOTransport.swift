@@ -132,10 +132,10 @@ public final class MMIOTransport: MMIODevice, Sendable {
         for _ in device.queueMaxSizes { fds.append(try EventFD(nonBlocking: true)) }
         self.notifiers = fds
         // The worker must not keep the transport alive (the transport's deinit stops it).
-        let box = WeakTransport()
-        self.worker = try DeviceWorker(notifiers: fds, control: { box.transport?.runLifecycleWork() },
+        let box = WeakReference<MMIOTransport>()
+        self.worker = try DeviceWorker(notifiers: fds, control: { box.object?.runLifecycleWork() },
                                        handler: { [weak device] index in device?.queueNotify(index) })
-        box.transport = self
+        box.object = self
     }
 
     deinit { worker.stop() }
@@ -457,15 +457,6 @@ public final class MMIOTransport: MMIODevice, Sendable {
     }
 }
 
-/// A weak reference to a transport, for the worker's control handler.
-private final class WeakTransport: Sendable {
-    private struct Ref { weak var transport: MMIOTransport? }
-    private let ref = Mutex(Ref())
-    var transport: MMIOTransport? {
-        get { ref.withLock { $0.transport } }
-        set { ref.withLock { $0.transport = newValue } }
-    }
-}
 
 /// Why a saved transport state cannot be restored.
 public enum MMIORestoreError: Error, Equatable, Sendable, CustomStringConvertible {

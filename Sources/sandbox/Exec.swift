@@ -18,18 +18,9 @@ struct Exec: ParsableCommand {
         251 out of memory. Each non-command status comes with a one-line reason on stderr.
         """)
 
-    @Option(help: "Image name from the image store, or the path of an ext4 image.")
-    var image: String = "busybox"
-    @Option(help: "Kernel path (default: the cached kernel for this host).")
-    var kernel: String?
-    @Option(parsing: .unconditional, help: "Guest memory in MiB (at least 32, at most what the host has available).")
-    var memory: UInt64 = 256
-    @Option(parsing: .unconditional, help: "Number of vCPUs (1 to 32).")
-    var cpus: Int = 1
+    @OptionGroup var vm: VMOptions
     @Option(help: "Start from this snapshot (made by `sandbox snapshot create`) instead of booting; --memory and --cpus must be the snapshot's.")
     var snapshot: String?
-    @Option(name: .customLong("disk-size"), parsing: .unconditional, help: "Grow the root disk and its file system to this size (MiB, or 512M, 4G, 1T); sparse on the host.")
-    var diskSize: String?
     @Option(parsing: .unconditional, help: "Wall-clock limit for the command, in seconds (0 = none; at most 30 days).")
     var timeout: Double = 300
     @Option(name: .customLong("env"), help: "Set an environment variable (K=V); repeatable.")
@@ -59,10 +50,6 @@ struct Exec: ParsableCommand {
             throw ExitCode(125)
         }
         var config = SandboxConfiguration()
-        config.image = image
-        config.kernel = kernel
-        config.memoryMiB = memory
-        config.cpus = cpus
         config.workingDirectory = workdir
         config.keepDiskPath = keepDisk
         config.snapshot = snapshot
@@ -80,13 +67,7 @@ struct Exec: ParsableCommand {
             config.copyIn = try copyIn.map { try FileCopy.parse($0, guestFirst: false) }
             config.copyOut = try copyOut.map { try FileCopy.parse($0, guestFirst: true) }
             config.timeout = try InputCheck.seconds(timeout, name: "--timeout")
-            try InputCheck.memory(memory, name: "--memory")
-            try InputCheck.cpus(cpus, name: "--cpus")
-            if let diskSize {
-                let mib = try InputCheck.parseSizeMiB(diskSize, name: "--disk-size")
-                try InputCheck.diskSize(mib, name: "--disk-size")
-                config.diskSizeMiB = mib
-            }
+            try vm.apply(to: &config)
         } catch {
             printError("sandbox exec: \(error)")
             throw ExitCode(125)
