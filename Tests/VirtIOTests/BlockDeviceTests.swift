@@ -331,6 +331,99 @@ let availableEngines: [BlockEngineKind] = BlockEngineKind.auto.kind == .ioUring 
         same.close()
     }
 
+    @Test("a layer: a disk's writes exported as a layer read back through a new disk over the same base, which keeps its own writes private")
+    func layerStack() throws {
+        let dir = TempDirectory()
+        defer { dir.remove() }
+        let base = dir.path + "/base.img"
+        let bytes = randomBytes(256 * 1024, seed: 41)
+        try writeFile(base, bytes)
+        let grown: UInt64 = 8 << 20
+        let first = try CopyOnWriteDisk(baseImage: base, overlayDirectory: dir.path, minimumCapacity: grown)
+        func read(_ disk: CopyOnWriteDisk, _ offset: UInt64, _ count: Int) throws -> [UInt8] {
+            var b = [UInt8](repeating: 0xEE, count: count)
+            try b.withUnsafeMutableBytes { try disk.read(into: $0, at: offset) }
+            return b
+        }
+        // In the base: a partial-block write (copy-up), and a whole block of zeros that
+        // must hide the base's data. Past the base: data, which the layer must carry.
+        let patch = [UInt8](repeating: 0x77, count: 100)
+        try patch.withUnsafeBytes { try first.write($0, at: 5000) }
+        let zeroBlock = [UInt8](repeating: 0, count: 4096)
+        try zeroBlock.withUnsafeBytes { try first.write($0, at: 64 * 1024) }
+        let far = [UInt8](repeating: 0x42, count: 8192)
+        try far.withUnsafeBytes { try first.write($0, at: 6 << 20) }
+        let layer = try first.exportLayer(dataPath: dir.path + "/layer", mapPath: dir.path + "/layer.map")
+        first.close()
+        // Blocks 1 (5000) and 16 (64 KiB) in the base's range, two blocks at 6 MiB.
+        #expect(layer.blockCount == 4)
+        var st = stat()
+        #expect(stat(layer.dataPath, &st) == 0 && UInt64(st.st_size) == grown)
+        #expect(UInt64(st.st_blocks) * 512 <= 64 * 1024, "the layer stored \(st.st_blocks * 512) bytes for 4 blocks")
+        // Read back from the files, as a restore does.
+        let mapBytes = try readFile(dir.path + "/layer.map")
+        let loaded = try DiskLayer(dataPath: layer.dataPath, capacity: grown, mapBytes: mapBytes)
+        #expect(loaded == layer)
+
+        var expected = bytes
+        expected.replaceSubrange(5000 ..< 5100, with: patch)
+        expected.replaceSubrange(64 * 1024 ..< 68 * 1024, with: zeroBlock)
+        let a = try CopyOnWriteDisk(baseImage: base, overlayDirectory: dir.path, layer: loaded)
+        let b = try CopyOnWriteDisk(baseImage: base, overlayDirectory: dir.path, layer: loaded)
+        defer { a.close(); b.close() }
+        #expect(a.capacity == grown)
+        #expect(try read(a, 0, bytes.count) == expected)
+        #expect(try read(a, 6 << 20, 8192) == far)
+        #expect(try read(a, 7 << 20, 4096) == zeroBlock)
+        // A partial write over a layer block copies the layer's block up, not the base's.
+        try [UInt8](repeating: 0x99, count: 10).withUnsafeBytes { try a.write($0, at: 5010) }
+        #expect(try read(a, 4096, 4096) == Array(expected[4096 ..< 5010]) + [UInt8](repeating: 0x99, count: 10) + Array(expected[5020 ..< 8192]))
+        try [UInt8](repeating: 0x11, count: 10).withUnsafeBytes { try a.write($0, at: (6 << 20) + 100) }
+        #expect(try read(a, 6 << 20, 200) == Array(far[0 ..< 100]) + [UInt8](repeating: 0x11, count: 10) + Array(far[110 ..< 200]))
+        // The other disk over the same layer sees none of that; the files are unchanged.
+        #expect(try read(b, 0, bytes.count) == expected)
+        #expect(try read(b, 6 << 20, 8192) == far)
+        #expect(try readFile(base) == bytes)
+        #expect(try readFile(dir.path + "/layer.map") == mapBytes)
+        // A merged export of a disk over a layer holds all three.
+        try a.exportMerged(to: dir.path + "/merged")
+        let merged = try readFile(dir.path + "/merged")
+        #expect(Array(merged[5010 ..< 5020]) == [UInt8](repeating: 0x99, count: 10))
+        #expect(Array(merged[(6 << 20) + 110 ..< (6 << 20) + 200]) == Array(far[110 ..< 200]))
+        // A layer of a layered disk carries the lower layer's blocks too (one flat layer).
+        let second = try a.exportLayer(dataPath: dir.path + "/layer2", mapPath: dir.path + "/layer2.map")
+        #expect(second.blockCount == 4)
+    }
+
+    @Test("damaged layer files are refused with what is wrong")
+    func damagedLayers() throws {
+        let dir = TempDirectory()
+        defer { dir.remove() }
+        let data = dir.path + "/layer"
+        try writeFile(data, [UInt8](repeating: 0, count: 64 * 1024))
+        let good = [UInt8](repeating: 0, count: 8)  // 16 blocks: one word
+        _ = try DiskLayer(dataPath: data, capacity: 64 * 1024, mapBytes: good)
+        func refused(_ capacity: UInt64, _ map: [UInt8], _ path: String? = nil, _ words: String) {
+            do {
+                _ = try DiskLayer(dataPath: path ?? data, capacity: capacity, mapBytes: map)
+                Issue.record("accepted a bad layer (\(words))")
+            } catch {
+                #expect(error.description.contains(words), "\(error.description)")
+            }
+        }
+        refused(64 * 1024, [0, 0, 0], nil, "block map is 3 bytes")
+        refused(64 * 1024, [0, 0, 1, 0, 0, 0, 0, 0], nil, "past the end")
+        refused(8 << 20, good, nil, "needs 256")
+        refused(128 * 1024, good, nil, "data file is 65536 bytes; its disk is 131072")
+        refused(64 * 1024, good, dir.path + "/missing", "cannot read")
+        refused(1000, good, nil, "not a valid layer size")
+        // A layer smaller than the base does not open.
+        let base = dir.path + "/base"
+        try writeFile(base, [UInt8](repeating: 1, count: 128 * 1024))
+        let small = try DiskLayer(dataPath: data, capacity: 64 * 1024, mapBytes: good)
+        #expect(throws: SystemError.self) { try CopyOnWriteDisk(baseImage: base, overlayDirectory: dir.path, layer: small) }
+    }
+
     @Test("a transport saved mid-run and restored over a fresh device serves the next request where the old one left off")
     func transportRestoreContinues() throws {
         let dir = TempDirectory()
