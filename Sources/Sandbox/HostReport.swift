@@ -51,6 +51,19 @@ public struct HostReport: Sendable {
                 r.lines.append("guest kernel:   \(flavor.rawValue) flavor; \(error)")
             }
         }
+        var defaults = SandboxConfiguration()
+        defaults.vmmExecutable = vmmExecutable
+        let entries = SnapshotCache.entries()
+        let cacheNote = "\(SnapshotCache.directory): \(entries.isEmpty ? "none made yet; the first run of each image and shape makes its own" : "\(entries.count) (\(entries.prefix(4).joined(separator: ", "))\(entries.count > 4 ? ", …" : ""))")"
+        if let reason = SnapshotCache.coldReason(defaults) {
+            r.lines.append("start path:     cold boot for every run: \(reason)")
+        } else {
+            r.lines.append("start path:     restore from the cached start snapshot (made on first use; --cold boots instead)")
+        }
+        r.lines.append("start snapshots: \(cacheNote)")
+        if let failed = SnapshotCache.lastFailure {
+            r.lines.append("note:           the last start snapshot could not be made, so runs of its shape boot instead: \(failed)")
+        }
         if host == .pvm {
             r.lines.append("note:           PVM host: only the pvm kernel flavor boots natively here; a standard kernel falls into emulation and dies.")
         }

@@ -58,7 +58,12 @@ public struct SandboxConfiguration: Sendable {
     /// Start from this snapshot directory (made by ``SnapshotMaker``) instead of booting:
     /// its memory, CPU state and disk. `memoryMiB` and `cpus` must be the snapshot's;
     /// `image`, `kernel` and `diskSizeMiB` are the snapshot's and are not used.
+    /// When nil, a run restores the cached start snapshot of its image, kernel and shape
+    /// (made on first use) unless `cold` is set; `ExecResult.timings` says which.
     public var snapshot: String?
+    /// Boot the kernel instead of restoring the cached start snapshot (also for every
+    /// run when `$SANDBOX_COLD` is set). Runs that stream the console boot too.
+    public var cold: Bool = false
     /// Copy the guest console to this host descriptor (debugging).
     public var consoleFD: Int32?
     /// The VMM executable; nil finds it by the rule of ``VMMExecutable`` (`$SANDBOX_VMM`,
@@ -118,6 +123,11 @@ public struct PhaseTimings: Sendable, Equatable {
     public var vmmStart: Double = 0
     /// Whether the run started from a snapshot (then `kernelBoot` is 0).
     public var restored = false
+    /// The snapshot directory it was restored from (a cached start snapshot or the
+    /// configuration's), when restored.
+    public var snapshot: String?
+    /// When it booted: why it did not restore (asked for, or no snapshot could be used).
+    public var coldReason: String?
     /// On a restore: the VMM building the VM from the snapshot (mapping its memory,
     /// loading every vCPU's and device's state), before the vCPUs run.
     public var restore: Double = 0

@@ -28,6 +28,23 @@ public enum SandboxRunner {
         return (kernel, image)
     }
 
+    /// Gets `configuration`'s start ready before any run needs it: its kernel and image,
+    /// and its cached start snapshot (made now if there is none, with progress lines).
+    /// Returns the snapshot directory runs of it will restore, or nil when they boot
+    /// (then `coldReason` says why). Runs do all this themselves on first use; this is
+    /// for callers that want the cost up front (a batch, a test suite's set-up).
+    public static func prepare(_ config: SandboxConfiguration, progress: (String) -> Void = { _ in }) throws(SandboxError) -> (snapshot: String?, coldReason: String?) {
+        do {
+            try InputCheck.check(config)
+            if let dir = config.snapshot { return (dir, nil) }
+            let (kernel, image) = try bootInputs(config, progress: progress)
+            if let reason = SnapshotCache.coldReason(config) { return (nil, reason) }
+            return (try SnapshotCache.entry(for: config, kernel: kernel, image: image, progress: progress), nil)
+        } catch {
+            throw .from(error, code: .snapshot)
+        }
+    }
+
     /// Runs `command`. Output chunks go to `onOutput` as they arrive (and are collected
     /// into the result up to `configuration.outputLimit`).
     public static func run(_ command: [String], configuration config: SandboxConfiguration,
@@ -45,6 +62,8 @@ public enum SandboxRunner {
         }
         // Check and resolve inputs before starting anything.
         var kernel = "", image = ""
+        // The cached start snapshot this run restores (nil: the configuration's, or a boot).
+        var cached: String?
         do {
             try InputCheck.check(config)
             if let dir = config.snapshot {
@@ -57,6 +76,15 @@ public enum SandboxRunner {
                 }
             } else {
                 (kernel, image) = try bootInputs(config, progress: progress)
+                if let reason = SnapshotCache.coldReason(config) {
+                    result.timings.coldReason = reason
+                } else {
+                    do { cached = try SnapshotCache.entry(for: config, kernel: kernel, image: image, progress: progress) } catch {
+                        // Booting still works: do that, and say why.
+                        result.timings.coldReason = "no start snapshot could be made: \(SandboxError.from(error, code: .snapshot))"
+                        progress("sandbox: booting instead of restoring: \(result.timings.coldReason!)")
+                    }
+                }
             }
             for c in config.copyIn {
                 var isDirectory: ObjCBool = false
@@ -82,27 +110,46 @@ public enum SandboxRunner {
                                  vmTimeoutSeconds: bootTimeout + (commandTimeout ?? 86_400) + 30,
                                  bootTimeoutSeconds: bootTimeout, keepDiskPath: config.keepDiskPath,
                                  streamConsole: config.consoleFD != nil, diskSizeBytes: config.diskSizeMiB.map { $0 << 20 })
-        vmConfig.restoreDirectory = config.snapshot
-        let vmm: VMMProcess
-        do { vmm = try VMMProcess.spawn(vmConfig, executable: config.vmmExecutable, stderr: config.consoleFD) } catch {
-            result.outcome = .infrastructureError(error)
-            return result
+        var vmm: VMMProcess
+        var spawned: UInt64
+        var first: VMMEvent?
+        var healed = false
+        while true {
+            let restoreFrom = config.snapshot ?? cached
+            vmConfig.restoreDirectory = restoreFrom
+            result.timings.snapshot = restoreFrom
+            do { vmm = try VMMProcess.spawn(vmConfig, executable: config.vmmExecutable, stderr: config.consoleFD) } catch {
+                result.outcome = .infrastructureError(error)
+                return result
+            }
+            spawned = monotonicNanos()
+            // Wait for the agent (or the VM's end).
+            // The VMM enforces the boot limit itself; the host's own bound, a little later,
+            // holds even if the VMM is stopped or hung.
+            let bootWait = bootTimeout + 10
+            first = vmm.nextEvent(timeoutMillis: Int32(min(bootWait * 1000, Double(Int32.max))))
+            if first == nil && vmm.isAlive {
+                vmm.kill()
+                vmm.reap(patienceMillis: 3000)
+                result.outcome = .infrastructureError(.vmm("the VMM process did not report within \(InputCheck.format(bootWait)) s of starting (stopped or hung); it was killed"))
+                result.timings.total = ms(t0)
+                return result
+            }
+            // A cached snapshot the VMM refuses (damaged, or another build's) heals: it is
+            // made again, once, and this run restores the new one.
+            guard let dir = cached, !healed, let f = first, f.kind == .failed, let e = f.error, e.code == .snapshot else { break }
+            healed = true
+            vmm.reap(patienceMillis: 3000)
+            progress("sandbox: the cached start snapshot was refused (\(e.message)); making it again")
+            SnapshotCache.discard(dir)
+            do { cached = try SnapshotCache.entry(for: config, kernel: kernel, image: image, progress: progress) } catch {
+                cached = nil
+                result.timings.coldReason = "the start snapshot could not be made again: \(SandboxError.from(error, code: .snapshot))"
+            }
+            vmConfig.restoreDirectory = nil
         }
-        cancel?.onCancel { vmm.requestStop() }
+        cancel?.onCancel { [vmm] in vmm.requestStop() }
         defer { vmm.reap(patienceMillis: config.keepDiskPath == nil ? 3000 : 600_000) }
-        let spawned = monotonicNanos()
-
-        // Wait for the agent (or the VM's end).
-        // The VMM enforces the boot limit itself; the host's own bound, a little later,
-        // holds even if the VMM is stopped or hung.
-        let bootWait = bootTimeout + 10
-        let first = vmm.nextEvent(timeoutMillis: Int32(min(bootWait * 1000, Double(Int32.max))))
-        if first == nil && vmm.isAlive {
-            vmm.kill()
-            result.outcome = .infrastructureError(.vmm("the VMM process did not report within \(InputCheck.format(bootWait)) s of starting (stopped or hung); it was killed"))
-            result.timings.total = ms(t0)
-            return result
-        }
         guard let ready = first, ready.kind == .ready else {
             result.outcome = vmm.outcomeForEarlyEnd(first)
             result.consoleTail = vmm.lastStopped?.consoleTail ?? ""

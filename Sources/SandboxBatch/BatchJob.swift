@@ -72,7 +72,7 @@ public struct BatchFileError: Error, Sendable, CustomStringConvertible {
 public enum BatchFile {
     static let topLevelKeys: Set<String> = ["defaults", "jobs"]
     static let settingKeys: Set<String> = ["image", "env", "files", "timeout", "expect", "expected_exit", "signal",
-                                           "retries", "memory", "cpus", "workdir", "disk_size", "snapshot"]
+                                           "retries", "memory", "cpus", "workdir", "disk_size", "snapshot", "cold"]
     static let jobKeys: Set<String> = settingKeys.union(["name", "command"])
 
     /// Reads `path` and returns its jobs in file order.
@@ -116,6 +116,7 @@ private struct JobSettings {
     var workdir: String?
     var diskSizeMiB: UInt64?
     var snapshot: String?
+    var cold: Bool?
 }
 
 private struct Validator {
@@ -239,6 +240,10 @@ private struct Validator {
             if let v = s.cpus ?? defaults.cpus { config.cpus = v }
             if let v = s.diskSizeMiB ?? defaults.diskSizeMiB { config.diskSizeMiB = v }
             if let v = s.snapshot ?? defaults.snapshot { config.snapshot = v }
+            if let v = s.cold ?? defaults.cold { config.cold = v }
+            if config.snapshot != nil && config.cold {
+                error(m["cold"] ?? m["snapshot"] ?? item, "\(label): 'cold' cannot be combined with 'snapshot' (a job either boots or restores)")
+            }
             if config.snapshot != nil && config.diskSizeMiB != nil {
                 error(m["disk_size"] ?? m["snapshot"] ?? item, "\(label): 'disk_size' cannot be combined with 'snapshot' (the disk is the snapshot's)")
             }
@@ -309,6 +314,8 @@ private struct Validator {
                         error(value, "\(context): 'snapshot' \(dir) is not a snapshot directory (no state.json; make one with `sandbox snapshot create`)")
                     }
                 }
+            case "cold":
+                if has(value, .bool), let b = value.bool { s.cold = b } else { error(value, "\(context): 'cold' must be true or false") }
             case "disk_size":
                 // A whole number of MiB, or a string with a unit ("4G").
                 let text = integer(value).map(String.init) ?? value.scalar?.string ?? ""

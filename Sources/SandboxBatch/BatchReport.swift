@@ -8,6 +8,11 @@ public enum BatchReport {
     struct Record: Encodable {
         struct Timings: Encodable {
             var vmm_start_ms, kernel_boot_ms, agent_ready_ms, exec_ms, teardown_ms, total_ms: Double
+            /// Whether the job's VM was restored from a snapshot, and the restore's time.
+            var restored: Bool
+            var restore_ms: Double
+            /// When it booted instead: why.
+            var cold_reason: String?
         }
         var name: String
         var index: Int
@@ -36,7 +41,8 @@ public enum BatchReport {
                             stdout_bytes: r.stdoutBytes, stderr_bytes: r.stderrBytes, output_truncated: r.outputTruncated,
                             timings: .init(vmm_start_ms: round3(t.vmmStart), kernel_boot_ms: round3(t.kernelBoot),
                                            agent_ready_ms: round3(t.agentReady), exec_ms: round3(t.exec),
-                                           teardown_ms: round3(t.teardown), total_ms: round3(t.total)))
+                                           teardown_ms: round3(t.teardown), total_ms: round3(t.total),
+                                           restored: t.restored, restore_ms: round3(t.restore), cold_reason: t.coldReason))
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         return (try? encoder.encode(record)).map { String(decoding: $0, as: UTF8.self) } ?? "{\"name\":\"\(r.name)\",\"result\":\"encoding failed\"}"

@@ -95,6 +95,8 @@ public final class BatchRunner: Sendable {
         public var outputLimit: UInt64 = 1 << 20
         /// Overrides every job's kernel when set.
         public var kernel: String?
+        /// Every job boots instead of restoring its start snapshot.
+        public var cold = false
         public init() {}
     }
 
@@ -126,6 +128,24 @@ public final class BatchRunner: Sendable {
             return Array(s.running.values)
         }
         for t in tokens { t.cancel() }
+    }
+
+    /// Gets every distinct start of the jobs ready (kernel, image, start snapshot) before
+    /// they run, so that parallel jobs do not all wait on the first one's set-up. A start
+    /// that cannot be prepared is reported through `progress`; its jobs then try
+    /// themselves (and boot if no snapshot can be made).
+    public func prepare(progress: (String) -> Void) {
+        var seen: Set<String> = []
+        for job in jobs {
+            var c = job.configuration
+            if let k = options.kernel { c.kernel = k }
+            if options.cold { c.cold = true }
+            let key = "\(c.image)|\(c.kernel ?? "")|\(c.memoryMiB)|\(c.cpus)|\(c.diskSizeMiB.map(String.init) ?? "")|\(c.snapshot ?? "")|\(c.cold)"
+            guard seen.insert(key).inserted, !isStopping else { continue }
+            do { _ = try SandboxRunner.prepare(c, progress: progress) } catch {
+                progress("sandbox batch: could not prepare the start of job \(job.name): \(error)")
+            }
+        }
     }
 
     /// Runs the jobs; returns the results of the jobs that ran (in job-file order).
@@ -186,6 +206,7 @@ public final class BatchRunner: Sendable {
         var config = job.configuration
         config.outputLimit = options.outputLimit
         if let k = options.kernel { config.kernel = k }
+        if options.cold { config.cold = true }
         let start = monotonicNanos()
         var attempt = 0
         while true {

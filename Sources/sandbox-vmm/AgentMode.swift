@@ -17,19 +17,23 @@ enum AgentMode {
     static func run(_ config: VMMConfig, control: FileDescriptor, report: @escaping @Sendable (VMMEvent) -> Void) throws {
         // A restore takes its disk, RAM and device state from the snapshot directory.
         var restoring: (snapshot: MachineSnapshot, memory: FileDescriptor)?
+        var layer: DiskLayer?
+        var imagePath = config.imagePath
         if let dir = config.restoreDirectory {
             guard config.diskSizeBytes == nil else {
                 throw SandboxError.invalidInput("a restored sandbox's disk size is the snapshot's; set the disk size when the snapshot is made")
             }
-            let snapshot = try SnapshotFiles.readState(from: dir)
-            restoring = (snapshot, try SnapshotFiles.openMemory(in: dir, expected: snapshot.memoryBytes))
+            let manifest = try SnapshotFiles.readState(from: dir)
+            (imagePath, layer) = try SnapshotFiles.readDisk(manifest.disk, in: dir)
+            restoring = (manifest.machine, try SnapshotFiles.openMemory(in: dir, expected: manifest.machine.memoryBytes))
         }
         defer { restoring?.memory.close() }
-        guard let imagePath = config.restoreDirectory.map({ $0 + "/" + SnapshotFiles.diskFile }) ?? config.imagePath else {
+        guard let imagePath else {
             throw SandboxError.invalidInput("agent mode needs a root image")
         }
         let agentReady = try EventFD()
-        let disk = try RootDisk.open(imagePath: imagePath, overlayDirectory: config.overlayDirectory, sizeBytes: config.diskSizeBytes)
+        let disk = try RootDisk.open(imagePath: imagePath, overlayDirectory: config.overlayDirectory, sizeBytes: config.diskSizeBytes,
+                                     layer: layer)
         defer { disk.close() }
         let vsock = VsockDevice(guestCID: UInt64(GuestABI.guestCID))
         var mc = MachineConfiguration(kernelPath: config.kernelPath)
@@ -153,7 +157,7 @@ enum AgentMode {
 
     /// Writes a snapshot of the running VM into `config.snapshotDirectory`: closes the
     /// agent connection (the guest's agent goes back to accept()), pauses the VM, and
-    /// writes the memory file, the disk as the guest sees it, and the state file (last).
+    /// writes the memory file, the disk's layer above its base, and the state file (last).
     /// Returns how long it took in milliseconds.
     static func takeSnapshot(_ config: VMMConfig, machine: Machine, connection: VsockConnection, disk: BlockDevice) throws -> Double {
         guard let dir = config.snapshotDirectory else {
@@ -168,8 +172,9 @@ enum AgentMode {
         let memory = try SnapshotFiles.createMemory(in: dir)
         defer { memory.close() }
         let state = try machine.snapshot(memoryFD: memory.rawValue)
-        try RootDisk.export(disk, to: dir + "/" + SnapshotFiles.diskFile)
-        try SnapshotFiles.writeState(state, to: dir)
+        guard let cow = disk.backend as? CopyOnWriteDisk else { throw SandboxError.internal("the root disk is not a copy-on-write disk") }
+        let diskRecord = try SnapshotFiles.writeDisk(cow, to: dir)
+        try SnapshotFiles.writeState(state, disk: diskRecord, to: dir)
         return Double(monotonicNanos() - started) / 1e6
     }
 

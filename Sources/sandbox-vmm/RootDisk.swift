@@ -6,12 +6,13 @@ import VirtIO
 /// base image, with a private overlay that is unlinked as soon as it is created.
 enum RootDisk {
     /// Opens a copy-on-write block device over `imagePath` (the base is opened read-only),
-    /// its overlay in `overlayDirectory`, grown to `sizeBytes` when that is larger.
-    static func open(imagePath: String, overlayDirectory: String, sizeBytes: UInt64? = nil) throws -> BlockDevice {
+    /// its overlay in `overlayDirectory`, grown to `sizeBytes` when that is larger, with
+    /// a snapshot's read-only `layer` between them when there is one.
+    static func open(imagePath: String, overlayDirectory: String, sizeBytes: UInt64? = nil, layer: DiskLayer? = nil) throws -> BlockDevice {
         do {
             try FileManager.default.createDirectory(atPath: overlayDirectory, withIntermediateDirectories: true)
             return try BlockDevice(baseImage: imagePath, overlayDirectory: overlayDirectory, minimumCapacity: sizeBytes,
-                                   serial: "sandbox-root")
+                                   layer: layer, serial: "sandbox-root")
         } catch {
             throw SandboxError(.image, "cannot open the root disk \(imagePath)", underlying: error)
         }

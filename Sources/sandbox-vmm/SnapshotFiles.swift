@@ -3,31 +3,63 @@ import Foundation
 import MicroVM
 import SandboxCore
 import SystemShims
+import VirtIO
 #if canImport(Glibc)
 import Glibc
 #endif
 
 /// The files of one snapshot directory (Docs/SnapshotFormat.md):
 ///
-///     DIR/state.json    SnapshotManifest: format, the machine state, its SHA-256
+///     DIR/state.json    Manifest: format, the disk stack, the machine state, checksums
 ///     DIR/memory        guest RAM, byte for byte (sparse where RAM was zero)
-///     DIR/disk.ext4     the root disk as the snapshotted guest saw it (base + writes)
+///     DIR/disk.layer    the root disk's blocks above its base image (sparse, at their offsets)
+///     DIR/disk.map      which blocks disk.layer holds (one bit per 4 KiB block)
 ///
 /// `state.json` is written last (through a rename), so its presence means the rest is
 /// complete.
 enum SnapshotFiles {
     static let stateFile = "state.json"
     static let memoryFile = "memory"
-    static let diskFile = "disk.ext4"
+    static let layerFile = "disk.layer"
+    static let mapFile = "disk.map"
+    /// The directory layout; `MachineSnapshot.currentFormat` is the machine state's.
+    static let currentFormat = 3
 
     /// What state.json holds.
     struct Manifest: Codable {
         var format: Int
         /// The sandbox-vmm build that wrote it (`vmmBuild()`); another build refuses it.
         var vmmBuild: String
+        /// The root disk: a read-only base image plus this snapshot's layer.
+        var disk: Disk
         /// Hex SHA-256 of `machine` encoded as JSON with sorted keys.
         var machineSHA256: String
         var machine: MachineSnapshot
+    }
+
+    /// The root disk's stack: the base image (by path, with the size and modification
+    /// time it had, so a changed or replaced base is refused) and the layer files.
+    struct Disk: Codable, Equatable {
+        var baseImage: String
+        var baseBytes: UInt64
+        var baseModified: String
+        /// The disk's size as the guest sees it.
+        var capacity: UInt64
+        /// Blocks held by the layer.
+        var layerBlocks: Int
+        /// Hex SHA-256 of disk.map.
+        var mapSHA256: String
+    }
+
+    /// A file's size and modification time, as a `Disk` records them.
+    static func identity(of path: String) -> (bytes: UInt64, modified: String)? {
+        var st = stat()
+        guard stat(path, &st) == 0 else { return nil }
+        return (UInt64(st.st_size), "\(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)")
+    }
+
+    static func hex<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 {
+        digest.map { String(format: "%02x", $0) }.joined()
     }
 
     /// This executable's identity: its size and modification time. A rebuilt VMM (and
@@ -47,12 +79,51 @@ enum SnapshotFiles {
 
     static func digest(_ machine: MachineSnapshot) throws -> String {
         let data = try encoder().encode(machine)
-        return SHA256.hash(data: data).map { String(format: "%02x", $0) }.joined()
+        return hex(SHA256.hash(data: data))
     }
 
-    /// Writes the state file for `machine` into `dir` (atomically).
-    static func writeState(_ machine: MachineSnapshot, to dir: String) throws {
-        let manifest = Manifest(format: MachineSnapshot.currentFormat, vmmBuild: vmmBuild(), machineSHA256: try digest(machine), machine: machine)
+    /// Writes the root disk's layer (every block above the base: the snapshot's writes and
+    /// those of the layer it was itself restored over) and returns its record.
+    static func writeDisk(_ disk: CopyOnWriteDisk, to dir: String) throws -> Disk {
+        guard let base = identity(of: disk.baseImagePath) else {
+            throw SandboxError(.host, "\(disk.baseImagePath): the root disk's base image is gone")
+        }
+        let layer: DiskLayer
+        do { layer = try disk.exportLayer(dataPath: dir + "/" + layerFile, mapPath: dir + "/" + mapFile) } catch {
+            throw SandboxError(.host, "cannot write the snapshot's disk layer in \(dir)", underlying: error)
+        }
+        return Disk(baseImage: disk.baseImagePath, baseBytes: base.bytes, baseModified: base.modified, capacity: disk.capacity,
+                    layerBlocks: layer.blockCount, mapSHA256: hex(SHA256.hash(data: DiskLayer.encodeMap(layer.map))))
+    }
+
+    /// Checks the disk stack of a snapshot in `dir` and returns its base image and layer:
+    /// the base unchanged since the snapshot, the map matching its checksum, the files
+    /// their sizes.
+    static func readDisk(_ disk: Disk, in dir: String) throws -> (base: String, layer: DiskLayer) {
+        guard let base = identity(of: disk.baseImage) else {
+            throw SandboxError(.snapshot, "\(dir): the snapshot's base image \(disk.baseImage) is gone (removed from the image store?); take the snapshot again")
+        }
+        guard base.bytes == disk.baseBytes, base.modified == disk.baseModified else {
+            throw SandboxError(.snapshot, "\(dir): the snapshot's base image \(disk.baseImage) changed since the snapshot (\(base.bytes) bytes, modified \(base.modified); was \(disk.baseBytes), \(disk.baseModified)); take the snapshot again")
+        }
+        let mapPath = dir + "/" + mapFile
+        guard let map = FileManager.default.contents(atPath: mapPath), map.count <= 64 << 20 else {
+            throw SandboxError(.snapshot, "\(mapPath): the snapshot's disk map is missing or too large")
+        }
+        guard hex(SHA256.hash(data: map)) == disk.mapSHA256 else {
+            throw SandboxError(.snapshot, "\(mapPath): the disk map's checksum does not match the state (the file was changed or damaged)")
+        }
+        do {
+            let layer = try DiskLayer(dataPath: dir + "/" + layerFile, capacity: disk.capacity, mapBytes: [UInt8](map))
+            return (disk.baseImage, layer)
+        } catch {
+            throw SandboxError(.snapshot, "the snapshot's disk layer is damaged: \(error.description)")
+        }
+    }
+
+    /// Writes the state file for `machine` and `disk` into `dir` (atomically).
+    static func writeState(_ machine: MachineSnapshot, disk: Disk, to dir: String) throws {
+        let manifest = Manifest(format: currentFormat, vmmBuild: vmmBuild(), disk: disk, machineSHA256: try digest(machine), machine: machine)
         let data = try encoder().encode(manifest)
         let path = dir + "/" + stateFile
         do { try data.write(to: URL(fileURLWithPath: path), options: .atomic) } catch {
@@ -62,7 +133,7 @@ enum SnapshotFiles {
 
     /// Reads and checks `dir`'s state file: present, decodable, of this format, and its
     /// checksum matching. Every failure names the file and what is wrong with it.
-    static func readState(from dir: String) throws -> MachineSnapshot {
+    static func readState(from dir: String) throws -> Manifest {
         let path = dir + "/" + stateFile
         guard let data = FileManager.default.contents(atPath: path) else {
             throw SandboxError(.snapshot, "\(path): no such snapshot state file (an incomplete or missing snapshot)")
@@ -72,8 +143,8 @@ enum SnapshotFiles {
         guard let f = try? JSONDecoder().decode(FormatOnly.self, from: data) else {
             throw SandboxError(.snapshot, "\(path): not a snapshot state file (not JSON with a format number)")
         }
-        guard f.format == MachineSnapshot.currentFormat else {
-            throw SandboxError(.snapshot, "\(path): snapshot format \(f.format); this sandbox-vmm reads format \(MachineSnapshot.currentFormat) (take the snapshot again)")
+        guard f.format == currentFormat else {
+            throw SandboxError(.snapshot, "\(path): snapshot format \(f.format); this sandbox-vmm reads format \(currentFormat) (take the snapshot again)")
         }
         let manifest: Manifest
         do { manifest = try JSONDecoder().decode(Manifest.self, from: data) } catch {
@@ -85,7 +156,7 @@ enum SnapshotFiles {
         guard manifest.vmmBuild == vmmBuild() else {
             throw SandboxError(.snapshot, "\(path): made by another sandbox-vmm build (\(manifest.vmmBuild); this one is \(vmmBuild())); take the snapshot again")
         }
-        return manifest.machine
+        return manifest
     }
 
     /// Opens the memory file read-only, checking its size against the state.

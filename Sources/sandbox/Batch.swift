@@ -34,6 +34,8 @@ struct Batch: ParsableCommand {
     var tailBytes: Int = 4096
     @Option(help: "Kernel path for every job (default: the cached kernel for this host).")
     var kernel: String?
+    @Flag(help: "Boot every job instead of restoring its start snapshot (slower).")
+    var cold = false
 
     func run() throws {
         // Worker threads started from here inherit a mask without SIGINT/SIGTERM; the
@@ -69,6 +71,7 @@ struct Batch: ParsableCommand {
         options.outputLimit = outputLimit
         options.tailBytes = max(0, tailBytes)
         options.kernel = kernel
+        options.cold = cold
         let runner = BatchRunner(jobs: jobs, options: options)
         let progress = BatchProgress(total: jobs.count, tty: isatty(2) == 1, jsonlFD: jsonlFD)
         try BatchSignals.watch(onFirst: { sig in
@@ -79,6 +82,7 @@ struct Batch: ParsableCommand {
             _exit(130)
         })
 
+        runner.prepare(progress: { printError($0) })
         let start = Date()
         let results = try runner.run(tickInterval: progress.tty ? 0.2 : 1, onTick: { progress.tick() },
                                      onEvent: { progress.handle($0) })

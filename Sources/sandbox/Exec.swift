@@ -9,8 +9,10 @@ struct Exec: ParsableCommand {
     static let configuration = CommandConfiguration(
         abstract: "Run a command in a throwaway micro-VM.",
         discussion: """
-        Boots a VM from the image (copy-on-write; the image is never changed), runs the \
-        command through the guest agent, streams its stdout and stderr, and tears the VM down.
+        Starts a VM from the image (copy-on-write; the image is never changed), runs the \
+        command through the guest agent, streams its stdout and stderr, and tears the VM down. \
+        The VM is restored from the start snapshot of its image, kernel and shape (made on \
+        first use, in the cache); --cold boots the kernel instead. --timings says which.
 
         Exit status: the command's own status; 128+N if it was killed by signal N; \
         124 timeout; 125 the sandbox could not run (bad input, KVM, image, kernel); \
@@ -19,8 +21,10 @@ struct Exec: ParsableCommand {
         """)
 
     @OptionGroup var vm: VMOptions
-    @Option(help: "Start from this snapshot (made by `sandbox snapshot create`) instead of booting; --memory and --cpus must be the snapshot's.")
+    @Option(help: "Start from this snapshot (made by `sandbox snapshot create`) instead of the cached start snapshot; --memory and --cpus must be the snapshot's.")
     var snapshot: String?
+    @Flag(help: "Boot the kernel instead of restoring a snapshot (slower; SANDBOX_COLD=1 does this for every run).")
+    var cold = false
     @Option(parsing: .unconditional, help: "Wall-clock limit for the command, in seconds (0 = none; at most 30 days).")
     var timeout: Double = 300
     @Option(name: .customLong("env"), help: "Set an environment variable (K=V); repeatable.")
@@ -53,6 +57,7 @@ struct Exec: ParsableCommand {
         config.workingDirectory = workdir
         config.keepDiskPath = keepDisk
         config.snapshot = snapshot
+        config.cold = cold
         config.consoleFD = console ? 2 : nil
         // Output streams straight to the terminal: no cap, nothing kept in memory.
         config.outputLimit = 0
@@ -81,10 +86,12 @@ struct Exec: ParsableCommand {
         }
         if timings && result.timings.restored {
             let t = result.timings
-            printError(String(format: "sandbox: restored from the snapshot: vmm %.1f ms, restore %.1f ms, agent %.1f ms, exec %.1f ms, teardown %.1f ms, total %.1f ms",
+            printError("sandbox: restored from the snapshot \(t.snapshot ?? "?")")
+            printError(String(format: "sandbox: vmm %.1f ms, restore %.1f ms, agent %.1f ms, exec %.1f ms, teardown %.1f ms, total %.1f ms",
                               t.vmmStart, t.restore, t.agentReady, t.exec, t.teardown, t.total))
         } else if timings {
             let t = result.timings
+            printError("sandbox: booted (not restored: \(t.coldReason ?? "a start snapshot was not used"))")
             printError(String(format: "sandbox: vmm %.1f ms, kernel boot %.1f ms, agent %.1f ms (guest startup %.1f ms), exec %.1f ms, teardown %.1f ms, total %.1f ms",
                               t.vmmStart, t.kernelBoot, t.agentReady, t.agentStartup, t.exec, t.teardown, t.total))
         }

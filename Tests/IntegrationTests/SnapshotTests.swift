@@ -24,7 +24,7 @@ struct SnapshotTests {
     func restoreRunsCommands() throws {
         let (scratch, snap) = try makeSnapshot()
         defer { try? FileManager.default.removeItem(atPath: scratch) }
-        for f in ["state.json", "memory", "disk.ext4"] {
+        for f in ["state.json", "memory", "disk.layer", "disk.map"] {
             #expect(FileManager.default.fileExists(atPath: snap + "/" + f), "no \(f) in the snapshot")
         }
         let a = try sandbox(["exec", "--snapshot", snap, "--timings"] + t + ["--", "sh", "-c", "echo restored; test -e /root/mark && echo seen; echo x > /root/mark; sync; cat /root/mark; exit 3"])
@@ -93,13 +93,13 @@ struct SnapshotTests {
 
         // A copy of the snapshot to damage, one way at a time.
         func damaged(_ name: String, _ damage: (String) throws -> Void) throws -> Fixture.Result {
-            // The disk is large: link it; copy the rest (the memory file sparsely).
+            // Copy it (sparsely: the memory file and the disk layer are mostly holes).
             let copy = scratch + "/" + name
             try FileManager.default.createDirectory(atPath: copy, withIntermediateDirectories: false)
-            try FileManager.default.linkItem(atPath: snap + "/disk.ext4", toPath: copy + "/disk.ext4")
-            try FileManager.default.copyItem(atPath: snap + "/state.json", toPath: copy + "/state.json")
-            let cp = try Fixture.run("/bin/cp", ["--sparse=always", snap + "/memory", copy + "/memory"])
-            try #require(cp.status == 0, "\(cp.stderr)")
+            for f in ["state.json", "disk.map", "memory", "disk.layer"] {
+                let cp = try Fixture.run("/bin/cp", ["--sparse=always", snap + "/" + f, copy + "/" + f])
+                try #require(cp.status == 0, "\(cp.stderr)")
+            }
             try damage(copy)
             return try run(copy)
         }
@@ -118,10 +118,11 @@ struct SnapshotTests {
         #expect(truncated.status == 125 && truncated.stderr.contains("state.json: not a snapshot state file"), "\(truncated.stderr)")
         let format = try damaged("format") { dir in
             var text = try String(contentsOfFile: dir + "/state.json", encoding: .utf8)
-            text = text.replacingOccurrences(of: "\"format\":2,", with: "\"format\":99,")
+            #expect(text.contains("\"format\":3,"))
+            text = text.replacingOccurrences(of: "\"format\":3,", with: "\"format\":99,")
             try text.write(toFile: dir + "/state.json", atomically: true, encoding: .utf8)
         }
-        #expect(format.status == 125 && format.stderr.contains("snapshot format 99; this sandbox-vmm reads format 2"), "\(format.stderr)")
+        #expect(format.status == 125 && format.stderr.contains("snapshot format 99; this sandbox-vmm reads format 3"), "\(format.stderr)")
         let shortMemory = try damaged("short-memory") { dir in
             chmod(dir + "/memory", 0o644)
             let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/memory"))
@@ -136,6 +137,20 @@ struct SnapshotTests {
             try text.write(toFile: dir + "/state.json", atomically: true, encoding: .utf8)
         }
         #expect(otherBuild.status == 125 && otherBuild.stderr.contains("made by another sandbox-vmm build (1-2.3"), "\(otherBuild.stderr)")
+        let map = try damaged("map") { dir in
+            chmod(dir + "/disk.map", 0o644)
+            let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/disk.map"))
+            try fh.write(contentsOf: Data([0xff]))
+            try fh.close()
+        }
+        #expect(map.status == 125 && map.stderr.contains("disk map's checksum does not match"), "\(map.stderr)")
+        let layer = try damaged("layer") { dir in
+            chmod(dir + "/disk.layer", 0o644)
+            let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/disk.layer"))
+            try fh.truncate(atOffset: 1 << 20)
+            try fh.close()
+        }
+        #expect(layer.status == 125 && layer.stderr.contains("disk layer is damaged") && layer.stderr.contains("data file is 1048576 bytes"), "\(layer.stderr)")
         let noState = try damaged("incomplete") { dir in try FileManager.default.removeItem(atPath: dir + "/state.json") }
         #expect(noState.status == 125 && noState.stderr.contains("no such snapshot state file"), "\(noState.stderr)")
 

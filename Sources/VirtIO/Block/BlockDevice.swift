@@ -94,14 +94,14 @@ public final class BlockDevice: VirtioDevice, Sendable {
     }
 
     /// Creates a device over a copy-on-write view of `baseImage` (grown to
-    /// `minimumCapacity` if that is larger), with the overlay in
+    /// `minimumCapacity` if that is larger; with `layer` between base and overlay), with the overlay in
     /// `overlayDirectory` and the engine picked by `BlockEngineKind.auto` (or `engine`).
     /// - Throws: `SystemError` if the files or the io_uring ring cannot be created.
     public convenience init(baseImage: String, overlayDirectory: String, keepOverlay: Bool = false,
-                            minimumCapacity: UInt64? = nil,
+                            minimumCapacity: UInt64? = nil, layer: DiskLayer? = nil,
                             serial: String = "sandbox", engine kind: BlockEngineKind = BlockEngineKind.auto.kind) throws(SystemError) {
         let disk = try CopyOnWriteDisk(baseImage: baseImage, overlayDirectory: overlayDirectory, keepOverlay: keepOverlay,
-                                       minimumCapacity: minimumCapacity)
+                                       minimumCapacity: minimumCapacity, layer: layer)
         self.init(backend: disk, engine: try kind.makeEngine(), serial: serial)
     }
 

@@ -1,0 +1,185 @@
+import Crypto
+import Foundation
+import SandboxCore
+import SandboxImages
+import SystemShims
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The start snapshots runs restore by default: one per kernel, image, VM shape, host
+/// and VMM build, made on first use (the first run of a shape boots, snapshots, then
+/// restores like every later run) and kept in `$cache/snapshots/`.
+///
+/// ```
+///   $cache/snapshots/
+///     busybox-256m-1c-9f3a…/      a snapshot directory (Docs/SnapshotFormat.md)
+///     .busybox-256m-1c-9f3a….lock  flock'ed while one process makes that snapshot
+/// ```
+///
+/// Several processes may race to make the same entry: one makes it under the lock, the
+/// others wait on the lock and then use it. An entry the VMM refuses (damaged, or made by
+/// another build on the same key) is discarded and made again once (`discard`).
+enum SnapshotCache {
+    static var directory: String { SandboxPaths.cacheDirectory + "/snapshots" }
+    /// Bump when what a cached snapshot holds changes in a way the key does not show.
+    static let layoutVersion = "v1"
+
+    /// Why `config` boots instead of restoring the cached snapshot, or nil when it
+    /// restores. Asked for (`cold`, `SANDBOX_COLD`), or a setting a snapshot cannot
+    /// honour (a console stream shows the boot).
+    static func coldReason(_ config: SandboxConfiguration) -> String? {
+        if config.cold { return "asked for (cold)" }
+        if let v = ProcessInfo.processInfo.environment["SANDBOX_COLD"], !v.isEmpty, v != "0" { return "SANDBOX_COLD=\(v) is set" }
+        if config.consoleFD != nil { return "the console is streamed, which shows the boot" }
+        return nil
+    }
+
+    /// The key inputs, one per line: anything that changes what the snapshot holds or
+    /// whether this host can restore it.
+    static func keyText(_ config: SandboxConfiguration, kernel: String, image: String, vmm: String) -> String {
+        func id(_ path: String) -> String {
+            var st = stat()
+            guard stat(path, &st) == 0 else { return "\(path) missing" }
+            return "\(path) \(st.st_size) \(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec) \(st.st_ino)"
+        }
+        return [
+            "snapshot-cache \(layoutVersion)",
+            "host \(HostKind.detect().rawValue) \(cpuIdentity())",
+            "kernel \(id(kernel))",
+            "image \(id(image))",
+            "vmm \(id(vmm))",
+            "memory \(config.memoryMiB) cpus \(config.cpus) disk \(config.diskSizeMiB.map(String.init) ?? "image")",
+        ].joined(separator: "\n")
+    }
+
+    /// The CPU as a restore cares about it: vendor, family, model, stepping and a hash of
+    /// the feature flags of the first processor in /proc/cpuinfo.
+    static func cpuIdentity() -> String {
+        guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8) else { return "unknown-cpu" }
+        var parts: [String] = []
+        for line in text.split(separator: "\n") {
+            if line.isEmpty { break }
+            let kv = line.split(separator: ":", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
+            guard kv.count == 2 else { continue }
+            switch kv[0] {
+            case "vendor_id", "cpu family", "model", "stepping": parts.append(kv[1])
+            case "flags": parts.append(SHA256.hash(data: Data(kv[1].utf8)).prefix(8).map { String(format: "%02x", $0) }.joined())
+            default: break
+            }
+        }
+        return parts.joined(separator: "/")
+    }
+
+    /// The entry's directory name: a readable label and the key's hash.
+    static func entryName(_ config: SandboxConfiguration, keyText: String) -> (label: String, name: String) {
+        let imageName = (config.image as NSString).lastPathComponent.replacingOccurrences(of: ".ext4", with: "")
+        let safe = String(imageName.map { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" ? $0 : "_" }.prefix(40))
+        let label = "\(safe)-\(config.memoryMiB)m-\(config.cpus)c" + (config.diskSizeMiB.map { "-\($0)d" } ?? "")
+        let hash = SHA256.hash(data: Data(keyText.utf8)).prefix(8).map { String(format: "%02x", $0) }.joined()
+        return (label, label + "-" + hash)
+    }
+
+    /// The cached start snapshot for `config` (booting `kernel` and `image`), made now if
+    /// there is none. Progress lines say when a snapshot is being made or waited for.
+    static func entry(for config: SandboxConfiguration, kernel: String, image: String,
+                      progress: (String) -> Void) throws -> String {
+        let vmm = try VMMExecutable.locate(explicit: config.vmmExecutable)
+        let (label, name) = entryName(config, keyText: keyText(config, kernel: kernel, image: image, vmm: vmm))
+        let dir = directory + "/" + name
+        if isComplete(dir) { return dir }
+        do { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) } catch {
+            throw SandboxError(.host, "cannot create the snapshot cache \(directory)", underlying: error)
+        }
+        let lock = try lockEntry(name, progress: progress)
+        defer { lock.close() }  // closing the descriptor releases the lock
+        if isComplete(dir) { return dir }
+        // A directory without its state file is a leftover (a crash while renaming is
+        // not possible, but a hand-made one is): clear it.
+        try? FileManager.default.removeItem(atPath: dir)
+        let shape = "\(config.memoryMiB) MiB, \(config.cpus) vCPU" + (config.diskSizeMiB.map { ", \($0) MiB disk" } ?? "")
+        progress("sandbox: making the start snapshot for \(config.image) (\(shape)); later runs restore it")
+        var boot = SandboxConfiguration()
+        boot.kernel = kernel
+        boot.image = image
+        boot.memoryMiB = config.memoryMiB
+        boot.cpus = config.cpus
+        boot.diskSizeMiB = config.diskSizeMiB
+        boot.bootTimeout = config.bootTimeout
+        boot.vmmExecutable = vmm
+        let made: SnapshotMaker.Result
+        do { made = try SnapshotMaker.create(directory: dir, configuration: boot, progress: progress) } catch {
+            // Remembered for `sandbox doctor`: why runs of this shape boot instead.
+            try? "\(name): \(error)\n".write(toFile: lastFailureFile, atomically: true, encoding: .utf8)
+            throw error
+        }
+        unlink(lastFailureFile)
+        progress(String(format: "sandbox: start snapshot made in %.0f ms (%@)", made.totalMillis, dir))
+        prune(label: label, keeping: name)
+        return dir
+    }
+
+    /// Whether `dir` holds a whole snapshot (its state file is written last).
+    static func isComplete(_ dir: String) -> Bool {
+        FileManager.default.fileExists(atPath: dir + "/state.json")
+    }
+
+    /// Takes the entry's lock (an flock on a file beside it), saying so when another
+    /// process holds it.
+    static func lockEntry(_ name: String, progress: (String) -> Void) throws -> FileDescriptor {
+        let path = directory + "/." + name + ".lock"
+        let fd: FileDescriptor
+        do { fd = try FileDescriptor.open(path, O_RDWR | O_CREAT | O_CLOEXEC, mode: 0o644) } catch {
+            throw SandboxError(.host, "cannot open the snapshot cache lock \(path)", underlying: error)
+        }
+        if flock(fd.rawValue, LOCK_EX | LOCK_NB) == 0 { return fd }
+        progress("sandbox: waiting for another process that is making the start snapshot \(name)")
+        while flock(fd.rawValue, LOCK_EX) != 0 {
+            guard errno == EINTR else {
+                let e = errno
+                fd.close()
+                throw SandboxError(.host, "cannot lock \(path): \(String(cString: strerror(e)))")
+            }
+        }
+        return fd
+    }
+
+    /// Removes a cached entry the VMM refused, so the next use makes it again. Under the
+    /// entry's lock, and by renaming first: no reader sees half a directory.
+    static func discard(_ dir: String) {
+        let name = (dir as NSString).lastPathComponent
+        guard let lock = try? lockEntry(name, progress: { _ in }) else { return }
+        defer { lock.close() }
+        let trash = directory + "/.trash-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        if rename(dir, trash) == 0 { try? FileManager.default.removeItem(atPath: trash) }
+    }
+
+    /// Removes the other entries of the same label (made for an older kernel, image or
+    /// VMM build), and leftovers of interrupted makes older than an hour. Entries are
+    /// renamed away first; a sandbox already restored from one keeps its open files.
+    static func prune(label: String, keeping name: String) {
+        let fm = FileManager.default
+        guard let names = try? fm.contentsOfDirectory(atPath: directory) else { return }
+        let hour = Date().addingTimeInterval(-3600)
+        for n in names where n != name {
+            let path = directory + "/" + n
+            let old = ((try? fm.attributesOfItem(atPath: path)[.modificationDate]) as? Date).map { $0 < hour } ?? false
+            let stale = n.hasPrefix(label + "-") && n.count == name.count
+            let leftover = (n.hasPrefix(".trash-") || n.contains(".partial-")) && old
+            guard stale || leftover else { continue }
+            let trash = directory + "/.trash-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+            if rename(path, trash) == 0 { try? fm.removeItem(atPath: trash) }
+        }
+    }
+
+    /// Why the last start snapshot could not be made, if it could not.
+    static var lastFailureFile: String { directory + "/.last-failure" }
+    static var lastFailure: String? {
+        (try? String(contentsOfFile: lastFailureFile, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// The entries now in the cache (for `sandbox doctor`).
+    static func entries() -> [String] {
+        ((try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []).filter { !$0.hasPrefix(".") }.sorted()
+    }
+}
