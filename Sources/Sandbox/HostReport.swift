@@ -61,8 +61,8 @@ public struct HostReport: Sendable {
             r.lines.append("start path:     restore from the cached start snapshot (made on first use; --cold boots instead)")
         }
         r.lines.append("start snapshots: \(cacheNote)")
-        if let failed = SnapshotCache.lastFailure {
-            r.lines.append("note:           the last start snapshot could not be made, so runs of its shape boot instead: \(failed)")
+        for failed in SnapshotCache.recentFailures() {
+            r.lines.append("note:           a start snapshot could not be made, so runs of its shape boot instead: \(failed)")
         }
         if host == .pvm {
             r.lines.append("note:           PVM host: only the pvm kernel flavor boots natively here; a standard kernel falls into emulation and dies.")

@@ -61,6 +61,10 @@ public struct SandboxConfiguration: Sendable {
     /// When nil, a run restores the cached start snapshot of its image, kernel and shape
     /// (made on first use) unless `cold` is set; `ExecResult.timings` says which.
     public var snapshot: String?
+    /// Start from this template (made by ``Templates/create(name:configuration:setup:replace:onOutput:progress:)``
+    /// or `sandbox template create`): the VM as its setup command left it. The template's
+    /// image, memory, vCPUs and disk size are used; `snapshot` and `cold` must not be set.
+    public var template: String?
     /// Boot the kernel instead of restoring the cached start snapshot (also for every
     /// run when `$SANDBOX_COLD` is set). Runs that stream the console boot too.
     public var cold: Bool = false

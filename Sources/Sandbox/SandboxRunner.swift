@@ -28,6 +28,32 @@ public enum SandboxRunner {
         return (kernel, image)
     }
 
+    /// `config` with its template (if it names one) resolved: the template's snapshot,
+    /// image and shape.
+    static func resolvingTemplate(_ config: SandboxConfiguration) throws -> SandboxConfiguration {
+        guard let name = config.template else { return config }
+        guard config.snapshot == nil else { throw SandboxError.invalidInput("template and snapshot cannot both be set: a template is a snapshot") }
+        guard !config.cold else { throw SandboxError.invalidInput("template and cold cannot both be set: a template starts from its snapshot") }
+        guard config.diskSizeMiB == nil else { throw SandboxError.invalidInput("diskSize cannot be set on a run from a template: the disk is the template's") }
+        let info = try Templates.info(name)
+        var c = config
+        c.snapshot = try Templates.path(name)
+        c.image = info.image
+        c.memoryMiB = info.memoryMiB
+        c.cpus = info.cpus
+        return c
+    }
+
+    /// A command's environment: the defaults (PATH, HOME, TERM), then the configuration's.
+    static func environment(_ config: SandboxConfiguration) -> [String] {
+        var env = ["PATH=" + GuestABI.defaultPath, "HOME=/root", "TERM=dumb"]
+        for (k, v) in config.environment.sorted(by: { $0.key < $1.key }) {
+            env.removeAll { $0.hasPrefix(k + "=") }
+            env.append("\(k)=\(v)")
+        }
+        return env
+    }
+
     /// Gets `configuration`'s start ready before any run needs it: its kernel and image,
     /// and its cached start snapshot (made now if there is none, with progress lines).
     /// Returns the snapshot directory runs of it will restore, or nil when they boot
@@ -35,6 +61,7 @@ public enum SandboxRunner {
     /// for callers that want the cost up front (a batch, a test suite's set-up).
     public static func prepare(_ config: SandboxConfiguration, progress: (String) -> Void = { _ in }) throws(SandboxError) -> (snapshot: String?, coldReason: String?) {
         do {
+            let config = try resolvingTemplate(config)
             try InputCheck.check(config)
             if let dir = config.snapshot { return (dir, nil) }
             let (kernel, image) = try bootInputs(config, progress: progress)
@@ -47,7 +74,7 @@ public enum SandboxRunner {
 
     /// Runs `command`. Output chunks go to `onOutput` as they arrive (and are collected
     /// into the result up to `configuration.outputLimit`).
-    public static func run(_ command: [String], configuration config: SandboxConfiguration,
+    public static func run(_ command: [String], configuration: SandboxConfiguration,
                            stdin: [UInt8]? = nil, stdinFD: Int32? = nil,
                            progress: (String) -> Void = { _ in },
                            cancel: CancelToken? = nil,
@@ -58,6 +85,11 @@ public enum SandboxRunner {
         func ms(_ from: UInt64, _ to: UInt64 = monotonicNanos()) -> Double { Double(to &- from) / 1e6 }
         guard !command.isEmpty else {
             result.outcome = .infrastructureError(.invalidInput("no command given"))
+            return result
+        }
+        let config: SandboxConfiguration
+        do { config = try resolvingTemplate(configuration) } catch {
+            result.outcome = .infrastructureError(.from(error, code: .snapshot))
             return result
         }
         // Check and resolve inputs before starting anything.
@@ -203,12 +235,7 @@ public enum SandboxRunner {
                 let mode = ((try? FileManager.default.attributesOfItem(atPath: c.hostPath)[.posixPermissions]) as? NSNumber)?.uint32Value ?? 0o644
                 try client.writeFile(path: c.guestPath, mode: mode, contents: bytes)
             }
-            var env = ["PATH=" + GuestABI.defaultPath, "HOME=/root", "TERM=dumb"]
-            for (k, v) in config.environment.sorted(by: { $0.key < $1.key }) {
-                env.removeAll { $0.hasPrefix(k + "=") }
-                env.append("\(k)=\(v)")
-            }
-            let exec = Exec(arguments: command, environment: env, workingDirectory: config.workingDirectory,
+            let exec = Exec(arguments: command, environment: environment(config), workingDirectory: config.workingDirectory,
                             timeoutMillis: commandTimeout.map { UInt64($0 * 1000) } ?? 0,
                             stdoutCap: config.outputLimit, stderrCap: config.outputLimit)
             var kept: (UInt64, UInt64) = (0, 0)

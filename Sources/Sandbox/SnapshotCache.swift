@@ -88,12 +88,14 @@ enum SnapshotCache {
         let (label, name) = entryName(config, keyText: keyText(config, kernel: kernel, image: image, vmm: vmm))
         let dir = directory + "/" + name
         if isComplete(dir) { return dir }
+        if let failed = recentFailure(name) { throw SandboxError(.snapshot, failed) }
         do { try FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true) } catch {
             throw SandboxError(.host, "cannot create the snapshot cache \(directory)", underlying: error)
         }
         let lock = try lockEntry(name, progress: progress)
         defer { lock.close() }  // closing the descriptor releases the lock
         if isComplete(dir) { return dir }
+        if let failed = recentFailure(name) { throw SandboxError(.snapshot, failed) }
         // A directory without its state file is a leftover (a crash while renaming is
         // not possible, but a hand-made one is): clear it.
         try? FileManager.default.removeItem(atPath: dir)
@@ -105,15 +107,19 @@ enum SnapshotCache {
         boot.memoryMiB = config.memoryMiB
         boot.cpus = config.cpus
         boot.diskSizeMiB = config.diskSizeMiB
-        boot.bootTimeout = config.bootTimeout
+        // The snapshot's boot is the cache's, not the run's: a short boot limit set for
+        // the run (which then bounds its restore) must not fail the shared snapshot.
+        let limit = max(try SandboxConfiguration.resolvedBootTimeout(config.bootTimeout), SandboxConfiguration.defaultBootTimeoutSeconds)
+        boot.bootTimeout = .milliseconds(Int64(limit * 1000))
         boot.vmmExecutable = vmm
         let made: SnapshotMaker.Result
         do { made = try SnapshotMaker.create(directory: dir, configuration: boot, progress: progress) } catch {
-            // Remembered for `sandbox doctor`: why runs of this shape boot instead.
-            try? "\(name): \(error)\n".write(toFile: lastFailureFile, atomically: true, encoding: .utf8)
+            // Remembered for a while (runs of this shape boot meanwhile without trying
+            // again) and for `sandbox doctor`.
+            try? "\(error)\n".write(toFile: failureFile(name), atomically: true, encoding: .utf8)
             throw error
         }
-        unlink(lastFailureFile)
+        unlink(failureFile(name))
         progress(String(format: "sandbox: start snapshot made in %.0f ms (%@)", made.totalMillis, dir))
         prune(label: label, keeping: name)
         return dir
@@ -132,7 +138,8 @@ enum SnapshotCache {
         do { fd = try FileDescriptor.open(path, O_RDWR | O_CREAT | O_CLOEXEC, mode: 0o644) } catch {
             throw SandboxError(.host, "cannot open the snapshot cache lock \(path)", underlying: error)
         }
-        if flock(fd.rawValue, LOCK_EX | LOCK_NB) == 0 { return fd }
+        // Touched once held: `prune` removes only locks nobody took for an hour.
+        if flock(fd.rawValue, LOCK_EX | LOCK_NB) == 0 { futimens(fd.rawValue, nil); return fd }
         progress("sandbox: waiting for another process that is making the start snapshot \(name)")
         while flock(fd.rawValue, LOCK_EX) != 0 {
             guard errno == EINTR else {
@@ -141,6 +148,7 @@ enum SnapshotCache {
                 throw SandboxError(.host, "cannot lock \(path): \(String(cString: strerror(e)))")
             }
         }
+        futimens(fd.rawValue, nil)
         return fd
     }
 
@@ -165,17 +173,38 @@ enum SnapshotCache {
             let path = directory + "/" + n
             let old = ((try? fm.attributesOfItem(atPath: path)[.modificationDate]) as? Date).map { $0 < hour } ?? false
             let stale = n.hasPrefix(label + "-") && n.count == name.count
-            let leftover = (n.hasPrefix(".trash-") || n.contains(".partial-")) && old
+            // Leftovers: interrupted makes and removals, old failure notes, and the locks
+            // of entries that no longer exist.
+            let orphanLock = n.hasPrefix(".") && n.hasSuffix(".lock") && !names.contains(String(n.dropFirst().dropLast(".lock".count)))
+            let leftover = (n.hasPrefix(".trash-") || n.contains(".partial-") || n.hasSuffix(".failed") || orphanLock) && old
             guard stale || leftover else { continue }
             let trash = directory + "/.trash-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
             if rename(path, trash) == 0 { try? fm.removeItem(atPath: trash) }
         }
     }
 
-    /// Why the last start snapshot could not be made, if it could not.
-    static var lastFailureFile: String { directory + "/.last-failure" }
-    static var lastFailure: String? {
-        (try? String(contentsOfFile: lastFailureFile, encoding: .utf8))?.trimmingCharacters(in: .whitespacesAndNewlines)
+    /// How long a failed make is believed before the next run tries again.
+    static let failureMemorySeconds: Double = 600
+
+    static func failureFile(_ name: String) -> String { directory + "/." + name + ".failed" }
+
+    /// Why the entry could not be made, when that was tried in the last ten minutes.
+    static func recentFailure(_ name: String) -> String? {
+        let path = failureFile(name)
+        guard let when = (try? FileManager.default.attributesOfItem(atPath: path)[.modificationDate]) as? Date,
+              Date().timeIntervalSince(when) < failureMemorySeconds,
+              let why = try? String(contentsOfFile: path, encoding: .utf8) else { return nil }
+        let ago = Int(Date().timeIntervalSince(when))
+        return "making it failed \(ago) s ago (tried again after \(Int(failureMemorySeconds / 60)) minutes): " + why.trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    /// The entries whose last make failed recently, with why (for `sandbox doctor`).
+    static func recentFailures() -> [String] {
+        let names = (try? FileManager.default.contentsOfDirectory(atPath: directory)) ?? []
+        return names.filter { $0.hasPrefix(".") && $0.hasSuffix(".failed") }.sorted().compactMap { f in
+            let name = String(f.dropFirst().dropLast(".failed".count))
+            return recentFailure(name).map { "\(name): \($0)" }
+        }
     }
 
     /// The entries now in the cache (for `sandbox doctor`).

@@ -1,3 +1,4 @@
+import AgentProtocol
 import Foundation
 import SandboxCore
 import SandboxImages
@@ -12,7 +13,7 @@ public enum SnapshotMaker {
     public struct Result: Sendable {
         /// The snapshot directory.
         public var directory: String
-        /// Milliseconds from the call to the agent answering in the booted VM.
+        /// Milliseconds from the call to the agent answering in the booted (or restored) VM.
         public var bootMillis: Double
         /// Milliseconds the VMM took to pause the VM and write the files.
         public var snapshotMillis: Double
@@ -26,22 +27,48 @@ public enum SnapshotMaker {
     /// renamed into place, so `directory` either holds a whole snapshot or does not exist.
     public static func create(directory: String, configuration config: SandboxConfiguration,
                               progress: (String) -> Void = { _ in }) throws(SandboxError) -> Result {
-        do { return try make(directory: directory, config: config, progress: progress) } catch {
+        guard config.snapshot == nil else {
+            throw SandboxError.invalidInput("a snapshot is made by booting; the configuration must not itself start from a snapshot")
+        }
+        do { return try make(directory: directory, config: config, start: nil, setup: nil, onOutput: { _ in }, progress: progress) } catch {
             throw .from(error, code: .snapshot)
         }
     }
 
-    private static func make(directory: String, config: SandboxConfiguration, progress: (String) -> Void) throws -> Result {
+    /// Starts a sandbox from `configuration` the way a run does (from `snapshot` when it
+    /// is set, else the cached start snapshot unless `cold`), runs `setup` in it, and, if
+    /// that exits 0, writes a snapshot of the VM as the setup left it (memory, processes,
+    /// disk) to `directory`. The setup's output goes to `onOutput`; its environment,
+    /// working directory and timeout are the configuration's. A setup that fails makes no
+    /// snapshot and throws an error with its status.
+    public static func create(directory: String, configuration config: SandboxConfiguration, setup: [String],
+                              onOutput: (OutputEvent) -> Void = { _ in },
+                              progress: (String) -> Void = { _ in }) throws(SandboxError) -> Result {
+        guard !setup.isEmpty else { throw SandboxError.invalidInput("the setup command is empty") }
+        do {
+            var start = config.snapshot
+            if start == nil && SnapshotCache.coldReason(config) == nil {
+                let (kernel, image) = try SandboxRunner.bootInputs(config, progress: progress)
+                do { start = try SnapshotCache.entry(for: config, kernel: kernel, image: image, progress: progress) } catch {
+                    progress("sandbox: booting instead of restoring: no start snapshot could be made: \(error)")
+                }
+            }
+            return try make(directory: directory, config: config, start: start, setup: setup, onOutput: onOutput, progress: progress)
+        } catch {
+            throw .from(error, code: .snapshot)
+        }
+    }
+
+    private static func make(directory: String, config: SandboxConfiguration, start: String?, setup: [String]?,
+                             onOutput: (OutputEvent) -> Void, progress: (String) -> Void) throws -> Result {
         let t0 = monotonicNanos()
         func ms(_ from: UInt64, _ to: UInt64 = monotonicNanos()) -> Double { Double(to &- from) / 1e6 }
-        guard config.snapshot == nil else {
-            throw SandboxError.invalidInput("a snapshot is made by booting; the configuration must not itself start from a snapshot")
-        }
         guard !FileManager.default.fileExists(atPath: directory) else {
             throw SandboxError.invalidInput("\(directory) already exists; a snapshot is written to a new directory")
         }
         try InputCheck.check(config)
-        let (kernel, image) = try SandboxRunner.bootInputs(config, progress: progress)
+        var kernel = "", image = ""
+        if start == nil { (kernel, image) = try SandboxRunner.bootInputs(config, progress: progress) }
         let parent = (directory as NSString).deletingLastPathComponent
         let partial = (parent.isEmpty ? "." : parent) + "/." + (directory as NSString).lastPathComponent + ".partial-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         do { try FileManager.default.createDirectory(atPath: partial, withIntermediateDirectories: true) } catch {
@@ -51,11 +78,14 @@ public enum SnapshotMaker {
         defer { if !done { try? FileManager.default.removeItem(atPath: partial) } }
 
         let bootTimeout = try SandboxConfiguration.resolvedBootTimeout(config.bootTimeout)
+        let setupTimeout = config.timeout.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
         var vmConfig = VMMConfig(mode: .agent, kernelPath: kernel, imagePath: image, overlayDirectory: SandboxPaths.overlayDirectory,
-                                 memoryMiB: config.memoryMiB, cpus: config.cpus, vmTimeoutSeconds: bootTimeout + 120,
+                                 memoryMiB: config.memoryMiB, cpus: config.cpus,
+                                 vmTimeoutSeconds: bootTimeout + 120 + (setup == nil ? 0 : setupTimeout ?? 86_400),
                                  bootTimeoutSeconds: bootTimeout, streamConsole: config.consoleFD != nil,
-                                 diskSizeBytes: config.diskSizeMiB.map { $0 << 20 })
+                                 diskSizeBytes: start == nil ? config.diskSizeMiB.map { $0 << 20 } : nil)
         vmConfig.snapshotDirectory = partial
+        vmConfig.restoreDirectory = start
         let vmm = try VMMProcess.spawn(vmConfig, executable: config.vmmExecutable, stderr: config.consoleFD)
         defer { vmm.reap(patienceMillis: 10_000) }
         let first = vmm.nextEvent(timeoutMillis: Int32(min((bootTimeout + 10) * 1000, Double(Int32.max))))
@@ -68,6 +98,7 @@ public enum SnapshotMaker {
         let watchdog = try? Watchdog(after: 30) { [vmm] in vmm.kill() }
         do {
             try client.hello()
+            if ready.restoreMillis != nil { try client.seed() }
             _ = try client.ping()
         } catch {
             watchdog?.cancel()
@@ -76,6 +107,25 @@ public enum SnapshotMaker {
         }
         watchdog?.cancel()
         let booted = ms(t0)
+        if let setup {
+            let exec = Exec(arguments: setup, environment: SandboxRunner.environment(config), workingDirectory: config.workingDirectory,
+                            timeoutMillis: setupTimeout.map { UInt64($0 * 1000) } ?? 0,
+                            stdoutCap: config.outputLimit, stderrCap: config.outputLimit)
+            let deadline = setupTimeout.flatMap { t in try? Watchdog(after: t + 2) { [vmm] in vmm.kill() } }
+            let status: CommandStatus
+            do {
+                status = try client.exec(exec) { stream, bytes in onOutput(stream == .stdout ? .stdout(bytes) : .stderr(bytes)) }
+            } catch {
+                deadline?.cancel()
+                vmm.requestStop()
+                throw SandboxError.from(error, code: .snapshot, context: "the setup command \(setup.joined(separator: " ")) did not finish")
+            }
+            deadline?.cancel()
+            guard case .exited(0) = status else {
+                vmm.requestStop()
+                throw SandboxError(.snapshot, "the setup command \(setup.joined(separator: " ")) \(Self.describe(status)); nothing was snapshotted")
+            }
+        }
         vmm.requestSnapshot()
         guard let e = vmm.nextEvent(timeoutMillis: 120_000) else {
             vmm.kill()
@@ -90,5 +140,14 @@ public enum SnapshotMaker {
         }
         done = true
         return Result(directory: directory, bootMillis: booted, snapshotMillis: took, totalMillis: ms(t0))
+    }
+
+    static func describe(_ status: CommandStatus) -> String {
+        switch status {
+        case .exited(let c): return "exited with status \(c)"
+        case .signalled(let s): return "was killed by signal \(s)"
+        case .timedOut: return "timed out"
+        case .failedToStart(_, let message): return "could not be started (\(message))"
+        }
     }
 }

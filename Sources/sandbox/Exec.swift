@@ -23,6 +23,8 @@ struct Exec: ParsableCommand {
     @OptionGroup var vm: VMOptions
     @Option(help: "Start from this snapshot (made by `sandbox snapshot create`) instead of the cached start snapshot; --memory and --cpus must be the snapshot's.")
     var snapshot: String?
+    @Option(help: "Start from this template (made by `sandbox template create`): its image, memory, vCPUs and disk, as its setup command left them.")
+    var template: String?
     @Flag(help: "Boot the kernel instead of restoring a snapshot (slower; SANDBOX_COLD=1 does this for every run).")
     var cold = false
     @Option(parsing: .unconditional, help: "Wall-clock limit for the command, in seconds (0 = none; at most 30 days).")
@@ -57,6 +59,7 @@ struct Exec: ParsableCommand {
         config.workingDirectory = workdir
         config.keepDiskPath = keepDisk
         config.snapshot = snapshot
+        config.template = template
         config.cold = cold
         config.consoleFD = console ? 2 : nil
         // Output streams straight to the terminal: no cap, nothing kept in memory.
@@ -72,6 +75,12 @@ struct Exec: ParsableCommand {
             config.copyIn = try copyIn.map { try FileCopy.parse($0, guestFirst: false) }
             config.copyOut = try copyOut.map { try FileCopy.parse($0, guestFirst: true) }
             config.timeout = try InputCheck.seconds(timeout, name: "--timeout")
+            if template != nil {
+                guard vm.given.isEmpty else {
+                    throw SandboxError.invalidInput("--template brings its own image, kernel, memory, vCPUs and disk; \(vm.given.joined(separator: ", ")) cannot be set with it")
+                }
+                guard snapshot == nil, !cold else { throw SandboxError.invalidInput("--template cannot be combined with --snapshot or --cold") }
+            }
             try vm.apply(to: &config)
         } catch {
             printError("sandbox exec: \(error)")
