@@ -72,7 +72,7 @@ public struct BatchFileError: Error, Sendable, CustomStringConvertible {
 public enum BatchFile {
     static let topLevelKeys: Set<String> = ["defaults", "jobs"]
     static let settingKeys: Set<String> = ["image", "env", "files", "timeout", "expect", "expected_exit", "signal",
-                                           "retries", "memory", "cpus", "workdir", "disk_size", "snapshot", "cold"]
+                                           "retries", "memory", "cpus", "workdir", "disk_size", "snapshot", "cold", "template"]
     static let jobKeys: Set<String> = settingKeys.union(["name", "command"])
 
     /// Reads `path` and returns its jobs in file order.
@@ -117,6 +117,7 @@ private struct JobSettings {
     var diskSizeMiB: UInt64?
     var snapshot: String?
     var cold: Bool?
+    var template: String?
 }
 
 private struct Validator {
@@ -244,6 +245,19 @@ private struct Validator {
             if config.snapshot != nil && config.cold {
                 error(m["cold"] ?? m["snapshot"] ?? item, "\(label): 'cold' cannot be combined with 'snapshot' (a job either boots or restores)")
             }
+            if let t = s.template ?? defaults.template {
+                // The template brings the VM: the job's own shape keys contradict it, and
+                // the defaults' do not apply.
+                let clashing = ["image", "memory", "cpus", "disk_size", "snapshot", "cold"].filter { m[$0] != nil }
+                if !clashing.isEmpty {
+                    error(m[clashing[0]] ?? item, "\(label): \(clashing.map { "'\($0)'" }.joined(separator: ", ")) cannot be combined with 'template' (the template brings its image, memory, cpus and disk)")
+                }
+                config = SandboxConfiguration()
+                config.environment = defaults.env.merging(s.env) { _, job in job }
+                config.copyIn = defaults.files + s.files
+                if let t = s.timeout ?? defaults.timeout { config.timeout = try? InputCheck.seconds(t, name: "timeout") }
+                config.template = t
+            }
             if config.snapshot != nil && config.diskSizeMiB != nil {
                 error(m["disk_size"] ?? m["snapshot"] ?? item, "\(label): 'disk_size' cannot be combined with 'snapshot' (the disk is the snapshot's)")
             }
@@ -316,6 +330,12 @@ private struct Validator {
                 }
             case "cold":
                 if has(value, .bool), let b = value.bool { s.cold = b } else { error(value, "\(context): 'cold' must be true or false") }
+            case "template":
+                if let name = string(value, context: context, key: k) {
+                    do { _ = try Templates.path(name); s.template = name } catch let e {
+                        error(value, "\(context): 'template': \(e.message)")
+                    }
+                }
             case "disk_size":
                 // A whole number of MiB, or a string with a unit ("4G").
                 let text = integer(value).map(String.init) ?? value.scalar?.string ?? ""

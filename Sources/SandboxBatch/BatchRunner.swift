@@ -140,7 +140,7 @@ public final class BatchRunner: Sendable {
             var c = job.configuration
             if let k = options.kernel { c.kernel = k }
             if options.cold { c.cold = true }
-            let key = "\(c.image)|\(c.kernel ?? "")|\(c.memoryMiB)|\(c.cpus)|\(c.diskSizeMiB.map(String.init) ?? "")|\(c.snapshot ?? "")|\(c.cold)"
+            let key = "\(c.image)|\(c.kernel ?? "")|\(c.memoryMiB)|\(c.cpus)|\(c.diskSizeMiB.map(String.init) ?? "")|\(c.snapshot ?? "")|\(c.template ?? "")|\(c.cold)"
             guard seen.insert(key).inserted, !isStopping else { continue }
             do { _ = try SandboxRunner.prepare(c, progress: progress) } catch {
                 progress("sandbox batch: could not prepare the start of job \(job.name): \(error)")
