@@ -156,6 +156,9 @@ extension VCPU {
     /// Set the CPUID first, and create the VM's memory slots before calling this.
     /// - Throws: `KVMError.invalidState` for a malformed state (nothing is written),
     ///   `.ioctlFailed` naming what KVM refused, such as an MSR.
+    /// MSR_IA32_TSC_DEADLINE.
+    static let tscDeadlineMSR: UInt32 = 0x6e0
+
     public func restoreState(_ s: VCPUState, xsaveSize: Int) throws(KVMError) {
         // Decode everything before touching the vCPU.
         var regs = try structValue(kvm_regs.self, s.regs, "regs")
@@ -187,6 +190,14 @@ extension VCPU {
         var mp = kvm_mp_state(mp_state: s.mpState)
         try io("KVM_SET_MP_STATE", CKVM_SET_MP_STATE, &mp)
         try io("KVM_SET_LAPIC", CKVM_SET_LAPIC, &lapic)
+        // Setting the LAPIC state disarms the timer, TSC-deadline mode included: write the
+        // deadline again after it (as QEMU does), or a guest whose next timer event was
+        // armed at the snapshot never gets it, and its sleeps never end.
+        if let deadline = s.msrs.first(where: { $0.index == Self.tscDeadlineMSR }) {
+            guard try setMSRs([(deadline.index, deadline.value)]) == 1 else {
+                throw .ioctlFailed(SystemError("KVM_SET_MSRS(vcpu \(id)): the TSC deadline 0x\(String(deadline.value, radix: 16)) was refused", errno: EINVAL))
+            }
+        }
         try io("KVM_SET_VCPU_EVENTS", CKVM_SET_VCPU_EVENTS, &events)
         try io("KVM_SET_DEBUGREGS", CKVM_SET_DEBUGREGS, &debug)
     }

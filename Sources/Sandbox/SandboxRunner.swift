@@ -149,6 +149,8 @@ public enum SandboxRunner {
         while true {
             let restoreFrom = config.snapshot ?? cached
             vmConfig.restoreDirectory = restoreFrom
+            // A restored disk has the snapshot's size (the start snapshot was made with it).
+            vmConfig.diskSizeBytes = restoreFrom == nil ? config.diskSizeMiB.map { $0 << 20 } : nil
             result.timings.snapshot = restoreFrom
             do { vmm = try VMMProcess.spawn(vmConfig, executable: config.vmmExecutable, stderr: config.consoleFD) } catch {
                 result.outcome = .infrastructureError(error)

@@ -27,7 +27,7 @@ struct SnapshotTests {
         for f in ["state.json", "memory", "disk.layer", "disk.map"] {
             #expect(FileManager.default.fileExists(atPath: snap + "/" + f), "no \(f) in the snapshot")
         }
-        let a = try sandbox(["exec", "--snapshot", snap, "--timings"] + t + ["--", "sh", "-c", "echo restored; test -e /root/mark && echo seen; echo x > /root/mark; sync; cat /root/mark; exit 3"])
+        let a = try sandbox(["exec", "--snapshot", snap, "--timings"] + t + ["--", "sh", "-c", "echo restored; test -e /root/mark && echo seen; echo x > /root/mark; sync; cat /root/mark; sleep 0.2; exit 3"])
         #expect(a.status == 3, "\(a.stderr)")
         #expect(a.stdout == "restored\nx\n", "\(a.stdout) \(a.stderr)")
         #expect(a.stderr.contains("restored from the snapshot"), "\(a.stderr)")
