@@ -142,7 +142,7 @@ struct TemplateTests {
         defer { _ = try? sandbox(["template", "rm", name]) }
         // A daemon (its own session, as servers start) outlives the setup command and is
         // in the template; the command's own process group ends with it.
-        let setup = "mkdir -p /opt/app && echo \"v1 $GREETING\" > /opt/app/version && (setsid sleep 100000 > /dev/null 2>&1 &) && echo set up"
+        let setup = "mkdir -p /opt/app && echo \"v1 $GREETING\" > /opt/app/version && (setsid sleep 100000 > /dev/null 2>&1 &) && until ps | grep -q [s]leep.100000; do sleep 0.05; done && echo set up"
         let made = try sandbox(["template", "create", name, "--env", "GREETING=hi", "--run", setup])
         #expect(made.status == 0, "\(made.stderr)")
         #expect(made.stderr.contains("set up") && made.stderr.contains("sandbox: template \(name) made in"), "\(made.stderr)")

@@ -54,6 +54,15 @@ enum Fixture {
         var stdout: String { String(decoding: stdoutData, as: UTF8.self) }
     }
 
+    /// `stderr` without the lines a run prints when it makes (or waits for) its start
+    /// snapshot, which only the first run of a shape prints.
+    static func withoutStartProgress(_ stderr: String) -> String {
+        stderr.split(separator: "\n", omittingEmptySubsequences: false).filter { l in
+            !(l.hasPrefix("sandbox: making the start snapshot") || l.hasPrefix("sandbox: start snapshot made in")
+              || l.hasPrefix("sandbox: waiting for another process that is making the start snapshot"))
+        }.joined(separator: "\n")
+    }
+
     /// The library's cache directory (as the CLI computes it).
     static var cacheDirectory: String { SandboxPaths.cacheDirectory }
 
