@@ -8,6 +8,10 @@
 #include <unistd.h>
 int csystem_tgkill(int tgid, int tid, int sig) { return (int)syscall(SYS_tgkill, tgid, tid, sig); }
 int csystem_gettid(void) { return (int)syscall(SYS_gettid); }
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
+int csystem_pidfd_open(int pid) { return (int)syscall(SYS_pidfd_open, pid, 0); }
 #include <pthread.h>
 void csystem_set_thread_name(const char *name) {
     char buf[16];

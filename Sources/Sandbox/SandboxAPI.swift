@@ -132,6 +132,9 @@ public struct PhaseTimings: Sendable, Equatable {
     public var snapshot: String?
     /// When it booted: why it did not restore (asked for, or no snapshot could be used).
     public var coldReason: String?
+    /// Whether the VM was restored ahead of the run and waited in the warm pool
+    /// (`SandboxRunner.keepWarm`); then `restore` was spent before the call.
+    public var warm = false
     /// On a restore: the VMM building the VM from the snapshot (mapping its memory,
     /// loading every vCPU's and device's state), before the vCPUs run.
     public var restore: Double = 0

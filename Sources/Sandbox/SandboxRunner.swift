@@ -44,6 +44,30 @@ public enum SandboxRunner {
         return c
     }
 
+    /// Keeps `count` VMs of `configuration`'s start restored and waiting (agent greeted
+    /// and seeded), refilled in the background as runs take them, so that a run only
+    /// sends its command. Makes the start snapshot first if needed. Returns false, keeping
+    /// nothing, when runs of the configuration boot (cold, a console) or keep their disk.
+    /// `count` 0 stops refilling. The VMs die with this process; `drainWarm()` stops them.
+    @discardableResult
+    public static func keepWarm(_ config: SandboxConfiguration, count: Int, progress: (String) -> Void = { _ in }) throws(SandboxError) -> Bool {
+        let resolved: SandboxConfiguration
+        do { resolved = try resolvingTemplate(config) } catch { throw .from(error, code: .snapshot) }
+        guard resolved.keepDiskPath == nil, resolved.consoleFD == nil, let dir = try prepare(resolved, progress: progress).snapshot else { return false }
+        let bootTimeout: Double
+        do { bootTimeout = try SandboxConfiguration.resolvedBootTimeout(resolved.bootTimeout) } catch { throw .from(error, code: .invalidInput) }
+        var vmConfig = VMMConfig(mode: .agent, kernelPath: "", imagePath: "", overlayDirectory: SandboxPaths.overlayDirectory,
+                                 memoryMiB: resolved.memoryMiB, cpus: resolved.cpus,
+                                 vmTimeoutSeconds: 7 * 86_400, bootTimeoutSeconds: bootTimeout)
+        vmConfig.restoreDirectory = dir
+        WarmPool.shared.keep(WarmPool.Key(snapshot: dir, memoryMiB: resolved.memoryMiB, cpus: resolved.cpus, vmmExecutable: resolved.vmmExecutable),
+                             count: count, config: vmConfig)
+        return true
+    }
+
+    /// Stops every VM waiting in the warm pool and stops refilling it.
+    public static func drainWarm() { WarmPool.shared.drain() }
+
     /// A command's environment: the defaults (PATH, HOME, TERM), then the configuration's.
     static func environment(_ config: SandboxConfiguration) -> [String] {
         var env = ["PATH=" + GuestABI.defaultPath, "HOME=/root", "TERM=dumb"]
@@ -146,7 +170,17 @@ public enum SandboxRunner {
         var spawned: UInt64
         var first: VMMEvent?
         var healed = false
-        while true {
+        // A VM restored ahead of time and waiting in the warm pool, when one is kept for
+        // this start (`keepWarm`): its agent is already greeted and seeded.
+        var warm: WarmPool.VM?
+        if config.keepDiskPath == nil && config.consoleFD == nil, let dir = config.snapshot ?? cached {
+            warm = WarmPool.shared.take(WarmPool.Key(snapshot: dir, memoryMiB: config.memoryMiB, cpus: config.cpus,
+                                                     vmmExecutable: config.vmmExecutable))
+        }
+        if let warm {
+            (vmm, spawned, first) = (warm.vmm, warm.spawnedNanos, warm.ready)
+            result.timings.snapshot = config.snapshot ?? cached
+        } else { while true {
             let restoreFrom = config.snapshot ?? cached
             vmConfig.restoreDirectory = restoreFrom
             // A restored disk has the snapshot's size (the start snapshot was made with it).
@@ -181,16 +215,17 @@ public enum SandboxRunner {
                 result.timings.coldReason = "the start snapshot could not be made again: \(SandboxError.from(error, code: .snapshot))"
             }
             vmConfig.restoreDirectory = nil
-        }
+        } }
         cancel?.onCancel { [vmm] in vmm.requestStop() }
-        defer { vmm.reap(patienceMillis: config.keepDiskPath == nil ? 3000 : 600_000) }
+        var handedOff = false
+        defer { if !handedOff { vmm.reap(patienceMillis: config.keepDiskPath == nil ? 3000 : 600_000) } }
         guard let ready = first, ready.kind == .ready else {
             result.outcome = vmm.outcomeForEarlyEnd(first)
             result.consoleTail = vmm.lastStopped?.consoleTail ?? ""
             result.timings.total = ms(t0)
             return result
         }
-        let client = AgentClient(fd: vmm.agent)
+        let client = warm?.client ?? AgentClient(fd: vmm.agent)
         var status: CommandStatus?
         var failure: SandboxError?
         var copyOutError: SandboxError?
@@ -204,26 +239,35 @@ public enum SandboxRunner {
         var commandDeadlineFired = false
         defer { setupDeadline?.cancel(); deadline?.cancel() }
         do {
-            try client.hello()
-            // A restored guest has the snapshot's random state and clock: renew both
-            // (the Ping below confirms it, or fails the run with the agent's error).
-            if ready.restoreMillis != nil { try client.seed() }
-            // Phase times: the VMM reports when the vCPUs started; the agent reports, on
-            // the guest's boot clock, when init started and what the clock read when it
-            // answered, which places init's start on the host clock (to within the
-            // Ping's latency).
-            let pong = try client.ping()
+            var pong: Pong?
+            if warm == nil {
+                try client.hello()
+                // A restored guest has the snapshot's random state and clock: renew both
+                // (the Ping below confirms it, or fails the run with the agent's error).
+                if ready.restoreMillis != nil { try client.seed() }
+                // Phase times: the VMM reports when the vCPUs started; the agent reports, on
+                // the guest's boot clock, when init started and what the clock read when it
+                // answered, which places init's start on the host clock (to within the
+                // Ping's latency).
+                pong = try client.ping()
+            }
             setupDeadline?.cancel()  // set-up answered; copy-in and the command have their own bounds
             let connected = monotonicNanos()
             let vcpuStart = ms(t0, spawned) + (ready.vcpuStartMillis ?? 0)
-            if let restore = ready.restoreMillis {
+            if warm != nil {
+                // Restored, greeted and seeded before this run asked: only the hand-over.
+                result.timings.vmmStart = ms(t0, connected)
+                result.timings.restore = ready.restoreMillis ?? 0
+                result.timings.restored = true
+                result.timings.warm = true
+            } else if let restore = ready.restoreMillis {
                 // Restored: no boot; the VM was built from the snapshot, then the agent
                 // (already listening in the snapshot) took the new connection.
                 result.timings.vmmStart = ms(t0, spawned)
                 result.timings.restore = restore
                 result.timings.agentReady = ms(t0, connected) - ms(t0, spawned) - restore
                 result.timings.restored = true
-            } else {
+            } else if let pong {
                 let sinceInit = Double(pong.guestNowNanos &- pong.initStartedNanos) / 1e6
                 let initStart = max(vcpuStart, ms(t0, connected) - sinceInit)
                 result.timings.vmmStart = vcpuStart
@@ -294,6 +338,23 @@ public enum SandboxRunner {
         }
         result.timings.exec = ms(tExec)
         let tDown = monotonicNanos()
+        // A command that exited 0, with nothing left to fetch from the VM: the result is
+        // complete, so the VM is stopped and reaped off the caller's path (a thread of
+        // its own; if this process exits first, the VMM dies with it). Other outcomes
+        // wait for the stop report, whose console tail explains them.
+        if case .exited(0)? = status, copyOutError == nil, config.keepDiskPath == nil, !commandDeadlineFired,
+           cancel?.isCancelled != true {
+            handedOff = (try? NativeThread(name: "vmm-teardown") { [vmm] in
+                _ = vmm.waitStopped(timeoutMillis: 3000)
+                vmm.reap(patienceMillis: 3000)
+            })?.detach() != nil
+            if handedOff {
+                result.outcome = .exited(0)
+                result.timings.teardown = ms(tDown)
+                result.timings.total = ms(t0)
+                return result
+            }
+        }
         // The guest powers off after Shutdown; give it a moment, then stop it.
         // Exporting a kept disk happens before the VMM reports; give it time.
         let patience: Int32 = config.keepDiskPath == nil ? 3000 : 600_000

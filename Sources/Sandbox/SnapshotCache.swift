@@ -112,13 +112,22 @@ enum SnapshotCache {
         let limit = max(try SandboxConfiguration.resolvedBootTimeout(config.bootTimeout), SandboxConfiguration.defaultBootTimeoutSeconds)
         boot.bootTimeout = .milliseconds(Int64(limit * 1000))
         boot.vmmExecutable = vmm
-        let made: SnapshotMaker.Result
-        do { made = try SnapshotMaker.create(directory: dir, configuration: boot, progress: progress) } catch {
-            // Remembered for a while (runs of this shape boot meanwhile without trying
-            // again) and for `sandbox doctor`.
-            try? "\(error)\n".write(toFile: failureFile(name), atomically: true, encoding: .utf8)
-            throw error
+        var made: SnapshotMaker.Result?
+        for attempt in 1 ... 2 where made == nil {
+            do { made = try SnapshotMaker.create(directory: dir, configuration: boot, progress: progress) } catch {
+                // Once more at once (a guest that resets while booting now and then, as
+                // emulated hosts do, is not a reason to boot every run for ten minutes);
+                // after that, remembered for a while (runs of this shape boot meanwhile
+                // without trying again) and for `sandbox doctor`.
+                guard attempt == 2 else {
+                    progress("sandbox: making the start snapshot failed (\(error)); trying once more")
+                    continue
+                }
+                try? "\(error)\n".write(toFile: failureFile(name), atomically: true, encoding: .utf8)
+                throw error
+            }
         }
+        guard let made else { throw SandboxError.internal("the start snapshot was neither made nor failed") }
         unlink(failureFile(name))
         progress(String(format: "sandbox: start snapshot made in %.0f ms (%@)", made.totalMillis, dir))
         prune(label: label, keeping: name)

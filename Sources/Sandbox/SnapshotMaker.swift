@@ -103,7 +103,10 @@ public enum SnapshotMaker {
         } catch {
             watchdog?.cancel()
             vmm.requestStop()
-            throw SandboxError.from(error, code: .snapshot, context: "the guest agent of the VM to snapshot did not answer")
+            // The VMM's stop report says what the VM did (a reset, a crash) when it did.
+            let stopped = vmm.waitStopped(timeoutMillis: 3000)
+            let why = stopped.map { " (the VM stopped: \($0.reason ?? $0.stop?.rawValue ?? "no reason given"))" } ?? ""
+            throw SandboxError.from(error, code: .snapshot, context: "the guest agent of the VM to snapshot did not answer" + why)
         }
         watchdog?.cancel()
         let booted = ms(t0)

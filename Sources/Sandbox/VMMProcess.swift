@@ -207,13 +207,12 @@ final class VMMProcess: Sendable {
         let already: Bool = state.withLock { s in defer { s.reaped = true }; return s.reaped }
         if already { return nil }
         agent.close()
-        var status: Int32 = 0
-        for _ in 0..<max(1, Int(patienceMillis) / 10) {
-            let r = waitpid(pid, &status, WNOHANG)
-            if r == pid { control.close(); return status }
-            if r < 0 && errno == ECHILD { control.close(); return nil }
-            usleep(10_000)
+        if let status = reapChild(pid, timeoutMillis: patienceMillis) {
+            control.close()
+            return status
         }
+        if Glibc.kill(pid, 0) != 0 && errno == ESRCH { control.close(); return nil }
+        var status: Int32 = 0
         _ = Glibc.kill(pid, SIGKILL)
         _ = waitpid(pid, &status, 0)
         control.close()

@@ -97,6 +97,9 @@ public final class BatchRunner: Sendable {
         public var kernel: String?
         /// Every job boots instead of restoring its start snapshot.
         public var cold = false
+        /// VMs of each start kept restored and waiting while the batch runs
+        /// (`SandboxRunner.keepWarm`); 0 = none, each job restores its own.
+        public var warm = 0
         public init() {}
     }
 
@@ -142,7 +145,10 @@ public final class BatchRunner: Sendable {
             if options.cold { c.cold = true }
             let key = "\(c.image)|\(c.kernel ?? "")|\(c.memoryMiB)|\(c.cpus)|\(c.diskSizeMiB.map(String.init) ?? "")|\(c.snapshot ?? "")|\(c.template ?? "")|\(c.cold)"
             guard seen.insert(key).inserted, !isStopping else { continue }
-            do { _ = try SandboxRunner.prepare(c, progress: progress) } catch {
+            do {
+                _ = try SandboxRunner.prepare(c, progress: progress)
+                if options.warm > 0 { try SandboxRunner.keepWarm(c, count: options.warm) }
+            } catch {
                 progress("sandbox batch: could not prepare the start of job \(job.name): \(error)")
             }
         }

@@ -104,3 +104,26 @@ public func spawnProcess(_ path: String, arguments: [String], environment: [Stri
     guard rc == 0 else { throw SystemError("posix_spawn(\(path))", errno: rc) }
     return pid
 }
+
+/// Waits up to `timeoutMillis` for child `pid` to exit and reaps it: its wait status, or
+/// nil if it still runs at the deadline (or is not our child). Wakes the moment the child
+/// exits (a pidfd polled for it; polling waitpid every millisecond where pidfds are
+/// missing, before Linux 5.3).
+public func reapChild(_ pid: pid_t, timeoutMillis: Int32) -> Int32? {
+    var status: Int32 = 0
+    let deadline = monotonicNanos() + UInt64(max(0, timeoutMillis)) * 1_000_000
+    let pidfd = csystem_pidfd_open(pid)
+    defer { if pidfd >= 0 { close(pidfd) } }
+    while true {
+        let r = waitpid(pid, &status, WNOHANG)
+        if r == pid { return status }
+        if r < 0 && errno != EINTR { return nil }
+        let now = monotonicNanos()
+        if now >= deadline { return nil }
+        if pidfd >= 0 {
+            _ = waitReadable(pidfd, timeoutMillis: Int32(min((deadline - now) / 1_000_000 + 1, UInt64(Int32.max))))
+        } else {
+            usleep(1000)
+        }
+    }
+}

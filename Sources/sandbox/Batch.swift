@@ -36,6 +36,8 @@ struct Batch: ParsableCommand {
     var kernel: String?
     @Flag(help: "Boot every job instead of restoring its start snapshot (slower).")
     var cold = false
+    @Option(help: "VMs of each start kept restored and waiting for the next job (default: --parallel; 0 = none).")
+    var warm: Int?
 
     func run() throws {
         // Worker threads started from here inherit a mask without SIGINT/SIGTERM; the
@@ -72,6 +74,7 @@ struct Batch: ParsableCommand {
         options.tailBytes = max(0, tailBytes)
         options.kernel = kernel
         options.cold = cold
+        options.warm = max(0, warm ?? parallel)
         let runner = BatchRunner(jobs: jobs, options: options)
         let progress = BatchProgress(total: jobs.count, tty: isatty(2) == 1, jsonlFD: jsonlFD)
         try BatchSignals.watch(onFirst: { sig in
@@ -87,6 +90,7 @@ struct Batch: ParsableCommand {
         let results = try runner.run(tickInterval: progress.tty ? 0.2 : 1, onTick: { progress.tick() },
                                      onEvent: { progress.handle($0) })
         let seconds = Date().timeIntervalSince(start)
+        SandboxRunner.drainWarm()
         progress.finish()
 
         if let junit {

@@ -119,9 +119,10 @@ struct StartPathTests {
             nproc; id -u; pwd; cat /proc/sys/kernel/hostname
             """
         let cold = try exec(["--cold"] + t + ["--", "sh", "-c", script])
-        let restored = try exec(t + ["--", "sh", "-c", script])
+        let restored = try exec(["--timings"] + t + ["--", "sh", "-c", script])
         #expect(cold.status == 0, "\(cold.stderr)")
         #expect(restored.status == 0, "\(restored.stderr)")
+        #expect(restored.stderr.contains("restored from the snapshot"), "\(restored.stderr)")
         #expect(cold.stdout.split(separator: "\n").count == 19, "\(cold.stdout)")
         #expect(cold.stdout == restored.stdout, "cold:\n\(cold.stdout)\nrestored:\n\(restored.stdout)")
     }

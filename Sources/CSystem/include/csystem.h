@@ -13,6 +13,10 @@
 int csystem_tgkill(int tgid, int tid, int sig);
 /// The calling thread's kernel id.
 int csystem_gettid(void);
+
+/// pidfd_open(2): a descriptor that polls readable when process `pid` exits; -1 with
+/// errno (ENOSYS before Linux 5.3).
+int csystem_pidfd_open(int pid);
 /// prctl(PR_SET_PDEATHSIG, sig): the kernel sends `sig` to this process when its parent exits.
 int csystem_set_parent_death_signal(int sig);
 /// Names a thread (at most 15 characters are kept).

@@ -1,0 +1,49 @@
+import ArgumentParser
+import Foundation
+import Sandbox
+import SystemShims
+
+/// `sandbox _bench-library`: N runs of one command through the library's async API and a
+/// `SandboxPool`, from one process (Benchmarks/batch-throughput calls it). Hidden: a
+/// measuring tool, not a user command.
+struct BenchLibrary: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "_bench-library", abstract: "Benchmark: N runs through Sandbox.run and a SandboxPool.", shouldDisplay: false)
+    @Option var jobs: Int = 200
+    @Option var parallel: Int = 2
+    @Option(help: "VMs kept restored and waiting (SandboxRunner.keepWarm); 0 = none.")
+    var warm: Int = 2
+    @Flag var cold = false
+    @Argument(parsing: .remaining) var command: [String] = ["true"]
+
+    func run() async throws {
+        var config = SandboxConfiguration()
+        config.cold = cold
+        config.timeout = .seconds(60)
+        let argv = command.first == "--" ? Array(command.dropFirst()) : command
+        if warm > 0 && !cold { _ = try SandboxRunner.keepWarm(config, count: warm, progress: { printError($0) }) }
+        _ = try SandboxRunner.prepare(config, progress: { printError($0) })
+        // Let the pool fill before timing, as a suite's set-up would.
+        try await Task.sleep(for: .milliseconds(warm > 0 && !cold ? 500 : 0))
+        let pool = SandboxPool(limit: parallel)
+        let t0 = monotonicNanos()
+        let runConfig = config, runArgv = argv
+        let results = await withTaskGroup(of: ExecResult.self) { group in
+            for _ in 0 ..< jobs { group.addTask { await pool.run(runArgv, configuration: runConfig) } }
+            var all: [ExecResult] = []
+            for await r in group { all.append(r) }
+            return all
+        }
+        let seconds = Double(monotonicNanos() - t0) / 1e9
+        SandboxRunner.drainWarm()
+        let failed = results.filter { $0.outcome != .exited(0) }
+        let warmRuns = results.filter { $0.timings.warm }.count
+        let restored = results.filter { $0.timings.restored }.count
+        let totals = results.map(\.timings.total).sorted()
+        print(String(format: "library: %d runs of %@ at parallel %d in %.2f s = %.1f runs/s (warm %d, restored %d, failed %d; per-run median %.1f ms)",
+                     jobs, argv.joined(separator: " "), parallel, seconds, Double(jobs) / seconds, warmRuns, restored, failed.count,
+                     totals.isEmpty ? 0 : totals[totals.count / 2]))
+        if let f = failed.first { printError("first failure: \(f.outcome)") }
+        if !failed.isEmpty { throw ExitCode(1) }
+    }
+}
