@@ -43,6 +43,82 @@ public struct VCPUState: Codable, Sendable, Equatable {
     /// when the host has them, written back last (the host refuses an address outside
     /// every memory slot, so the slots must exist by then).
     public static let extraMSRs: [UInt32] = [0x4b56_4d10]
+
+    public init(regs: [UInt8], sregs: [UInt8], xsave: [UInt8], xcrs: [UInt8], msrs: [MSRValue], mpState: UInt32,
+                lapic: [UInt8], events: [UInt8], debugRegs: [UInt8]) {
+        self.regs = regs
+        self.sregs = sregs
+        self.xsave = xsave
+        self.xcrs = xcrs
+        self.msrs = msrs
+        self.mpState = mpState
+        self.lapic = lapic
+        self.events = events
+        self.debugRegs = debugRegs
+    }
+
+    // Encoded with every structure as base64 and the MSRs packed (index u32, value u64,
+    // little-endian): a JSON array of 4096 numbers for the XSAVE area took a restore
+    // milliseconds to parse.
+    private enum CodingKeys: String, CodingKey { case regs, sregs, xsave, xcrs, msrs, mpState, lapic, events, debugRegs }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        regs = try c.decodeBase64(.regs)
+        sregs = try c.decodeBase64(.sregs)
+        xsave = try c.decodeBase64(.xsave)
+        xcrs = try c.decodeBase64(.xcrs)
+        let packed = try c.decodeBase64(.msrs)
+        guard packed.count % 12 == 0 else {
+            throw DecodingError.dataCorruptedError(forKey: .msrs, in: c, debugDescription: "\(packed.count) bytes of MSRs is not a whole number of 12-byte entries")
+        }
+        msrs = stride(from: 0, to: packed.count, by: 12).map { i in
+            var index: UInt32 = 0, value: UInt64 = 0
+            for k in 0 ..< 4 { index |= UInt32(packed[i + k]) << (8 * UInt32(k)) }
+            for k in 0 ..< 8 { value |= UInt64(packed[i + 4 + k]) << (8 * UInt64(k)) }
+            return MSRValue(index: index, value: value)
+        }
+        mpState = try c.decode(UInt32.self, forKey: .mpState)
+        lapic = try c.decodeBase64(.lapic)
+        events = try c.decodeBase64(.events)
+        debugRegs = try c.decodeBase64(.debugRegs)
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encodeBase64(regs, .regs)
+        try c.encodeBase64(sregs, .sregs)
+        try c.encodeBase64(xsave, .xsave)
+        try c.encodeBase64(xcrs, .xcrs)
+        var packed: [UInt8] = []
+        packed.reserveCapacity(msrs.count * 12)
+        for m in msrs {
+            for k in 0 ..< 4 { packed.append(UInt8(truncatingIfNeeded: m.index >> (8 * UInt32(k)))) }
+            for k in 0 ..< 8 { packed.append(UInt8(truncatingIfNeeded: m.value >> (8 * UInt64(k)))) }
+        }
+        try c.encodeBase64(packed, .msrs)
+        try c.encode(mpState, forKey: .mpState)
+        try c.encodeBase64(lapic, .lapic)
+        try c.encodeBase64(events, .events)
+        try c.encodeBase64(debugRegs, .debugRegs)
+    }
+}
+
+extension KeyedDecodingContainer {
+    /// Bytes saved by `encodeBase64`: a base64 string; anything else is a decoding error.
+    func decodeBase64(_ key: Key) throws -> [UInt8] {
+        let text = try decode(String.self, forKey: key)
+        guard let bytes = Base64.decode(text) else {
+            throw DecodingError.dataCorruptedError(forKey: key, in: self, debugDescription: "not base64")
+        }
+        return bytes
+    }
+}
+
+extension KeyedEncodingContainer {
+    mutating func encodeBase64(_ bytes: [UInt8], _ key: Key) throws {
+        try encode(Base64.encode(bytes), forKey: key)
+    }
 }
 
 /// What KVM holds for the VM as a whole: the in-kernel interrupt controllers, the PIT
@@ -54,6 +130,88 @@ public struct VMState: Codable, Sendable, Equatable {
     public var pit: [UInt8]
     /// struct kvm_clock_data (KVM_GET_CLOCK).
     public var clock: [UInt8]
+
+    public init(irqchips: [[UInt8]], pit: [UInt8], clock: [UInt8]) {
+        self.irqchips = irqchips
+        self.pit = pit
+        self.clock = clock
+    }
+
+    private enum CodingKeys: String, CodingKey { case irqchips, pit, clock }
+
+    public init(from decoder: any Decoder) throws {
+        let c = try decoder.container(keyedBy: CodingKeys.self)
+        let chips = try c.decode([String].self, forKey: .irqchips)
+        irqchips = try chips.map { text in
+            guard let b = Base64.decode(text) else {
+                throw DecodingError.dataCorruptedError(forKey: .irqchips, in: c, debugDescription: "not base64")
+            }
+            return b
+        }
+        pit = try c.decodeBase64(.pit)
+        clock = try c.decodeBase64(.clock)
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var c = encoder.container(keyedBy: CodingKeys.self)
+        try c.encode(irqchips.map(Base64.encode), forKey: .irqchips)
+        try c.encodeBase64(pit, .pit)
+        try c.encodeBase64(clock, .clock)
+    }
+}
+
+/// Standard base64 (RFC 4648, with padding), without Foundation.
+public enum Base64 {
+    private static let alphabet = Array("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/".utf8)
+    private static let values: [UInt8] = {
+        var v = [UInt8](repeating: 0xff, count: 256)
+        for (i, c) in alphabet.enumerated() { v[Int(c)] = UInt8(i) }
+        return v
+    }()
+
+    public static func encode(_ bytes: [UInt8]) -> String {
+        var out = [UInt8]()
+        out.reserveCapacity((bytes.count + 2) / 3 * 4)
+        var i = 0
+        while i + 3 <= bytes.count {
+            let n = UInt32(bytes[i]) << 16 | UInt32(bytes[i + 1]) << 8 | UInt32(bytes[i + 2])
+            out += [alphabet[Int(n >> 18 & 63)], alphabet[Int(n >> 12 & 63)], alphabet[Int(n >> 6 & 63)], alphabet[Int(n & 63)]]
+            i += 3
+        }
+        let rest = bytes.count - i
+        if rest > 0 {
+            let n = UInt32(bytes[i]) << 16 | (rest == 2 ? UInt32(bytes[i + 1]) << 8 : 0)
+            out += [alphabet[Int(n >> 18 & 63)], alphabet[Int(n >> 12 & 63)]]
+            out += rest == 2 ? [alphabet[Int(n >> 6 & 63)], UInt8(ascii: "=")] : [UInt8(ascii: "="), UInt8(ascii: "=")]
+        }
+        return String(decoding: out, as: UTF8.self)
+    }
+
+    /// The bytes of `text`, or nil when it is not padded base64 of this alphabet.
+    public static func decode(_ text: String) -> [UInt8]? {
+        let chars = Array(text.utf8)
+        guard chars.count % 4 == 0 else { return nil }
+        var out = [UInt8]()
+        out.reserveCapacity(chars.count / 4 * 3)
+        var i = 0
+        while i < chars.count {
+            let last = i + 4 == chars.count
+            let pad = last ? (chars[i + 3] == UInt8(ascii: "=") ? (chars[i + 2] == UInt8(ascii: "=") ? 2 : 1) : 0) : 0
+            var n: UInt32 = 0
+            for k in 0 ..< 4 {
+                let c = chars[i + k]
+                if k >= 4 - pad { n <<= 6; continue }
+                let v = values[Int(c)]
+                if v == 0xff { return nil }
+                n = n << 6 | UInt32(v)
+            }
+            out.append(UInt8(n >> 16 & 0xff))
+            if pad < 2 { out.append(UInt8(n >> 8 & 0xff)) }
+            if pad < 1 { out.append(UInt8(n & 0xff)) }
+            i += 4
+        }
+        return out
+    }
 }
 
 /// The bytes of a C structure.

@@ -8,7 +8,8 @@ import VirtIO
 public struct MachineSnapshot: Codable, Sendable, Equatable {
     /// Bumped whenever this structure or what a field means changes.
     /// 2: state.json names the sandbox-vmm build; restored guests are reseeded.
-    public static let currentFormat = 2
+    /// 3: the KVM structures are base64 strings, the MSRs packed.
+    public static let currentFormat = 3
 
     public var format: Int = MachineSnapshot.currentFormat
     /// The host the snapshot was taken on; a restore elsewhere is refused.

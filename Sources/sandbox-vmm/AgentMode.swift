@@ -23,9 +23,9 @@ enum AgentMode {
             guard config.diskSizeBytes == nil else {
                 throw SandboxError.invalidInput("a restored sandbox's disk size is the snapshot's; set the disk size when the snapshot is made")
             }
-            let manifest = try SnapshotFiles.readState(from: dir)
+            let (manifest, machine) = try SnapshotFiles.readState(from: dir)
             (imagePath, layer) = try SnapshotFiles.readDisk(manifest.disk, in: dir)
-            restoring = (manifest.machine, try SnapshotFiles.openMemory(in: dir, expected: manifest.machine.memoryBytes))
+            restoring = (machine, try SnapshotFiles.openMemory(in: dir, expected: machine.memoryBytes))
         }
         defer { restoring?.memory.close() }
         guard let imagePath else {

@@ -10,7 +10,8 @@ import Glibc
 
 /// The files of one snapshot directory (Docs/SnapshotFormat.md):
 ///
-///     DIR/state.json    Manifest: format, the disk stack, the machine state, checksums
+///     DIR/state.json    Manifest: format, build, the disk stack, checksums
+///     DIR/machine.json  the machine state (MachineSnapshot)
 ///     DIR/memory        guest RAM, byte for byte (sparse where RAM was zero)
 ///     DIR/disk.layer    the root disk's blocks above its base image (sparse, at their offsets)
 ///     DIR/disk.map      which blocks disk.layer holds (one bit per 4 KiB block)
@@ -19,11 +20,13 @@ import Glibc
 /// complete.
 enum SnapshotFiles {
     static let stateFile = "state.json"
+    static let machineFile = "machine.json"
     static let memoryFile = "memory"
     static let layerFile = "disk.layer"
     static let mapFile = "disk.map"
     /// The directory layout; `MachineSnapshot.currentFormat` is the machine state's.
-    static let currentFormat = 3
+    /// 4: the machine state in its own file, checksummed as written.
+    static let currentFormat = 4
 
     /// What state.json holds.
     struct Manifest: Codable {
@@ -32,9 +35,8 @@ enum SnapshotFiles {
         var vmmBuild: String
         /// The root disk: a read-only base image plus this snapshot's layer.
         var disk: Disk
-        /// Hex SHA-256 of `machine` encoded as JSON with sorted keys.
+        /// Hex SHA-256 of machine.json's bytes.
         var machineSHA256: String
-        var machine: MachineSnapshot
     }
 
     /// The root disk's stack: the base image (by path, with the size and modification
@@ -77,10 +79,6 @@ enum SnapshotFiles {
         return e
     }
 
-    static func digest(_ machine: MachineSnapshot) throws -> String {
-        let data = try encoder().encode(machine)
-        return hex(SHA256.hash(data: data))
-    }
 
     /// Writes the root disk's layer (every block above the base: the snapshot's writes and
     /// those of the layer it was itself restored over) and returns its record.
@@ -121,19 +119,23 @@ enum SnapshotFiles {
         }
     }
 
-    /// Writes the state file for `machine` and `disk` into `dir` (atomically).
+    /// Writes `machine` (machine.json), then the state file naming its checksum and
+    /// `disk` into `dir` (each atomically; the state file last).
     static func writeState(_ machine: MachineSnapshot, disk: Disk, to dir: String) throws {
-        let manifest = Manifest(format: currentFormat, vmmBuild: vmmBuild(), disk: disk, machineSHA256: try digest(machine), machine: machine)
+        let machineData = try encoder().encode(machine)
+        let manifest = Manifest(format: currentFormat, vmmBuild: vmmBuild(), disk: disk, machineSHA256: hex(SHA256.hash(data: machineData)))
         let data = try encoder().encode(manifest)
-        let path = dir + "/" + stateFile
-        do { try data.write(to: URL(fileURLWithPath: path), options: .atomic) } catch {
-            throw SandboxError(.host, "cannot write the snapshot state \(path)", underlying: error)
+        for (name, bytes) in [(machineFile, machineData), (stateFile, data)] {
+            let path = dir + "/" + name
+            do { try bytes.write(to: URL(fileURLWithPath: path), options: .atomic) } catch {
+                throw SandboxError(.host, "cannot write the snapshot state \(path)", underlying: error)
+            }
         }
     }
 
     /// Reads and checks `dir`'s state file: present, decodable, of this format, and its
     /// checksum matching. Every failure names the file and what is wrong with it.
-    static func readState(from dir: String) throws -> Manifest {
+    static func readState(from dir: String) throws -> (manifest: Manifest, machine: MachineSnapshot) {
         let path = dir + "/" + stateFile
         guard let data = FileManager.default.contents(atPath: path) else {
             throw SandboxError(.snapshot, "\(path): no such snapshot state file (an incomplete or missing snapshot)")
@@ -150,13 +152,21 @@ enum SnapshotFiles {
         do { manifest = try JSONDecoder().decode(Manifest.self, from: data) } catch {
             throw SandboxError(.snapshot, "\(path): the snapshot state does not decode", underlying: ErrorText(error))
         }
-        guard try digest(manifest.machine) == manifest.machineSHA256 else {
-            throw SandboxError(.snapshot, "\(path): the snapshot state's checksum does not match (the file was changed or damaged)")
-        }
         guard manifest.vmmBuild == vmmBuild() else {
             throw SandboxError(.snapshot, "\(path): made by another sandbox-vmm build (\(manifest.vmmBuild); this one is \(vmmBuild())); take the snapshot again")
         }
-        return manifest
+        let machinePath = dir + "/" + machineFile
+        guard let machineData = FileManager.default.contents(atPath: machinePath), machineData.count < 64 << 20 else {
+            throw SandboxError(.snapshot, "\(machinePath): the snapshot's machine state is missing or too large")
+        }
+        guard hex(SHA256.hash(data: machineData)) == manifest.machineSHA256 else {
+            throw SandboxError(.snapshot, "\(machinePath): the machine state's checksum does not match (the file was changed or damaged)")
+        }
+        let machine: MachineSnapshot
+        do { machine = try JSONDecoder().decode(MachineSnapshot.self, from: machineData) } catch {
+            throw SandboxError(.snapshot, "\(machinePath): the machine state does not decode", underlying: ErrorText(error))
+        }
+        return (manifest, machine)
     }
 
     /// Opens the memory file read-only, checking its size against the state.

@@ -24,7 +24,7 @@ struct SnapshotTests {
     func restoreRunsCommands() throws {
         let (scratch, snap) = try makeSnapshot()
         defer { try? FileManager.default.removeItem(atPath: scratch) }
-        for f in ["state.json", "memory", "disk.layer", "disk.map"] {
+        for f in ["state.json", "machine.json", "memory", "disk.layer", "disk.map"] {
             #expect(FileManager.default.fileExists(atPath: snap + "/" + f), "no \(f) in the snapshot")
         }
         let a = try sandbox(["exec", "--snapshot", snap, "--timings"] + t + ["--", "sh", "-c", "echo restored; test -e /root/mark && echo seen; echo x > /root/mark; sync; cat /root/mark; sleep 0.2; exit 3"])
@@ -96,7 +96,7 @@ struct SnapshotTests {
             // Copy it (sparsely: the memory file and the disk layer are mostly holes).
             let copy = scratch + "/" + name
             try FileManager.default.createDirectory(atPath: copy, withIntermediateDirectories: false)
-            for f in ["state.json", "disk.map", "memory", "disk.layer"] {
+            for f in ["state.json", "machine.json", "disk.map", "memory", "disk.layer"] {
                 let cp = try Fixture.run("/bin/cp", ["--sparse=always", snap + "/" + f, copy + "/" + f])
                 try #require(cp.status == 0, "\(cp.stderr)")
             }
@@ -104,12 +104,12 @@ struct SnapshotTests {
             return try run(copy)
         }
         let edited = try damaged("edited") { dir in
-            var text = try String(contentsOfFile: dir + "/state.json", encoding: .utf8)
+            var text = try String(contentsOfFile: dir + "/machine.json", encoding: .utf8)
             #expect(text.contains("\"memoryBytes\":268435456"))
             text = text.replacingOccurrences(of: "\"memoryBytes\":268435456", with: "\"memoryBytes\":268439552")
-            try text.write(toFile: dir + "/state.json", atomically: true, encoding: .utf8)
+            try text.write(toFile: dir + "/machine.json", atomically: true, encoding: .utf8)
         }
-        #expect(edited.status == 125 && edited.stderr.contains("checksum does not match"), "\(edited.stderr)")
+        #expect(edited.status == 125 && edited.stderr.contains("machine state's checksum does not match"), "\(edited.stderr)")
         let truncated = try damaged("truncated") { dir in
             let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/state.json"))
             try fh.truncate(atOffset: 100)
@@ -118,11 +118,11 @@ struct SnapshotTests {
         #expect(truncated.status == 125 && truncated.stderr.contains("state.json: not a snapshot state file"), "\(truncated.stderr)")
         let format = try damaged("format") { dir in
             var text = try String(contentsOfFile: dir + "/state.json", encoding: .utf8)
-            #expect(text.contains("\"format\":3,"))
-            text = text.replacingOccurrences(of: "\"format\":3,", with: "\"format\":99,")
+            #expect(text.contains("\"format\":4,"))
+            text = text.replacingOccurrences(of: "\"format\":4,", with: "\"format\":99,")
             try text.write(toFile: dir + "/state.json", atomically: true, encoding: .utf8)
         }
-        #expect(format.status == 125 && format.stderr.contains("snapshot format 99; this sandbox-vmm reads format 3"), "\(format.stderr)")
+        #expect(format.status == 125 && format.stderr.contains("snapshot format 99; this sandbox-vmm reads format 4"), "\(format.stderr)")
         let shortMemory = try damaged("short-memory") { dir in
             chmod(dir + "/memory", 0o644)
             let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/memory"))

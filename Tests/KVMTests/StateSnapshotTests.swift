@@ -139,3 +139,35 @@ struct StateSnapshotTests {
         #expect(throws: KVMError.invalidState("the VM state has 2 interrupt controllers, not 3")) { try a.vm.restoreState(vmState) }
     }
 }
+
+@Suite("saved state encoding")
+struct StateEncodingTests {
+    @Test("base64 round-trips every length and refuses what is not base64")
+    func base64() {
+        var g = SystemRandomNumberGenerator()
+        for n in 0 ..< 70 {
+            let bytes = (0 ..< n).map { _ in UInt8.random(in: 0 ... 255, using: &g) }
+            let text = Base64.encode(bytes)
+            #expect(text == Data(bytes).base64EncodedString(), "length \(n)")
+            #expect(Base64.decode(text) == bytes, "length \(n)")
+        }
+        for bad in ["A", "AB=C", "AAA*", "A===", "AA==AA==", "é"] { #expect(Base64.decode(bad) == nil, "\(bad)") }
+    }
+
+    @Test("a vCPU state encodes its structures as base64 and decodes to the same value")
+    func vcpuStateRoundTrip() throws {
+        let s = VCPUState(regs: Array(0 ..< 144), sregs: [UInt8](repeating: 7, count: 312), xsave: (0 ..< 4096).map { UInt8(truncatingIfNeeded: $0) },
+                          xcrs: [1, 2, 3], msrs: [MSRValue(index: 0x10, value: 0x1122_3344_5566_7788), MSRValue(index: 0x4b56_4d10, value: 1)],
+                          mpState: 0, lapic: [UInt8](repeating: 9, count: 1024), events: [4], debugRegs: [5])
+        let data = try JSONEncoder().encode(s)
+        let text = String(decoding: data, as: UTF8.self)
+        #expect(text.contains("\"xsave\":\"AAECAwQF"), "\(text.prefix(200))")
+        #expect(try JSONDecoder().decode(VCPUState.self, from: data) == s)
+        let vm = VMState(irqchips: [[1], [2, 3], [4, 5, 6]], pit: [7], clock: [8, 9])
+        #expect(try JSONDecoder().decode(VMState.self, from: JSONEncoder().encode(vm)) == vm)
+        // A damaged field is a decoding error, not a wrong value.
+        let broken = text.replacingOccurrences(of: "\"xcrs\":\"AQID\"", with: "\"xcrs\":\"A*ID\"")
+        #expect(broken != text)
+        #expect(throws: DecodingError.self) { try JSONDecoder().decode(VCPUState.self, from: Data(broken.utf8)) }
+    }
+}
