@@ -14,6 +14,8 @@ struct BenchLibrary: AsyncParsableCommand {
     @Option(help: "VMs kept restored and waiting (SandboxRunner.keepWarm); 0 = none.")
     var warm: Int = 2
     @Flag var cold = false
+    @Option(help: "Milliseconds each run waits before it starts (a suite's own work between sandboxes).")
+    var gap: Int = 0
     @Argument(parsing: .remaining) var command: [String] = ["true"]
 
     func run() async throws {
@@ -26,12 +28,24 @@ struct BenchLibrary: AsyncParsableCommand {
         // Let the pool fill before timing, as a suite's set-up would.
         try await Task.sleep(for: .milliseconds(warm > 0 && !cold ? 500 : 0))
         let pool = SandboxPool(limit: parallel)
+        let runConfig = config, runArgv = argv, pause = gap
         let t0 = monotonicNanos()
-        let runConfig = config, runArgv = argv
-        let results = await withTaskGroup(of: ExecResult.self) { group in
-            for _ in 0 ..< jobs { group.addTask { await pool.run(runArgv, configuration: runConfig) } }
+        // `parallel` workers, each running its share one after another (with the gap
+        // before each), all through the pool.
+        let results = await withTaskGroup(of: [ExecResult].self) { group in
+            for w in 0 ..< parallel {
+                let share = jobs / parallel + (w < jobs % parallel ? 1 : 0)
+                group.addTask {
+                    var mine: [ExecResult] = []
+                    for _ in 0 ..< share {
+                        if pause > 0 { try? await Task.sleep(for: .milliseconds(pause)) }
+                        mine.append(await pool.run(runArgv, configuration: runConfig))
+                    }
+                    return mine
+                }
+            }
             var all: [ExecResult] = []
-            for await r in group { all.append(r) }
+            for await r in group { all += r }
             return all
         }
         let seconds = Double(monotonicNanos() - t0) / 1e9
@@ -40,9 +54,11 @@ struct BenchLibrary: AsyncParsableCommand {
         let warmRuns = results.filter { $0.timings.warm }.count
         let restored = results.filter { $0.timings.restored }.count
         let totals = results.map(\.timings.total).sorted()
+        let warmTotals = results.filter(\.timings.warm).map(\.timings.total).sorted()
         print(String(format: "library: %d runs of %@ at parallel %d in %.2f s = %.1f runs/s (warm %d, restored %d, failed %d; per-run median %.1f ms)",
                      jobs, argv.joined(separator: " "), parallel, seconds, Double(jobs) / seconds, warmRuns, restored, failed.count,
                      totals.isEmpty ? 0 : totals[totals.count / 2]))
+        if !warmTotals.isEmpty { print(String(format: "library: warm runs' median %.1f ms", warmTotals[warmTotals.count / 2])) }
         if let f = failed.first { printError("first failure: \(f.outcome)") }
         if !failed.isEmpty { throw ExitCode(1) }
     }
