@@ -89,7 +89,7 @@ let package = Package(
         .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVM", "Bus", "GuestMemory", "VirtIO", "SystemShims"]),
         .testTarget(name: "VirtIOTests", dependencies: ["VirtIO", "Bus", "GuestMemory", "SystemShims"]),
         // Builds the executables it runs (sandbox, sandbox-vmm) through these dependencies.
-        .testTarget(name: "IntegrationTests", dependencies: ["Sandbox", "SandboxBatch", "sandbox", "sandbox-vmm"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["Sandbox", "SandboxImages", "SandboxBatch", "sandbox", "sandbox-vmm"]),
         .testTarget(name: "SandboxTestingTests", dependencies: ["SandboxTesting", "Sandbox", "sandbox-vmm"]),
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"], exclude: ["Corpus"]),
     ]

@@ -416,12 +416,14 @@ public struct ImageStore: Sendable {
             // the same image without re-hashing them.
             let fingerprint = memoFingerprint(nameOrPath)
             let memo = imagesDirectory + "/\(nameOrPath).memo"
-            if let fingerprint, let p = InputFingerprint.recall(memo, fingerprint: fingerprint),
+            if let fingerprint, let p = InputFingerprint.recallPath(memo, fingerprint: fingerprint, under: imagesDirectory),
                ImageFiles.ext4Problem(p) == nil {
                 return p
             }
             let built = try build(name: nameOrPath, progress: progress).image.path
-            if let after = memoFingerprint(nameOrPath) { InputFingerprint.remember(memo, fingerprint: after, value: built) }
+            if let after = memoFingerprint(nameOrPath) {
+                InputFingerprint.rememberPath(memo, fingerprint: after, path: built, under: imagesDirectory)
+            }
             return built
         }
         if FileManager.default.fileExists(atPath: nameOrPath) {

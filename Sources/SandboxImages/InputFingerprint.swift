@@ -40,4 +40,18 @@ enum InputFingerprint {
     static func remember(_ memoFile: String, fingerprint: String, value: String) {
         try? (fingerprint + "\n--\n" + value + "\n").write(toFile: memoFile, atomically: true, encoding: .utf8)
     }
+
+    /// A path remembered relative to `directory` (the store the memo sits in), so that a
+    /// cache moved or copied elsewhere never resolves into its old location; a memo that
+    /// holds anything else counts as none.
+    static func recallPath(_ memoFile: String, fingerprint: String, under directory: String) -> String? {
+        guard let value = recall(memoFile, fingerprint: fingerprint), !value.hasPrefix("/"), !value.contains("..") else { return nil }
+        return directory + "/" + value
+    }
+
+    /// Remembers `path` (inside `directory`) relative to `directory`.
+    static func rememberPath(_ memoFile: String, fingerprint: String, path: String, under directory: String) {
+        guard path.hasPrefix(directory + "/") else { return }
+        remember(memoFile, fingerprint: fingerprint, value: String(path.dropFirst(directory.count + 1)))
+    }
 }

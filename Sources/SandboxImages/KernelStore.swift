@@ -39,10 +39,10 @@ public enum KernelStore {
         let res = try SandboxPaths.resourcesDirectory()
         let fingerprint = "kernel \(flavor.rawValue)\n" + InputFingerprint.of([res + "/kernel", "/var/lib/dpkg/status"])
         let memo = directory + "/\(flavor.rawValue).memo"
-        if let p = InputFingerprint.recall(memo, fingerprint: fingerprint) { return p }
+        if let p = InputFingerprint.recallPath(memo, fingerprint: fingerprint, under: directory) { return p }
         let p = directory + "/\(flavor.rawValue)-\(try key(flavor: flavor).prefix(16))/vmlinux"
         try? FileManager.default.createDirectory(atPath: directory, withIntermediateDirectories: true)
-        InputFingerprint.remember(memo, fingerprint: fingerprint, value: p)
+        InputFingerprint.rememberPath(memo, fingerprint: fingerprint, path: p, under: directory)
         return p
     }
 

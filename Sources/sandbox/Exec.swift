@@ -66,12 +66,7 @@ struct Exec: ParsableCommand {
         config.outputLimit = 0
         config.keepOutput = false
         do {
-            for kv in env {
-                guard let eq = kv.firstIndex(of: "="), eq != kv.startIndex else {
-                    throw SandboxError.invalidInput("--env '\(kv)' is not of the form K=V")
-                }
-                config.environment[String(kv[..<eq])] = String(kv[kv.index(after: eq)...])
-            }
+            config.environment = try parseEnvironment(env)
             config.copyIn = try copyIn.map { try FileCopy.parse($0, guestFirst: false) }
             config.copyOut = try copyOut.map { try FileCopy.parse($0, guestFirst: true) }
             config.timeout = try InputCheck.seconds(timeout, name: "--timeout")

@@ -41,12 +41,7 @@ struct TemplateCommand: ParsableCommand {
             config.cold = cold
             config.outputLimit = 0
             do {
-                for kv in env {
-                    guard let eq = kv.firstIndex(of: "="), eq != kv.startIndex else {
-                        throw SandboxError.invalidInput("--env '\(kv)' is not of the form K=V")
-                    }
-                    config.environment[String(kv[..<eq])] = String(kv[kv.index(after: eq)...])
-                }
+                config.environment = try parseEnvironment(env)
                 config.timeout = try InputCheck.seconds(timeout, name: "--timeout")
                 try vm.apply(to: &config)
                 printError("sandbox: making template \(name): running the setup command in a \(config.image) sandbox")

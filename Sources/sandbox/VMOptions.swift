@@ -40,3 +40,16 @@ struct VMOptions: ParsableArguments {
         }
     }
 }
+
+/// `--env K=V` values as an environment (a later K wins); each malformed one is an error
+/// naming it.
+func parseEnvironment(_ pairs: [String]) throws -> [String: String] {
+    var env: [String: String] = [:]
+    for kv in pairs {
+        guard let eq = kv.firstIndex(of: "="), eq != kv.startIndex else {
+            throw SandboxError.invalidInput("--env '\(kv)' is not of the form K=V")
+        }
+        env[String(kv[..<eq])] = String(kv[kv.index(after: eq)...])
+    }
+    return env
+}
