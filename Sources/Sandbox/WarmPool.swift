@@ -85,8 +85,10 @@ final class WarmPool: Sendable {
     /// A waiting VM of `key`, if there is one (and asks for a replacement).
     func take(_ key: Key) -> VM? {
         var dead: [VM] = []
+        var kept = false
         let vm: VM? = state.withLock { s in
             guard var e = s.entries[key] else { return nil }
+            kept = true
             defer { s.entries[key] = e }
             while !e.waiting.isEmpty {
                 let v = e.waiting.removeFirst()
@@ -95,6 +97,7 @@ final class WarmPool: Sendable {
             }
             return nil
         }
+        guard kept else { return nil }  // no start is kept warm: nothing to refill
         for d in dead { d.vmm.kill(); d.vmm.reap(patienceMillis: 1000) }
         wake?.signal()
         return vm

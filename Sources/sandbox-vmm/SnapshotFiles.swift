@@ -68,9 +68,7 @@ enum SnapshotFiles {
     /// with it, as the build scripts go, the guest agent in new images) writes and
     /// expects other states, so snapshots are tied to the build that made them.
     static func vmmBuild() -> String {
-        var st = stat()
-        guard stat("/proc/self/exe", &st) == 0 else { return "unknown" }
-        return "\(st.st_size)-\(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)"
+        identity(of: "/proc/self/exe").map { "\($0.bytes)-\($0.modified)" } ?? "unknown"
     }
 
     static func encoder() -> JSONEncoder {

@@ -104,52 +104,33 @@ struct SnapshotTests {
             return try run(copy)
         }
         let edited = try damaged("edited") { dir in
-            var text = try String(contentsOfFile: dir + "/machine.json", encoding: .utf8)
-            #expect(text.contains("\"memoryBytes\":268435456"))
-            text = text.replacingOccurrences(of: "\"memoryBytes\":268435456", with: "\"memoryBytes\":268439552")
-            try text.write(toFile: dir + "/machine.json", atomically: true, encoding: .utf8)
+            try Fixture.edit(dir + "/machine.json") { text in
+                #expect(text.contains("\"memoryBytes\":268435456"))
+                text = text.replacingOccurrences(of: "\"memoryBytes\":268435456", with: "\"memoryBytes\":268439552")
+            }
         }
         #expect(edited.status == 125 && edited.stderr.contains("machine state's checksum does not match"), "\(edited.stderr)")
-        let truncated = try damaged("truncated") { dir in
-            let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/state.json"))
-            try fh.truncate(atOffset: 100)
-            try fh.close()
-        }
+        let truncated = try damaged("truncated") { dir in try Fixture.truncate(dir + "/state.json", to: 100) }
         #expect(truncated.status == 125 && truncated.stderr.contains("state.json: not a snapshot state file"), "\(truncated.stderr)")
         let format = try damaged("format") { dir in
-            var text = try String(contentsOfFile: dir + "/state.json", encoding: .utf8)
-            #expect(text.contains("\"format\":4,"))
-            text = text.replacingOccurrences(of: "\"format\":4,", with: "\"format\":99,")
-            try text.write(toFile: dir + "/state.json", atomically: true, encoding: .utf8)
+            try Fixture.edit(dir + "/state.json") { text in
+                #expect(text.contains("\"format\":4,"))
+                text = text.replacingOccurrences(of: "\"format\":4,", with: "\"format\":99,")
+            }
         }
         #expect(format.status == 125 && format.stderr.contains("snapshot format 99; this sandbox-vmm reads format 4"), "\(format.stderr)")
-        let shortMemory = try damaged("short-memory") { dir in
-            chmod(dir + "/memory", 0o644)
-            let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/memory"))
-            try fh.truncate(atOffset: 1 << 20)
-            try fh.close()
-        }
+        let shortMemory = try damaged("short-memory") { dir in try Fixture.truncate(dir + "/memory", to: 1 << 20) }
         #expect(shortMemory.status == 125 && shortMemory.stderr.contains("the memory file is 1048576 bytes, the snapshot's guest has 268435456"), "\(shortMemory.stderr)")
         let otherBuild = try damaged("other-build") { dir in
-            var text = try String(contentsOfFile: dir + "/state.json", encoding: .utf8)
-            let range = try #require(text.range(of: "\"vmmBuild\":\"[^\"]*\"", options: .regularExpression))
-            text.replaceSubrange(range, with: "\"vmmBuild\":\"1-2.3\"")
-            try text.write(toFile: dir + "/state.json", atomically: true, encoding: .utf8)
+            try Fixture.edit(dir + "/state.json") { text in
+                let range = try #require(text.range(of: "\"vmmBuild\":\"[^\"]*\"", options: .regularExpression))
+                text.replaceSubrange(range, with: "\"vmmBuild\":\"1-2.3\"")
+            }
         }
         #expect(otherBuild.status == 125 && otherBuild.stderr.contains("made by another sandbox-vmm build (1-2.3"), "\(otherBuild.stderr)")
-        let map = try damaged("map") { dir in
-            chmod(dir + "/disk.map", 0o644)
-            let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/disk.map"))
-            try fh.write(contentsOf: Data([0xff]))
-            try fh.close()
-        }
+        let map = try damaged("map") { dir in try Fixture.overwrite(dir + "/disk.map", with: [0xff]) }
         #expect(map.status == 125 && map.stderr.contains("disk map's checksum does not match"), "\(map.stderr)")
-        let layer = try damaged("layer") { dir in
-            chmod(dir + "/disk.layer", 0o644)
-            let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/disk.layer"))
-            try fh.truncate(atOffset: 1 << 20)
-            try fh.close()
-        }
+        let layer = try damaged("layer") { dir in try Fixture.truncate(dir + "/disk.layer", to: 1 << 20) }
         #expect(layer.status == 125 && layer.stderr.contains("disk layer is damaged") && layer.stderr.contains("data file is 1048576 bytes"), "\(layer.stderr)")
         let noState = try damaged("incomplete") { dir in try FileManager.default.removeItem(atPath: dir + "/state.json") }
         #expect(noState.status == 125 && noState.stderr.contains("no such snapshot state file"), "\(noState.stderr)")

@@ -35,19 +35,11 @@ struct StartPathTests {
 
         // Damaged one way, then another: each time the run says so, makes it again, and works.
         let damages: [(String, (String) throws -> Void)] = [
-            ("a short memory file", { dir in
-                chmod(dir + "/memory", 0o644)
-                #expect(truncate(dir + "/memory", 1 << 20) == 0)
-            }),
+            ("a short memory file", { dir in try Fixture.truncate(dir + "/memory", to: 1 << 20) }),
             ("a state file that is not JSON", { dir in
                 try "garbage".write(toFile: dir + "/state.json", atomically: true, encoding: .utf8)
             }),
-            ("a changed disk map", { dir in
-                chmod(dir + "/disk.map", 0o644)
-                let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: dir + "/disk.map"))
-                try fh.write(contentsOf: Data([0x5a, 0x5a]))
-                try fh.close()
-            }),
+            ("a changed disk map", { dir in try Fixture.overwrite(dir + "/disk.map", with: [0x5a, 0x5a]) }),
         ]
         for (what, damage) in damages {
             let dir = try #require(Self.entries("busybox-288m-1c").first)

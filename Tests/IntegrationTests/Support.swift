@@ -54,6 +54,29 @@ enum Fixture {
         var stdout: String { String(decoding: stdoutData, as: UTF8.self) }
     }
 
+    /// Damages a (read-only) snapshot file for a test: cuts it to `size` bytes.
+    static func truncate(_ path: String, to size: UInt64) throws {
+        chmod(path, 0o644)
+        let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+        try fh.truncate(atOffset: size)
+        try fh.close()
+    }
+
+    /// Damages a (read-only) snapshot file for a test: writes `bytes` at its start.
+    static func overwrite(_ path: String, with bytes: [UInt8]) throws {
+        chmod(path, 0o644)
+        let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+        try fh.write(contentsOf: Data(bytes))
+        try fh.close()
+    }
+
+    /// Rewrites a text file through `change`.
+    static func edit(_ path: String, _ change: (inout String) throws -> Void) throws {
+        var text = try String(contentsOfFile: path, encoding: .utf8)
+        try change(&text)
+        try text.write(toFile: path, atomically: true, encoding: .utf8)
+    }
+
     /// `stderr` without the lines a run prints when it makes (or waits for) its start
     /// snapshot, which only the first run of a shape prints.
     static func withoutStartProgress(_ stderr: String) -> String {
