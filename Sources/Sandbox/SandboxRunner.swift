@@ -37,6 +37,7 @@ public enum SandboxRunner {
         guard config.diskSizeMiB == nil else { throw SandboxError.invalidInput("diskSize cannot be set on a run from a template: the disk is the template's") }
         let info = try Templates.info(name)
         var c = config
+        c.template = nil  // resolved: what follows sees a snapshot of the template's shape
         c.snapshot = try Templates.path(name)
         c.image = info.image
         c.memoryMiB = info.memoryMiB

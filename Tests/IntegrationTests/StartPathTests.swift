@@ -204,6 +204,8 @@ struct TemplateTests {
         try jobs.write(toFile: dir + "/jobs.yaml", atomically: true, encoding: .utf8)
         let r = try sandbox(["batch", dir + "/jobs.yaml", "--jsonl", dir + "/out.jsonl", "--parallel", "2"])
         #expect(r.status == 0, "\(r.stdout) \(r.stderr)")
+        // Both starts, the template's too, are prepared and kept warm without complaint.
+        #expect(!r.stderr.contains("could not prepare"), "\(r.stderr)")
         let lines = try String(contentsOfFile: dir + "/out.jsonl", encoding: .utf8).split(separator: "\n")
         #expect(lines.count == 2)
         #expect(lines.allSatisfy { $0.contains("\"restored\":true") }, "\(lines)")
