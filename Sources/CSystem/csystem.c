@@ -45,3 +45,108 @@ int csystem_spawn(const char *path, char *const argv[], char *const envp[],
     if (rc == 0) *pid = child;
     return rc;
 }
+
+// ---- Spawning into new namespaces (the VMM's jail starts here) ----
+#include <sched.h>
+#include <signal.h>
+#include <string.h>
+#include <stdio.h>
+#include <sys/mman.h>
+#include <sys/wait.h>
+
+struct isolated_child {
+    const char *path;
+    char *const *argv;
+    char *const *envp;
+    const int *temps;
+    const int *targets;
+    int count;
+    int highest;
+    int user_ns;
+    unsigned uid, gid;
+    sigset_t mask;
+    volatile int error;  // errno of the step that failed in the child; written before _exit
+};
+
+static int write_proc_file(const char *path, const char *text) {
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0) return errno;
+    size_t n = strlen(text);
+    ssize_t w = write(fd, text, n);
+    int e = w == (ssize_t)n ? 0 : (w < 0 ? errno : EIO);
+    close(fd);
+    return e;
+}
+
+// Runs in the child, on its own stack, sharing the parent's memory until execve (the
+// parent is suspended: CLONE_VFORK). Only async-signal-safe calls: no malloc, no locks.
+static int isolated_child_main(void *arg) {
+    struct isolated_child *c = arg;
+    // Handlers of the parent must not run in the child: reset every caught signal.
+    for (int s = 1; s < NSIG; s++) {
+        struct sigaction sa;
+        if (sigaction(s, NULL, &sa) == 0 && sa.sa_handler != SIG_DFL && sa.sa_handler != SIG_IGN) {
+            sa.sa_handler = SIG_DFL;
+            sa.sa_flags = 0;
+            sigemptyset(&sa.sa_mask);
+            sigaction(s, &sa, NULL);
+        }
+    }
+    if (c->user_ns) {
+        // Map this user to root inside the new user namespace (so the VMM may build its
+        // mount namespace); nothing else of the host's users is mapped.
+        char line[64];
+        int e = write_proc_file("/proc/self/setgroups", "deny");
+        if (!e) { snprintf(line, sizeof line, "0 %u 1\n", c->uid); e = write_proc_file("/proc/self/uid_map", line); }
+        if (!e) { snprintf(line, sizeof line, "0 %u 1\n", c->gid); e = write_proc_file("/proc/self/gid_map", line); }
+        if (e) { c->error = e; _exit(127); }
+    }
+    for (int i = 0; i < c->count; i++) {
+        if (dup2(c->temps[i], c->targets[i]) < 0) { c->error = errno; _exit(127); }
+    }
+    // Nothing else of the parent's descriptors reaches the child.
+    syscall(SYS_close_range, (unsigned)(c->highest + 1), ~0U, 0);
+    sigprocmask(SIG_SETMASK, &c->mask, NULL);
+    execve(c->path, c->argv, c->envp);
+    c->error = errno;
+    _exit(127);
+}
+
+int csystem_spawn_isolated(const char *path, char *const argv[], char *const envp[],
+                           const int *sources, const int *targets, int count,
+                           int namespaces, int *pid) {
+    if (count < 0 || count > 16) return EINVAL;
+    int temps[16];
+    int highest = -1, rc = 0;
+    for (int i = 0; i < count; i++) if (targets[i] > highest) highest = targets[i];
+    for (int i = 0; i < count; i++) {
+        temps[i] = fcntl(sources[i], F_DUPFD_CLOEXEC, highest + 1 > 64 ? highest + 1 : 64);
+        if (temps[i] < 0) { rc = errno; for (int j = 0; j < i; j++) close(temps[j]); return rc; }
+    }
+    const size_t stackSize = 256 * 1024;
+    void *stack = mmap(NULL, stackSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
+    if (stack == MAP_FAILED) { rc = errno; for (int i = 0; i < count; i++) close(temps[i]); return rc; }
+    struct isolated_child c = {
+        .path = path, .argv = argv, .envp = envp, .temps = temps, .targets = targets, .count = count,
+        .highest = highest, .user_ns = (namespaces & CLONE_NEWUSER) != 0,
+        .uid = (unsigned)geteuid(), .gid = (unsigned)getegid(), .error = 0,
+    };
+    // No signal may reach the child before it has reset the handlers it shares with us.
+    sigset_t all;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &c.mask);
+    int flags = CLONE_VM | CLONE_VFORK | SIGCHLD | (namespaces & (CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWUSER));
+    int child = clone(isolated_child_main, (char *)stack + stackSize, flags, &c);
+    int cloneErr = errno;
+    pthread_sigmask(SIG_SETMASK, &c.mask, NULL);
+    munmap(stack, stackSize);
+    for (int i = 0; i < count; i++) close(temps[i]);
+    if (child < 0) return cloneErr;
+    if (c.error) {
+        int status;
+        while (waitpid(child, &status, 0) < 0 && errno == EINTR) {}
+        return c.error;
+    }
+    *pid = child;
+    return 0;
+}

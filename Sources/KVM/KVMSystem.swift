@@ -131,3 +131,15 @@ public final class KVMSystem: Sendable {
         return VirtualMachine(fd: FileDescriptor(owning: r), system: self)
     }
 }
+
+/// The ioctl requests a VMM makes once its VM is built (the vCPUs run, interrupts are
+/// raised, a snapshot reads the state back): what the jail's seccomp filter lets through.
+/// Creating VMs, vCPUs or memory slots, and setting any state, are not among them.
+public enum KVMRuntimeIoctls {
+    public static let requests: [UInt] = [
+        CKVM_RUN, CKVM_IRQ_LINE, CKVM_CHECK_EXTENSION, CKVM_GET_MSR_INDEX_LIST,
+        CKVM_GET_REGS, CKVM_GET_SREGS, CKVM_GET_XSAVE, CKVM_GET_XSAVE2, CKVM_GET_XCRS, CKVM_GET_MSRS,
+        CKVM_GET_MP_STATE, CKVM_GET_LAPIC, CKVM_GET_VCPU_EVENTS, CKVM_GET_DEBUGREGS,
+        CKVM_GET_IRQCHIP, CKVM_GET_PIT2, CKVM_GET_CLOCK,
+    ]
+}

@@ -94,6 +94,9 @@ public final class Machine: Sendable {
     public let console: ConsoleLog
     public let bootTimer: BootTimer
     let system: KVMSystem
+    /// This host as a snapshot records it; known from the start, so that a snapshot taken
+    /// inside the VMM's jail (no /dev or /sys to look at) records the same.
+    let host: HostIdentity
     let vm: VirtualMachine
     let vcpus: [VCPU]
     let bus: DeviceBus
@@ -181,10 +184,10 @@ public final class Machine: Sendable {
             if maxVCPUs > 0 && config.cpus > maxVCPUs {
                 throw MachineError.invalidConfiguration("--cpus \(config.cpus) is more than this host's KVM allows (\(maxVCPUs))")
             }
+            host = try HostIdentity.current(system)
             if let r = restoring {
-                let here = try HostIdentity.current(system)
-                guard here == r.snapshot.host else {
-                    throw MachineError.snapshot("taken on \(r.snapshot.host); this host is \(here)")
+                guard host == r.snapshot.host else {
+                    throw MachineError.snapshot("taken on \(r.snapshot.host); this host is \(host)")
                 }
             }
             vm = try system.createVM()
@@ -431,7 +434,7 @@ extension Machine {
         let vmState: VMState
         do { vmState = try vm.saveState() } catch { throw MachineError.kvm(error) }
         if let memoryFD { try memory.write(to: memoryFD) }
-        return MachineSnapshot(host: try HostIdentity.current(system), memoryBytes: memory.size, cpus: vcpus.count, vcpus: vcpuStates, vm: vmState,
+        return MachineSnapshot(host: host, memoryBytes: memory.size, cpus: vcpus.count, vcpus: vcpuStates, vm: vmState,
                                serial: serial.snapshot, transports: transports.map(\.state),
                                deviceTypes: transports.map(\.device.deviceType))
     }

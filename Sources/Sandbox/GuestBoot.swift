@@ -21,6 +21,8 @@ public enum GuestBoot {
         /// Where the console goes as it arrives (a host descriptor); nil = nowhere.
         public var consoleFD: Int32?
         public var vmmExecutable: String?
+        /// Jail the VMM (see `SandboxConfiguration.jail`).
+        public var jail = true
         public init() {}
     }
 
@@ -58,10 +60,14 @@ public enum GuestBoot {
         } catch {
             throw .from(error, code: .invalidInput)
         }
-        let config = VMMConfig(mode: .boot, kernelPath: kernel, initrdPath: c.initrd, imagePath: image,
+        var config = VMMConfig(mode: .boot, kernelPath: kernel, initrdPath: c.initrd, imagePath: image,
                                overlayDirectory: SandboxPaths.overlayDirectory, memoryMiB: c.memoryMiB, cpus: c.cpus,
                                vmTimeoutSeconds: c.timeoutSeconds, bootTimeoutSeconds: c.timeoutSeconds ?? 0,
                                extraCommandLine: c.extraCommandLine, keepDiskPath: c.keepDiskPath, streamConsole: c.consoleFD != nil)
+        config.jail = c.jail
+        let staging = try c.keepDiskPath.map { (keep) throws(SandboxError) in try KeepDiskStaging(for: keep) }
+        config.keepDiskPath = staging?.stagedPath
+        defer { staging?.remove() }
         let vmm = try VMMProcess.spawn(config, executable: c.vmmExecutable, stdout: c.consoleFD, stderr: 2)
         defer { vmm.reap(patienceMillis: 1000) }
         // The VMM ends the VM itself (timeout included); wait for its report.
@@ -75,6 +81,8 @@ public enum GuestBoot {
             case .ready, .snapshotted: continue
             case .stopped:
                 if let keepError = e.error { throw keepError }
+                vmm.reap(patienceMillis: 10_000)
+                try staging?.finish()
                 let ending: Ending
                 switch e.stop {
                 case .clean?: ending = .clean

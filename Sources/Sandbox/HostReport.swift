@@ -38,6 +38,14 @@ public struct HostReport: Sendable {
         if let probe {
             r.lines.append("block I/O:      \(probe.blockEngine) engine (\(probe.blockEngineReason))")
             r.lines.append("libseccomp:     \(probe.libseccomp ?? "unavailable")")
+            do {
+                let exe = try VMMExecutable.locate(explicit: vmmExecutable)
+                let jail = try VMMProcess.checkJail(executable: exe)
+                for line in jail.applied { r.lines.append("jail:           " + line) }
+                for line in jail.missing { r.lines.append("jail, missing:  " + line) }
+            } catch {
+                r.lines.append("jail:           could not be checked: \(error)")
+            }
         }
         let flavor = KernelFlavor.forHost(host)
         if let k = ProcessInfo.processInfo.environment["SANDBOX_KERNEL"], !k.isEmpty {

@@ -68,6 +68,9 @@ public struct SandboxConfiguration: Sendable {
     /// Boot the kernel instead of restoring the cached start snapshot (also for every
     /// run when `$SANDBOX_COLD` is set). Runs that stream the console boot too.
     public var cold: Bool = false
+    /// Jail the VMM process (Docs/Jail.md): its own namespaces and empty root, no
+    /// privileges, a seccomp allow-list. `false` is for debugging the VMM only (`--no-jail`).
+    public var jail: Bool = true
     /// Copy the guest console to this host descriptor (debugging).
     public var consoleFD: Int32?
     /// The VMM executable; nil finds it by the rule of ``VMMExecutable`` (`$SANDBOX_VMM`,

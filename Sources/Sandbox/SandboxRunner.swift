@@ -61,7 +61,9 @@ public enum SandboxRunner {
                                  memoryMiB: resolved.memoryMiB, cpus: resolved.cpus,
                                  vmTimeoutSeconds: 7 * 86_400, bootTimeoutSeconds: bootTimeout)
         vmConfig.restoreDirectory = dir
-        WarmPool.shared.keep(WarmPool.Key(snapshot: dir, memoryMiB: resolved.memoryMiB, cpus: resolved.cpus, vmmExecutable: resolved.vmmExecutable),
+        vmConfig.jail = resolved.jail
+        WarmPool.shared.keep(WarmPool.Key(snapshot: dir, memoryMiB: resolved.memoryMiB, cpus: resolved.cpus, vmmExecutable: resolved.vmmExecutable,
+                                          jail: resolved.jail),
                              count: count, config: vmConfig)
         return true
     }
@@ -167,6 +169,18 @@ public enum SandboxRunner {
                                  vmTimeoutSeconds: bootTimeout + (commandTimeout ?? 86_400) + 30,
                                  bootTimeoutSeconds: bootTimeout, keepDiskPath: config.keepDiskPath,
                                  streamConsole: config.consoleFD != nil, diskSizeBytes: config.diskSizeMiB.map { $0 << 20 })
+        vmConfig.jail = config.jail
+        // A jailed VMM writes a kept disk into a staging directory of its own (the only
+        // place it can reach); it is moved into place once the VMM has stopped.
+        var keepStaging: KeepDiskStaging?
+        if let keep = config.keepDiskPath {
+            do { keepStaging = try KeepDiskStaging(for: keep) } catch {
+                result.outcome = .infrastructureError(error)
+                return result
+            }
+            vmConfig.keepDiskPath = keepStaging?.stagedPath
+        }
+        defer { keepStaging?.remove() }
         var vmm: VMMProcess
         var spawned: UInt64
         var first: VMMEvent?
@@ -176,7 +190,7 @@ public enum SandboxRunner {
         var warm: WarmPool.VM?
         if config.keepDiskPath == nil && config.consoleFD == nil, let dir = config.snapshot ?? cached {
             warm = WarmPool.shared.take(WarmPool.Key(snapshot: dir, memoryMiB: config.memoryMiB, cpus: config.cpus,
-                                                     vmmExecutable: config.vmmExecutable))
+                                                     vmmExecutable: config.vmmExecutable, jail: config.jail))
         }
         if let warm {
             (vmm, spawned, first) = (warm.vmm, warm.spawnedNanos, warm.ready)
@@ -406,6 +420,9 @@ public enum SandboxRunner {
             result.outcome = .infrastructureError(keepError)
         }
         vmm.reap(patienceMillis: config.keepDiskPath == nil ? 3000 : 600_000)
+        if let keepStaging, stopped?.error == nil, stopped != nil {
+            do { try keepStaging.finish() } catch { result.outcome = .infrastructureError(error) }
+        }
         result.timings.teardown = ms(tDown)
         result.timings.total = ms(t0)
         return result

@@ -85,6 +85,7 @@ public enum SnapshotMaker {
                                  bootTimeoutSeconds: bootTimeout, streamConsole: config.consoleFD != nil,
                                  diskSizeBytes: start == nil ? config.diskSizeMiB.map { $0 << 20 } : nil)
         vmConfig.snapshotDirectory = partial
+        vmConfig.jail = config.jail
         vmConfig.restoreDirectory = start
         let vmm = try VMMProcess.spawn(vmConfig, executable: config.vmmExecutable, stderr: config.consoleFD)
         defer { vmm.reap(patienceMillis: 10_000) }

@@ -1,5 +1,6 @@
 import Foundation
 import SandboxCore
+import SandboxImages
 import Synchronization
 import SystemShims
 import VMMProtocol
@@ -75,27 +76,67 @@ final class VMMProcess: Sendable {
         let exe = try VMMExecutable.locate(explicit: executable)
         let (agentParent, agentChild) = try socketPair()
         let (controlParent, controlChild) = try socketPair()
-        let json: String
-        do { json = String(decoding: try JSONEncoder().encode(config), as: UTF8.self) } catch {
-            throw SandboxError(.internal, "cannot encode the VMM configuration", underlying: SandboxError.Described(description: "\(error)"))
-        }
-        var env = ProcessInfo.processInfo.environment
-        env[VMMConfig.environmentKey] = json
         let null = open("/dev/null", O_RDWR | O_CLOEXEC)
         guard null >= 0 else { throw SandboxError(.host, "/dev/null", underlying: SystemError("open(/dev/null)", errno: errno)) }
         defer { Glibc.close(null) }
-        let pid: pid_t
-        do {
-            pid = try spawnProcess(exe, arguments: ["run"], environment: env.map { "\($0.key)=\($0.value)" }, descriptors: [
+        let baseEnv = ProcessInfo.processInfo.environment
+        func start(_ config: VMMConfig, _ namespaces: SpawnNamespaces) throws -> pid_t {
+            let json: String
+            do { json = String(decoding: try JSONEncoder().encode(config), as: UTF8.self) } catch {
+                throw SandboxError(.internal, "cannot encode the VMM configuration", underlying: SandboxError.Described(description: "\(error)"))
+            }
+            var env = baseEnv
+            env[VMMConfig.environmentKey] = json
+            // A crash in the VMM must not try to start the Swift backtracer: the jail
+            // allows no new process, and the attempt would read as a filter violation.
+            env["SWIFT_BACKTRACE"] = "enable=no"
+            return try spawnProcess(exe, arguments: ["run"], environment: env.map { "\($0.key)=\($0.value)" }, descriptors: [
                 (null, 0), (stdout ?? null, 1), (stderr ?? null, 2),
                 (agentChild.rawValue, VMMFileDescriptors.agent), (controlChild.rawValue, VMMFileDescriptors.control),
-            ])
+            ], namespaces: namespaces)
+        }
+        let pid: pid_t
+        do {
+            var config = config
+            let wanted = config.jail ? jailNamespaces : []
+            config.namespaces = wanted.names
+            do {
+                pid = try start(config, wanted)
+            } catch let e as SystemError where !wanted.isEmpty && [EPERM, EINVAL, ENOSPC, EUSERS, EACCES].contains(e.errno) {
+                // The host does not let this user make namespaces (a container without
+                // CAP_SYS_ADMIN, user namespaces turned off): the VMM still drops what it
+                // can, and its jail report says what is missing.
+                config.namespaces = []
+                pid = try start(config, [])
+            }
         } catch {
             throw SandboxError(.vmm, "cannot start the VMM process \(exe)", underlying: error)
         }
         agentChild.close()
         controlChild.close()
         return VMMProcess(pid: pid, agent: agentParent, control: controlParent)
+    }
+
+    /// The namespaces a jailed VMM starts in: mount, pid, net, ipc, uts, and a user
+    /// namespace when this process is not root (it owns the others then).
+    static let jailNamespaces: SpawnNamespaces = {
+        var ns: SpawnNamespaces = [.mount, .pid, .network, .ipc, .uts]
+        if geteuid() != 0 { ns.insert(.user) }
+        return ns
+    }()
+
+    /// Starts a VMM that only applies its jail, and returns what it says it applied.
+    static func checkJail(executable: String) throws(SandboxError) -> JailReport {
+        let config = VMMConfig(mode: .jailCheck, kernelPath: "", imagePath: nil, overlayDirectory: SandboxPaths.overlayDirectory,
+                               memoryMiB: 0, cpus: 0, vmTimeoutSeconds: nil, bootTimeoutSeconds: 0)
+        let vmm = try spawn(config, executable: executable)
+        defer { vmm.reap(patienceMillis: 2000) }
+        guard let e = vmm.nextEvent(timeoutMillis: 10_000) else {
+            throw SandboxError(.jail, "the VMM reported nothing about its jail")
+        }
+        if e.kind == .failed { throw e.error ?? SandboxError(.jail, "the VMM could not apply its jail") }
+        guard let jail = e.jail else { throw SandboxError(.jail, "the VMM's report has no jail") }
+        return jail
     }
 
     /// The next control event, or nil on timeout / EOF.

@@ -26,6 +26,7 @@ final class WarmPool: Sendable {
         var memoryMiB: UInt64
         var cpus: Int
         var vmmExecutable: String?
+        var jail: Bool
     }
 
     /// A waiting VM.

@@ -97,6 +97,8 @@ public final class BatchRunner: Sendable {
         public var kernel: String?
         /// Every job boots instead of restoring its start snapshot.
         public var cold = false
+        /// Jail every job's VMM (false only for debugging: `--no-jail`).
+        public var jail = true
         /// VMs of each start kept restored and waiting while the batch runs
         /// (`SandboxRunner.keepWarm`); 0 = none, each job restores its own.
         public var warm = 0
@@ -143,6 +145,7 @@ public final class BatchRunner: Sendable {
             var c = job.configuration
             if let k = options.kernel { c.kernel = k }
             if options.cold { c.cold = true }
+            if !options.jail { c.jail = false }
             let key = "\(c.image)|\(c.kernel ?? "")|\(c.memoryMiB)|\(c.cpus)|\(c.diskSizeMiB.map(String.init) ?? "")|\(c.snapshot ?? "")|\(c.template ?? "")|\(c.cold)"
             guard seen.insert(key).inserted, !isStopping else { continue }
             do {
@@ -213,6 +216,7 @@ public final class BatchRunner: Sendable {
         config.outputLimit = options.outputLimit
         if let k = options.kernel { config.kernel = k }
         if options.cold { config.cold = true }
+        if !options.jail { config.jail = false }
         let start = monotonicNanos()
         var attempt = 0
         while true {

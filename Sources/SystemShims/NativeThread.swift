@@ -93,16 +93,42 @@ public func unblockSignalInCurrentThread(_ signal: Int32) {
 /// gets exactly the descriptors in `descriptors` (`source` in this process becomes
 /// `target` in the child; the numbers may overlap) and no other: nothing else this
 /// process has open leaks into it.
+/// With `namespaces` (a mask of ``SpawnNamespaces``) the child starts in those new
+/// namespaces (clone(2) instead of posix_spawn; EPERM or EINVAL when the host refuses one).
 public func spawnProcess(_ path: String, arguments: [String], environment: [String],
-                         descriptors: [(source: Int32, target: Int32)]) throws(SystemError) -> pid_t {
+                         descriptors: [(source: Int32, target: Int32)], namespaces: SpawnNamespaces = []) throws(SystemError) -> pid_t {
     var cArgv: [UnsafeMutablePointer<CChar>?] = ([path] + arguments).map { strdup($0) } + [nil]
     var cEnv: [UnsafeMutablePointer<CChar>?] = environment.map { strdup($0) } + [nil]
     defer { for p in cArgv { free(p) }; for p in cEnv { free(p) } }
     let sources = descriptors.map(\.source), targets = descriptors.map(\.target)
     var pid: Int32 = 0
-    let rc = csystem_spawn(path, &cArgv, &cEnv, sources, targets, Int32(descriptors.count), &pid)
-    guard rc == 0 else { throw SystemError("posix_spawn(\(path))", errno: rc) }
+    if namespaces.isEmpty {
+        let rc = csystem_spawn(path, &cArgv, &cEnv, sources, targets, Int32(descriptors.count), &pid)
+        guard rc == 0 else { throw SystemError("posix_spawn(\(path))", errno: rc) }
+    } else {
+        let rc = csystem_spawn_isolated(path, &cArgv, &cEnv, sources, targets, Int32(descriptors.count), namespaces.rawValue, &pid)
+        guard rc == 0 else { throw SystemError("clone(\(namespaces)) + execve(\(path))", errno: rc) }
+    }
     return pid
+}
+
+/// New namespaces for a spawned process (clone(2) flags).
+public struct SpawnNamespaces: OptionSet, Sendable, CustomStringConvertible {
+    public let rawValue: Int32
+    public init(rawValue: Int32) { self.rawValue = rawValue }
+    public static let mount = SpawnNamespaces(rawValue: Int32(CSYSTEM_NEWNS))
+    public static let pid = SpawnNamespaces(rawValue: Int32(CSYSTEM_NEWPID))
+    public static let network = SpawnNamespaces(rawValue: Int32(CSYSTEM_NEWNET))
+    public static let ipc = SpawnNamespaces(rawValue: Int32(CSYSTEM_NEWIPC))
+    public static let uts = SpawnNamespaces(rawValue: Int32(CSYSTEM_NEWUTS))
+    public static let user = SpawnNamespaces(rawValue: Int32(CSYSTEM_NEWUSER))
+
+    /// Short names, as in /proc/PID/ns: "mnt pid net ipc uts user".
+    public var names: [String] {
+        [(Self.mount, "mnt"), (.pid, "pid"), (.network, "net"), (.ipc, "ipc"), (.uts, "uts"), (.user, "user")]
+            .filter { contains($0.0) }.map(\.1)
+    }
+    public var description: String { names.isEmpty ? "no namespaces" : names.joined(separator: "+") }
 }
 
 /// Waits up to `timeoutMillis` for child `pid` to exit and reaps it: its wait status, or

@@ -12,6 +12,8 @@ public struct VMMConfig: Codable, Sendable {
         case agent
         /// A bare boot: stream the console, report how the guest ended (`sandbox boot`).
         case boot
+        /// Applies the jail, reports it in a `ready` event and exits (`sandbox doctor`).
+        case jailCheck
     }
 
     public var mode: Mode
@@ -44,6 +46,11 @@ public struct VMMConfig: Codable, Sendable {
     /// Agent mode: restore the VM from the snapshot in this directory instead of booting
     /// (`kernelPath` and `imagePath` are then not used: the snapshot has its own disk).
     public var restoreDirectory: String?
+    /// Jail the VMM (Docs/Jail.md); false only for debugging (`--no-jail`).
+    public var jail = true
+    /// The new namespaces the library started the VMM in (names as in /proc/PID/ns), so
+    /// that the VMM's jail report says which it got.
+    public var namespaces: [String] = []
 
     public init(mode: Mode, kernelPath: String, initrdPath: String? = nil, imagePath: String?, overlayDirectory: String,
                 memoryMiB: UInt64, cpus: Int, vmTimeoutSeconds: Double?, bootTimeoutSeconds: Double,
@@ -102,6 +109,8 @@ public struct VMMEvent: Codable, Sendable {
     /// ready, on a restore: milliseconds from VMM start to the restored VM built (memory
     /// mapped, every state loaded), just before its vCPUs run.
     public var restoreMillis: Double?
+    /// ready (and stopped, in boot mode): what the jail applied and what it could not.
+    public var jail: JailReport?
     /// snapshotted: milliseconds the snapshot took (pause to files written).
     public var snapshotMillis: Double?
     /// stopped: how it ended, in words and as a kind.
@@ -149,4 +158,17 @@ public struct HostProbe: Codable, Sendable {
     public var libseccomp: String?
 
     public init(hostKind: String) { self.hostKind = hostKind }
+}
+
+/// What the VMM's jail applied, and what it could not (with the reason), in words.
+public struct JailReport: Codable, Sendable, Equatable {
+    public var applied: [String] = []
+    public var missing: [String] = []
+    public init() {}
+
+    /// The namespaces the library asks for when it starts a jailed VMM: mount, pid, net,
+    /// ipc and uts; a user namespace too when not root (to own the others).
+    public static func namespaceNames(forRoot root: Bool) -> [String] {
+        root ? ["mnt", "pid", "net", "ipc", "uts"] : ["user", "mnt", "pid", "net", "ipc", "uts"]
+    }
 }

@@ -52,6 +52,8 @@ enum AgentMode {
         mc.onBootMark = { mark in if mark.value == GuestABI.BootMark.agentReady.rawValue { agentReady.signal() } }
         let machine = try VMMMachine.make(mc, restoring: restoring.map { ($0.snapshot, $0.memory.rawValue) })
         let restoredNanos = restoring == nil ? nil : monotonicNanos()
+        let capacity = (disk.backend as? CopyOnWriteDisk)?.capacity ?? 0
+        let jail = try Jail.apply(config, binds: Jail.binds(config), fileSizeLimit: Jail.fileSizeLimit(capacity: capacity, memoryMiB: config.memoryMiB))
         // A restored guest may think it has vsock connections (the snapshot's): tell it
         // every connection is gone. Its agent's listening socket stays.
         if restoring != nil { vsock.sendTransportReset() }
@@ -110,6 +112,7 @@ enum AgentMode {
             ready.connectedMillis = Double(monotonicNanos() - machine.startNanos) / 1e6
             ready.vcpuStartMillis = Double(machine.runStartNanos - machine.startNanos) / 1e6
             ready.restoreMillis = restoredNanos.map { Double($0 - machine.startNanos) / 1e6 }
+            ready.jail = jail
             report(ready)
             let ask = Relay.run(connection: connection, agentFD: VMMFileDescriptors.agent, control: control, stopped: stopped, machine: machine)
             if ask == .snapshot {

@@ -26,9 +26,12 @@ enum BootMode {
             mc.consoleSink = { bytes in try? writeAll(1, bytes) }
         }
         let machine = try VMMMachine.make(mc)
+        let capacity = (disk?.backend as? CopyOnWriteDisk)?.capacity ?? 0
+        let jail = try Jail.apply(config, binds: Jail.binds(config), fileSizeLimit: Jail.fileSizeLimit(capacity: capacity, memoryMiB: config.memoryMiB))
         let result: MachineResult
         do { result = try machine.run() } catch { throw VMMMachine.error(error) }
         var e = StopReport.event(result)
+        e.jail = jail
         if let keep = config.keepDiskPath, let disk {
             do { try RootDisk.export(disk, to: keep) } catch { e.error = SandboxError(.host, "could not keep the disk at \(keep)", underlying: error) }
         }

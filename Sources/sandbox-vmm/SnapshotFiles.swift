@@ -67,9 +67,9 @@ enum SnapshotFiles {
     /// This executable's identity: its size and modification time. A rebuilt VMM (and
     /// with it, as the build scripts go, the guest agent in new images) writes and
     /// expects other states, so snapshots are tied to the build that made them.
-    static func vmmBuild() -> String {
-        identity(of: "/proc/self/exe").map { "\($0.bytes)-\($0.modified)" } ?? "unknown"
-    }
+    static func vmmBuild() -> String { build }
+    /// Read once, at the first use (the jail touches it before /proc is gone).
+    static let build: String = identity(of: "/proc/self/exe").map { "\($0.bytes)-\($0.modified)" } ?? "unknown"
 
     static func encoder() -> JSONEncoder {
         let e = JSONEncoder()

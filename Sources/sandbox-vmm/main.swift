@@ -37,6 +37,11 @@ func runVM() -> Int32 {
         switch config.mode {
         case .agent: try AgentMode.run(config, control: control, report: report)
         case .boot: try BootMode.run(config, report: report)
+        case .jailCheck:
+            try FileManager.default.createDirectory(atPath: config.overlayDirectory, withIntermediateDirectories: true)
+            var e = VMMEvent(kind: .ready)
+            e.jail = try Jail.apply(config, binds: [], fileSizeLimit: 1 << 30)
+            report(e)
         }
         return 0
     } catch {

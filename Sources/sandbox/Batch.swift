@@ -36,6 +36,8 @@ struct Batch: ParsableCommand {
     var kernel: String?
     @Flag(help: "Boot every job instead of restoring its start snapshot (slower).")
     var cold = false
+    @Flag(name: .customLong("no-jail"), help: "Run every VMM without its jail. For debugging the VMM only.")
+    var noJail = false
     @Option(help: "VMs of each start kept restored and waiting for the next job (default: --parallel; 0 = none).")
     var warm: Int?
 
@@ -74,6 +76,10 @@ struct Batch: ParsableCommand {
         options.tailBytes = max(0, tailBytes)
         options.kernel = kernel
         options.cold = cold
+        if noJail {
+            options.jail = false
+            warnNoJail()
+        }
         options.warm = max(0, warm ?? parallel)
         let runner = BatchRunner(jobs: jobs, options: options)
         let progress = BatchProgress(total: jobs.count, tty: isatty(2) == 1, jsonlFD: jsonlFD)

@@ -31,6 +31,8 @@ struct Boot: ParsableCommand {
     var image: String?
     @Option(name: .long, help: "After the run, write the guest's view of the root disk (base + its writes) to this path.")
     var keepDisk: String?
+    @Flag(name: .customLong("no-jail"), help: "Run the VMM without its jail. For debugging the VMM only.")
+    var noJail = false
 
     func run() throws {
         var c = GuestBoot.Configuration()
@@ -42,6 +44,10 @@ struct Boot: ParsableCommand {
         c.cpus = cpus
         c.timeoutSeconds = timeout > 0 ? timeout : nil
         c.keepDiskPath = keepDisk
+        if noJail {
+            c.jail = false
+            warnNoJail()
+        }
         c.consoleFD = quietConsole ? nil : 1
         let result: GuestBoot.Result
         do { result = try GuestBoot.run(c, progress: { printError($0) }) } catch {

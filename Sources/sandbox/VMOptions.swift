@@ -13,6 +13,8 @@ struct VMOptions: ParsableArguments {
     var cpus: Int?
     @Option(name: .customLong("disk-size"), parsing: .unconditional, help: "Grow the root disk and its file system to this size (MiB, or 512M, 4G, 1T); sparse on the host.")
     var diskSize: String?
+    @Flag(name: .customLong("no-jail"), help: "Run the VMM without its jail (namespaces, empty root, no privileges, seccomp). For debugging the VMM only: a compromised VMM could then reach this host.")
+    var noJail = false
 
     /// The options given on the command line (as flags), for refusing them where the
     /// VM's shape comes from elsewhere (a template).
@@ -32,6 +34,10 @@ struct VMOptions: ParsableArguments {
             config.cpus = cpus
         }
         if let image { config.image = image }
+        if noJail {
+            config.jail = false
+            warnNoJail()
+        }
         config.kernel = kernel
         if let diskSize {
             let mib = try InputCheck.parseSizeMiB(diskSize, name: "--disk-size")
@@ -52,4 +58,9 @@ func parseEnvironment(_ pairs: [String]) throws -> [String: String] {
         env[String(kv[..<eq])] = String(kv[kv.index(after: eq)...])
     }
     return env
+}
+
+/// What `--no-jail` prints, every time.
+func warnNoJail() {
+    printError("sandbox: WARNING: --no-jail: the VMM runs with every privilege of this process, in this host's namespaces, with no seccomp filter; a guest that compromises it reaches this host. Use it for debugging only.")
 }

@@ -52,6 +52,7 @@ extern const unsigned long CKVM_GET_PIT2;
 extern const unsigned long CKVM_SET_PIT2;
 extern const unsigned long CKVM_GET_CLOCK;
 extern const unsigned long CKVM_SET_CLOCK;
+extern const unsigned long CKVM_GET_MSRS;
 extern const int CKVM_CAP_XSAVE2;
 
 /// KVM_GET_MSR_INDEX_LIST into `indices` (room for `capacity`). Returns the count or

@@ -26,4 +26,17 @@ void csystem_set_thread_name(const char *name);
 /// descriptor closed. Returns 0 and the child's pid, or an errno value.
 int csystem_spawn(const char *path, char *const argv[], char *const envp[],
                   const int *sources, const int *targets, int count, int *pid);
+/// Like `csystem_spawn`, but the child starts in the new namespaces `namespaces` asks for
+/// (a mask of CLONE_NEWNS, CLONE_NEWPID, CLONE_NEWNET, CLONE_NEWIPC, CLONE_NEWUTS and
+/// CLONE_NEWUSER; with CLONE_NEWUSER this user is mapped to root inside, nothing else).
+/// Returns 0 and the child's pid (as this process sees it), or an errno value (EPERM or
+/// EINVAL when the host does not allow a namespace).
+int csystem_spawn_isolated(const char *path, char *const argv[], char *const envp[],
+                           const int *sources, const int *targets, int count,
+                           int namespaces, int *pid);
+/// clone(2) namespace flags, for Swift (the macros do not import).
+enum {
+    CSYSTEM_NEWNS = 0x00020000, CSYSTEM_NEWUTS = 0x04000000, CSYSTEM_NEWIPC = 0x08000000,
+    CSYSTEM_NEWUSER = 0x10000000, CSYSTEM_NEWPID = 0x20000000, CSYSTEM_NEWNET = 0x40000000,
+};
 #endif

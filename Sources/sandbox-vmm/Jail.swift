@@ -1,0 +1,178 @@
+import CJail
+import Foundation
+import KVM
+import SandboxCore
+import SystemShims
+import VMMProtocol
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The VMM's jail (Docs/Jail.md), applied once the VM is built and before any guest code
+/// runs (no vCPU has entered the guest, no thread exists yet): everything the VMM needs
+/// is open by then, so what it can still reach is almost nothing.
+///
+/// 1. Namespaces: the library started this process in new mount, pid, net, ipc and uts
+///    namespaces (and a user namespace when not root), `VMMConfig.namespaces`.
+/// 2. File system: a 64 KiB read-only tmpfs as `/`, holding only the directories the VMM
+///    still writes into (a snapshot being made, a kept disk's staging directory); the
+///    host's tree is detached.
+/// 3. Limits: open files, address space, file size, core size 0.
+/// 4. No capabilities (bounding and ambient sets empty, securebits locked), no new privileges.
+/// 5. A seccomp allow-list (`allowedSyscalls`, KVM ioctls of a running VM only): any other
+///    call kills the VMM, and the library reports the call by name.
+enum Jail {
+    struct Bind {
+        var path: String
+        var writable: Bool
+    }
+
+    /// The system calls the VMM makes once jailed, by every thread kind (vCPU loops,
+    /// device workers, the vsock relay, snapshot writing). Measured with strace over the
+    /// test suite (Docs/Jail.md says how to redo it); ioctl, clone, clone3, tgkill, mmap,
+    /// mprotect and prctl are filtered by their arguments in `cjail_apply_seccomp`.
+    static let allowedSyscalls = [
+        // memory
+        "brk", "munmap", "mremap", "madvise", "membarrier",
+        // threads, waiting, time
+        "futex", "set_robust_list", "rseq", "sched_yield", "sched_getaffinity", "gettid", "getpid",
+        "clock_gettime", "clock_nanosleep", "nanosleep", "exit", "exit_group", "restart_syscall",
+        // signals (the vCPU kick)
+        "rt_sigaction", "rt_sigprocmask", "rt_sigreturn", "sigaltstack",
+        // descriptors the VMM holds: sockets to the library, eventfds, the disk files
+        "read", "write", "readv", "writev", "pread64", "pwrite64", "preadv", "pwritev", "preadv2", "pwritev2",
+        "close", "fcntl", "dup", "lseek", "fstat", "newfstatat", "statx", "fsync", "fdatasync",
+        "fallocate", "ftruncate", "poll", "ppoll", "eventfd2", "io_uring_enter",
+        "sendto", "recvfrom", "sendmsg", "recvmsg", "shutdown",
+        // writing a snapshot into its directory (the only writable place in the jail)
+        "openat", "rename", "renameat", "renameat2", "unlink", "unlinkat", "fchmod", "getdents64",
+        // the runtime's small questions
+        "getrandom", "getuid", "geteuid", "getgid", "getegid", "uname", "getcwd",
+    ]
+
+    /// What a VMM with `config` still writes into once jailed: the snapshot directory it
+    /// is to fill, and the directory its kept disk goes to (a staging directory of its
+    /// own, which the library creates and empties).
+    static func binds(_ config: VMMConfig) -> [Bind] {
+        var b: [Bind] = []
+        if let dir = config.snapshotDirectory { b.append(Bind(path: dir, writable: true)) }
+        if let keep = config.keepDiskPath { b.append(Bind(path: (keep as NSString).deletingLastPathComponent, writable: true)) }
+        return b
+    }
+
+    /// No file the VMM writes is larger than the disk (its overlay, a kept disk, a
+    /// snapshot's layer) or the guest's memory (a snapshot's memory file).
+    static func fileSizeLimit(capacity: UInt64, memoryMiB: UInt64) -> UInt64 {
+        max(capacity, memoryMiB << 20) + (64 << 20)
+    }
+
+    /// Applies the jail (or, with `config.jail == false`, says loudly that it does not).
+    static func apply(_ config: VMMConfig, binds: [Bind], fileSizeLimit: UInt64) throws -> JailReport {
+        var report = JailReport()
+        guard config.jail else {
+            let warning = "sandbox-vmm: WARNING: the VMM runs without its jail (--no-jail): no namespaces, no seccomp filter, every privilege of its caller; a compromised VMM can reach this host. For debugging only.\n"
+            warning.withCString { _ = Glibc.write(2, $0, strlen($0)) }
+            report.missing.append("the whole jail: turned off (--no-jail / SandboxConfiguration.jail = false), for debugging only")
+            return report
+        }
+        // Capabilities and namespaces are per thread: a thread started earlier would keep
+        // what the jail takes away.
+        let threads = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/task").count) ?? -1
+        guard threads == 1 else {
+            throw SandboxError(.jail, "the jail must be applied while the VMM has one thread (it has \(threads))")
+        }
+        _ = SnapshotFiles.vmmBuild()  // read /proc/self/exe while /proc is there
+        let openFiles = (try? FileManager.default.contentsOfDirectory(atPath: "/proc/self/fd").count) ?? 64
+        let addressSpace = Self.statusValue("VmSize") ?? 0
+
+        let namespaces = config.namespaces
+        if namespaces.isEmpty {
+            report.missing.append("namespaces: the host refused new namespaces when the VMM was started (the library's report says why)")
+        } else {
+            report.applied.append("namespaces: " + namespaces.joined(separator: " "))
+        }
+        if !namespaces.contains("user") && geteuid() != 0 {
+            report.missing.append("user namespace: not available to this user")
+        }
+        if namespaces.contains("mnt") {
+            var err = [CChar](repeating: 0, count: 512)
+            let paths = binds.map(\.path)
+            let writable = binds.map { Int32($0.writable ? 1 : 0) }
+            let rc = withCStrings(paths) { cPaths in
+                cjail_enter_root(config.overlayDirectory, cPaths, writable, Int32(binds.count), &err, err.count)
+            }
+            guard rc == 0 else { throw SandboxError(.jail, "the jail's root could not be built: \(String(cString: err))") }
+            let kept = binds.map { "\($0.path) (\($0.writable ? "read-write" : "read-only"))" }
+            report.applied.append("root: an empty read-only tmpfs (pivot_root; the host's tree detached)"
+                + (kept.isEmpty ? "" : " holding only " + kept.joined(separator: ", ")))
+        } else {
+            report.missing.append("root: no mount namespace, so the VMM sees the host's file system")
+        }
+
+        // Limits. Processes: the filter below refuses every new process (clone without
+        // CLONE_THREAD), which RLIMIT_NPROC (counted per user across the host) cannot do.
+        let nofile = UInt64(max(openFiles + 64, 128))
+        let asLimit = addressSpace + (2 << 30)
+        let limits: [(String, Int32, UInt64)] = [
+            ("nofile \(nofile)", Int32(RLIMIT_NOFILE.rawValue), nofile),
+            ("core 0", Int32(RLIMIT_CORE.rawValue), 0),
+            ("as \(asLimit >> 20) MiB", Int32(RLIMIT_AS.rawValue), asLimit),
+            ("fsize \(fileSizeLimit >> 20) MiB", Int32(RLIMIT_FSIZE.rawValue), fileSizeLimit),
+        ]
+        for (name, resource, value) in limits {
+            var rl = rlimit(rlim_cur: rlim_t(value), rlim_max: rlim_t(value))
+            guard setrlimit(__rlimit_resource_t(UInt32(resource)), &rl) == 0 else {
+                throw SandboxError(.jail, "setrlimit(\(name)) failed", underlying: SystemError("setrlimit", errno: errno))
+            }
+        }
+        report.applied.append("rlimits: " + limits.map(\.0).joined(separator: ", ") + "; no new processes (seccomp)")
+
+        var err = [CChar](repeating: 0, count: 512)
+        guard cjail_drop_privileges(&err, err.count) == 0 else {
+            throw SandboxError(.jail, "the jail could not drop privileges: \(String(cString: err))")
+        }
+        report.applied.append("capabilities: none (bounding and ambient sets empty, securebits locked); no_new_privs")
+        report.missing.append("cgroup limits: not applied by this version (the guest's memory and vCPUs are bounded by the VM itself)")
+
+        let ioctls = KVMRuntimeIoctls.requests + Self.otherIoctls
+        let rc = withCStrings(allowedSyscalls) { names in
+            ioctls.map { UInt($0) }.withUnsafeBufferPointer { io in
+                cjail_apply_seccomp(names, Int32(allowedSyscalls.count), io.baseAddress, Int32(io.count), getpid(),
+                                    VMMFileDescriptors.control, 1, &err, err.count)
+            }
+        }
+        guard rc == 0 else { throw SandboxError(.jail, "the seccomp filter could not be loaded: \(String(cString: err))") }
+        report.applied.append("seccomp: \(allowedSyscalls.count + 7) system calls, \(ioctls.count) ioctl requests; anything else kills the VMM")
+        #if DEBUG
+        // Test builds only: prove that a call outside the list is caught and named.
+        if ProcessInfo.processInfo.environment["SANDBOX_VMM_TEST_FORBIDDEN_SYSCALL"] == "socket" {
+            _ = socket(AF_INET, Int32(SOCK_STREAM.rawValue), 0)
+        }
+        #endif
+        return report
+    }
+
+    /// Socket and terminal requests the runtime makes on descriptors it holds.
+    static let otherIoctls: [UInt] = [
+        0x5401,  // TCGETS (isatty)
+        0x541B,  // FIONREAD
+        0x5421,  // FIONBIO
+    ]
+
+    /// A "Name:  value kB" line of /proc/self/status, in bytes.
+    static func statusValue(_ name: String) -> UInt64? {
+        guard let text = try? String(contentsOfFile: "/proc/self/status", encoding: .utf8) else { return nil }
+        for line in text.split(separator: "\n") where line.hasPrefix(name + ":") {
+            let fields = line.split(whereSeparator: { $0 == " " || $0 == "\t" })
+            if fields.count >= 2, let v = UInt64(fields[1]) { return v * 1024 }
+        }
+        return nil
+    }
+
+    static func withCStrings<R>(_ strings: [String], _ body: (UnsafePointer<UnsafePointer<CChar>?>) -> R) -> R {
+        let copies = strings.map { strdup($0) }
+        defer { for c in copies { free(c) } }
+        let pointers: [UnsafePointer<CChar>?] = copies.map { UnsafePointer($0) }
+        return pointers.withUnsafeBufferPointer { body($0.baseAddress!) }
+    }
+}
