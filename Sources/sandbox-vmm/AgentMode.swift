@@ -35,6 +35,8 @@ enum AgentMode {
         let disk = try RootDisk.open(imagePath: imagePath, overlayDirectory: config.overlayDirectory, sizeBytes: config.diskSizeBytes,
                                      layer: layer)
         defer { disk.close() }
+        // What a snapshot records of the base image, read while its path is reachable.
+        let baseIdentity = config.snapshotDirectory == nil ? nil : SnapshotFiles.identity(of: imagePath)
         let vsock = VsockDevice(guestCID: UInt64(GuestABI.guestCID))
         var mc = MachineConfiguration(kernelPath: config.kernelPath)
         mc.initrdPath = config.initrdPath
@@ -118,7 +120,7 @@ enum AgentMode {
             if ask == .snapshot {
                 var e = VMMEvent(kind: .snapshotted)
                 do {
-                    e.snapshotMillis = try takeSnapshot(config, machine: machine, connection: connection, disk: disk)
+                    e.snapshotMillis = try takeSnapshot(config, machine: machine, connection: connection, disk: disk, base: baseIdentity)
                 } catch {
                     e = VMMEvent(kind: .failed)
                     e.error = VMMMachine.error(error)
@@ -162,7 +164,8 @@ enum AgentMode {
     /// agent connection (the guest's agent goes back to accept()), pauses the VM, and
     /// writes the memory file, the disk's layer above its base, and the state file (last).
     /// Returns how long it took in milliseconds.
-    static func takeSnapshot(_ config: VMMConfig, machine: Machine, connection: VsockConnection, disk: BlockDevice) throws -> Double {
+    static func takeSnapshot(_ config: VMMConfig, machine: Machine, connection: VsockConnection, disk: BlockDevice,
+                             base: (bytes: UInt64, modified: String)?) throws -> Double {
         guard let dir = config.snapshotDirectory else {
             throw SandboxError.invalidInput("a snapshot was asked for, but the VMM was started without a snapshot directory")
         }
@@ -176,7 +179,7 @@ enum AgentMode {
         defer { memory.close() }
         let state = try machine.snapshot(memoryFD: memory.rawValue)
         guard let cow = disk.backend as? CopyOnWriteDisk else { throw SandboxError.internal("the root disk is not a copy-on-write disk") }
-        let diskRecord = try SnapshotFiles.writeDisk(cow, to: dir)
+        let diskRecord = try SnapshotFiles.writeDisk(cow, base: base, to: dir)
         try SnapshotFiles.writeState(state, disk: diskRecord, to: dir)
         return Double(monotonicNanos() - started) / 1e6
     }

@@ -80,8 +80,10 @@ enum SnapshotFiles {
 
     /// Writes the root disk's layer (every block above the base: the snapshot's writes and
     /// those of the layer it was itself restored over) and returns its record.
-    static func writeDisk(_ disk: CopyOnWriteDisk, to dir: String) throws -> Disk {
-        guard let base = identity(of: disk.baseImagePath) else {
+    /// `base` is the base image's identity, read when the disk was opened (inside the jail
+    /// its path does not exist).
+    static func writeDisk(_ disk: CopyOnWriteDisk, base: (bytes: UInt64, modified: String)?, to dir: String) throws -> Disk {
+        guard let base else {
             throw SandboxError(.host, "\(disk.baseImagePath): the root disk's base image is gone")
         }
         let layer: DiskLayer
