@@ -205,7 +205,7 @@ int cjail_apply_seccomp(const char *const *allowed, int count, const unsigned lo
         if (nr == __NR_SCMP_ERROR) { rc = fail(err, errlen, "unknown system call in the allow-list:", allowed[i], EINVAL); break; }
         RULE(SCMP_ACT_ALLOW, nr, 0);
     }
-    // ioctl: only the requests listed (KVM's, and the few the runtime makes on sockets).
+    // ioctl: only the requests listed (those of a running KVM VM).
     for (int i = 0; i < ioctlCount && rc == 0; i++) {
         RULE(SCMP_ACT_ALLOW, SCMP_SYS(ioctl), 1, SCMP_A1(SCMP_CMP_EQ, (scmp_datum_t)ioctls[i]));
     }

@@ -75,7 +75,9 @@ enum SnapshotCache {
     static func entryName(_ config: SandboxConfiguration, keyText: String) -> (label: String, name: String) {
         let imageName = (config.image as NSString).lastPathComponent.replacingOccurrences(of: ".ext4", with: "")
         let safe = String(imageName.map { $0.isLetter || $0.isNumber || $0 == "-" || $0 == "_" ? $0 : "_" }.prefix(40))
-        let label = "\(safe)-\(config.memoryMiB)m-\(config.cpus)c" + (config.diskSizeMiB.map { "-\($0)d" } ?? "")
+        // The host kind is in the label so that hosts sharing a cache (this one and the
+        // lab, over 9p) do not prune each other's entries.
+        let label = "\(safe)-\(config.memoryMiB)m-\(config.cpus)c" + (config.diskSizeMiB.map { "-\($0)d" } ?? "") + "-\(HostKind.detect().rawValue)"
         let hash = SHA256.hash(data: Data(keyText.utf8)).prefix(8).map { String(format: "%02x", $0) }.joined()
         return (label, label + "-" + hash)
     }
