@@ -1,4 +1,5 @@
 // swift-tools-version:6.1
+import Foundation
 import PackageDescription
 
 // Layers, lowest first; a target depends only on targets above it in this list
@@ -94,3 +95,21 @@ let package = Package(
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"], exclude: ["Corpus"]),
     ]
 )
+
+// Fuzz targets (Docs/Testing.md, Scripts/fuzz): libFuzzer executables, declared only when
+// SANDBOX_FUZZ is set, because they build only with -sanitize=fuzzer. SwiftPM links an
+// executable with main = <module>_main; each target's Main.swift defines it and hands
+// over to libFuzzer's driver (lld: gold cannot link the sanitizer runtimes here).
+if ProcessInfo.processInfo.environment["SANDBOX_FUZZ"] != nil {
+    let fuzzTargets: [(String, [Target.Dependency])] = [
+        ("fuzz-virtqueue", ["VirtIO", "GuestMemory"]),
+        ("fuzz-agent-frames", ["AgentProtocol"]),
+        ("fuzz-job-file", ["SandboxBatch"]),
+    ]
+    for (name, dependencies) in fuzzTargets {
+        package.targets.append(.executableTarget(
+            name: name, dependencies: dependencies, path: "Fuzz/\(name)",
+            swiftSettings: [.unsafeFlags(["-parse-as-library"])],
+            linkerSettings: [.unsafeFlags(["-use-ld=lld"])]))
+    }
+}
