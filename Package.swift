@@ -103,6 +103,7 @@ let package = Package(
 if ProcessInfo.processInfo.environment["SANDBOX_FUZZ"] != nil {
     let fuzzTargets: [(String, [Target.Dependency])] = [
         ("fuzz-virtqueue", ["VirtIO", "GuestMemory"]),
+        ("fuzz-devices", ["VirtIO", "GuestMemory", "Bus"]),
         ("fuzz-agent-frames", ["AgentProtocol"]),
         ("fuzz-job-file", ["SandboxBatch"]),
     ]
