@@ -107,9 +107,10 @@ if ProcessInfo.processInfo.environment["SANDBOX_FUZZ"] != nil {
         ("fuzz-agent-frames", ["AgentProtocol"]),
         ("fuzz-job-file", ["SandboxBatch"]),
     ]
+    package.targets.append(.target(name: "FuzzSupport", path: "Fuzz/FuzzSupport"))
     for (name, dependencies) in fuzzTargets {
         package.targets.append(.executableTarget(
-            name: name, dependencies: dependencies, path: "Fuzz/\(name)",
+            name: name, dependencies: dependencies + ["FuzzSupport"], path: "Fuzz/\(name)",
             swiftSettings: [.unsafeFlags(["-parse-as-library"])],
             linkerSettings: [.unsafeFlags(["-use-ld=lld"])]))
     }

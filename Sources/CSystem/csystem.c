@@ -22,18 +22,25 @@ void csystem_set_thread_name(const char *name) {
 }
 int csystem_set_parent_death_signal(int sig) { return prctl(PR_SET_PDEATHSIG, (unsigned long)sig, 0, 0, 0); }
 
+// Copies every source above every target (close-on-exec), so that no dup2 in the child
+// can overwrite a source another mapping still needs (sources and targets may overlap).
+// Returns 0 with `temps` and the highest target, or an errno value (nothing left open).
+static int copy_sources_above_targets(const int *sources, const int *targets, int count, int temps[16], int *highest) {
+    if (count < 0 || count > 16) return EINVAL;
+    *highest = -1;
+    for (int i = 0; i < count; i++) if (targets[i] > *highest) *highest = targets[i];
+    for (int i = 0; i < count; i++) {
+        temps[i] = fcntl(sources[i], F_DUPFD_CLOEXEC, *highest + 1 > 64 ? *highest + 1 : 64);
+        if (temps[i] < 0) { int rc = errno; for (int j = 0; j < i; j++) close(temps[j]); return rc; }
+    }
+    return 0;
+}
+
 int csystem_spawn(const char *path, char *const argv[], char *const envp[],
                   const int *sources, const int *targets, int count, int *pid) {
-    if (count < 0 || count > 16) return EINVAL;
-    // Copy every source above every target first, so that no dup2 below can overwrite
-    // a source another mapping still needs (sources and targets may overlap).
-    int temps[16];
-    int highest = -1, rc = 0;
-    for (int i = 0; i < count; i++) if (targets[i] > highest) highest = targets[i];
-    for (int i = 0; i < count; i++) {
-        temps[i] = fcntl(sources[i], F_DUPFD_CLOEXEC, highest + 1 > 64 ? highest + 1 : 64);
-        if (temps[i] < 0) { rc = errno; for (int j = 0; j < i; j++) close(temps[j]); return rc; }
-    }
+    int temps[16], highest;
+    int rc = copy_sources_above_targets(sources, targets, count, temps, &highest);
+    if (rc) return rc;
     posix_spawn_file_actions_t fa;
     posix_spawn_file_actions_init(&fa);
     for (int i = 0; i < count && rc == 0; i++) rc = posix_spawn_file_actions_adddup2(&fa, temps[i], targets[i]);
@@ -115,14 +122,9 @@ static int isolated_child_main(void *arg) {
 int csystem_spawn_isolated(const char *path, char *const argv[], char *const envp[],
                            const int *sources, const int *targets, int count,
                            int namespaces, int *pid) {
-    if (count < 0 || count > 16) return EINVAL;
-    int temps[16];
-    int highest = -1, rc = 0;
-    for (int i = 0; i < count; i++) if (targets[i] > highest) highest = targets[i];
-    for (int i = 0; i < count; i++) {
-        temps[i] = fcntl(sources[i], F_DUPFD_CLOEXEC, highest + 1 > 64 ? highest + 1 : 64);
-        if (temps[i] < 0) { rc = errno; for (int j = 0; j < i; j++) close(temps[j]); return rc; }
-    }
+    int temps[16], highest;
+    int rc = copy_sources_above_targets(sources, targets, count, temps, &highest);
+    if (rc) return rc;
     const size_t stackSize = 256 * 1024;
     void *stack = mmap(NULL, stackSize, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_STACK, -1, 0);
     if (stack == MAP_FAILED) { rc = errno; for (int i = 0; i < count; i++) close(temps[i]); return rc; }

@@ -76,6 +76,9 @@ struct Soak: AsyncParsableCommand {
         }
     }
 
+    /// One line on stdout, written at once (a round's line shows as it happens).
+    static func say(_ line: String) { FileHandle.standardOutput.write(Data((line + "\n").utf8)) }
+
     func run() async throws {
         var config = SandboxConfiguration()
         config.timeout = .seconds(60)
@@ -95,9 +98,10 @@ struct Soak: AsyncParsableCommand {
         SandboxRunner.drainWarm()
         try await Task.sleep(for: .seconds(2))
         let before = Counts.now()
-        print("soak: before: \(before)")
+        Self.say("soak: before: \(before)")
         var problems: [String] = []
         var checked = 0, wrongCount = 0
+        var roundCounts: [Counts] = []
         let t0 = monotonicNanos()
         var done = 0
         while done < runs {
@@ -141,14 +145,22 @@ struct Soak: AsyncParsableCommand {
             // Teardown of the last VMs runs on threads of their own: let it end.
             try await Task.sleep(for: .seconds(2))
             let c = Counts.now()
+            roundCounts.append(c)
             let seconds = Double(monotonicNanos() - t0) / 1e9
-            print(String(format: "soak: %d/%d runs, %.1f runs/s, %d wrong; %@", done, runs, Double(done) / seconds, wrongCount, c.description))
+            Self.say(String(format: "soak: %d/%d runs, %.1f runs/s, %d wrong; %@", done, runs, Double(done) / seconds, wrongCount, c.description))
         }
         let after = Counts.now()
-        print("soak: after:  \(after)")
+        Self.say("soak: after:  \(after)")
         let lost = runs - checked
-        let leaked = after != before
-        print("soak: \(runs) runs, \(lost) results lost, \(wrongCount) wrong, \(leaked ? "LEAKED (before \(before); after \(after))" : "nothing leaked")")
+        // A leak: more descriptors, processes, overlay files or mounts than before, or
+        // threads or mappings that grow from round to round (the allocator and the
+        // runtime settle their thread stacks and arenas by the end of the first round,
+        // so those two are compared with it; both may also shrink).
+        let firstRound = roundCounts.first ?? before
+        let leaked = after.fds > before.fds || after.children > before.children || after.vmms > before.vmms
+            || after.overlays > before.overlays || after.mounts > before.mounts
+            || after.threads > max(before.threads, firstRound.threads) || after.mappings > max(before.mappings, firstRound.mappings)
+        Self.say("soak: \(runs) runs, \(lost) results lost, \(wrongCount) wrong, \(leaked ? "LEAKED (before \(before); after \(after))" : "nothing leaked")")
         for p in problems { printError("soak: " + p) }
         if lost > 0 || wrongCount > 0 || leaked || !problems.isEmpty { throw ExitCode(1) }
     }
