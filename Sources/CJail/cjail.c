@@ -125,16 +125,20 @@ int cjail_enter_root(const char *root, const char *const *binds, const int *writ
 int cjail_drop_privileges(char *err, size_t errlen) {
     // No capability can come back: empty bounding and ambient sets, no root magic on
     // exec (there is none to come, but the bits are cheap), then the sets themselves.
-    for (int cap = 0; cap <= 63; cap++) {
+    // Without CAP_SETPCAP (a user the host gave no namespaces) the bounding set and the
+    // securebits cannot change: such a process has no capability to lose anyway, and
+    // no_new_privs keeps it so. Returns 1 then.
+    int bounded = cjail_has_effective_cap(CAP_SETPCAP) == 1;
+    for (int cap = 0; bounded && cap <= 63; cap++) {
         if (prctl(PR_CAPBSET_DROP, cap, 0, 0, 0) < 0 && errno != EINVAL) return fail(err, errlen, "PR_CAPBSET_DROP", NULL, errno);
     }
     if (prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) < 0 && errno != EINVAL) return fail(err, errlen, "PR_CAP_AMBIENT_CLEAR_ALL", NULL, errno);
-    if (prctl(PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED
+    if (bounded && prctl(PR_SET_SECUREBITS, SECBIT_NOROOT | SECBIT_NOROOT_LOCKED | SECBIT_NO_SETUID_FIXUP | SECBIT_NO_SETUID_FIXUP_LOCKED
               | SECBIT_KEEP_CAPS_LOCKED, 0, 0, 0) < 0) return fail(err, errlen, "PR_SET_SECUREBITS", NULL, errno);
     int rc = cjail_drop_all_caps();
     if (rc < 0) return fail(err, errlen, "cap_set_proc (drop all)", NULL, -rc);
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0) return fail(err, errlen, "PR_SET_NO_NEW_PRIVS", NULL, errno);
-    return 0;
+    return bounded ? 0 : 1;
 }
 
 // Syscall names for the SIGSYS report, resolved before the filter is loaded (the

@@ -127,10 +127,16 @@ enum Jail {
         report.applied.append("rlimits: " + limits.map(\.0).joined(separator: ", ") + "; no new processes (seccomp)")
 
         var err = [CChar](repeating: 0, count: 512)
-        guard cjail_drop_privileges(&err, err.count) == 0 else {
+        let dropped = cjail_drop_privileges(&err, err.count)
+        guard dropped >= 0 else {
             throw SandboxError(.jail, "the jail could not drop privileges: \(String(cString: err))")
         }
-        report.applied.append("capabilities: none (bounding and ambient sets empty, securebits locked); no_new_privs")
+        if dropped == 0 {
+            report.applied.append("capabilities: none (bounding and ambient sets empty, securebits locked); no_new_privs")
+        } else {
+            report.applied.append("capabilities: none; no_new_privs")
+            report.missing.append("bounding set and securebits: unchanged (no CAP_SETPCAP without a user namespace; no_new_privs keeps capabilities from coming back)")
+        }
         report.missing.append("cgroup limits: not applied by this version (the guest's memory and vCPUs are bounded by the VM itself)")
 
         let ioctls = KVMRuntimeIoctls.requests

@@ -21,7 +21,9 @@ int cjail_drop_all_caps(void);
 int cjail_enter_root(const char *root, const char *const *binds, const int *writable, int count,
                      char *err, size_t errlen);
 /// Empties the bounding, ambient, effective, permitted and inheritable capability sets,
-/// locks the securebits, and sets PR_SET_NO_NEW_PRIVS. 0 or -errno (with `err`).
+/// locks the securebits, and sets PR_SET_NO_NEW_PRIVS. 0, 1 when the bounding set and
+/// securebits could not be changed (no CAP_SETPCAP: nothing to drop there), or -errno
+/// (with `err`).
 int cjail_drop_privileges(char *err, size_t errlen);
 /// Loads a seccomp filter on every thread of the process (TSYNC): the system calls named
 /// in `allowed`, ioctl only with the requests in `ioctls`, clone only for threads, clone3
