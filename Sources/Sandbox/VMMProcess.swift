@@ -107,6 +107,7 @@ final class VMMProcess: Sendable {
                 // CAP_SYS_ADMIN, user namespaces turned off): the VMM still drops what it
                 // can, and its jail report says what is missing.
                 config.namespaces = []
+                config.namespacesRefused = "\(e)"
                 pid = try start(config, [])
             }
         } catch {

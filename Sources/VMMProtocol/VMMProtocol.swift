@@ -51,6 +51,8 @@ public struct VMMConfig: Codable, Sendable {
     /// The new namespaces the library started the VMM in (names as in /proc/PID/ns), so
     /// that the VMM's jail report says which it got.
     public var namespaces: [String] = []
+    /// Why the host refused them, when it did (the VMM's jail report quotes it).
+    public var namespacesRefused: String?
 
     public init(mode: Mode, kernelPath: String, initrdPath: String? = nil, imagePath: String?, overlayDirectory: String,
                 memoryMiB: UInt64, cpus: Int, vmTimeoutSeconds: Double?, bootTimeoutSeconds: Double,
@@ -165,10 +167,4 @@ public struct JailReport: Codable, Sendable, Equatable {
     public var applied: [String] = []
     public var missing: [String] = []
     public init() {}
-
-    /// The namespaces the library asks for when it starts a jailed VMM: mount, pid, net,
-    /// ipc and uts; a user namespace too when not root (to own the others).
-    public static func namespaceNames(forRoot root: Bool) -> [String] {
-        root ? ["mnt", "pid", "net", "ipc", "uts"] : ["user", "mnt", "pid", "net", "ipc", "uts"]
-    }
 }

@@ -86,7 +86,7 @@ enum Jail {
 
         let namespaces = config.namespaces
         if namespaces.isEmpty {
-            report.missing.append("namespaces: the host refused new namespaces when the VMM was started (the library's report says why)")
+            report.missing.append("namespaces: the host refused new namespaces when the VMM was started: \(config.namespacesRefused ?? "no reason given")")
         } else {
             report.applied.append("namespaces: " + namespaces.joined(separator: " "))
         }
