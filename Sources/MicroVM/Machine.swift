@@ -178,13 +178,16 @@ public final class Machine: Sendable {
             throw MachineError.invalidConfiguration(error.description)
         }
 
+        // The CPUID leaves serve both the host's identity and every vCPU's CPUID.
+        let supported: [kvm_cpuid_entry2]
         do {
             system = try KVMSystem()
             let maxVCPUs = Int(max(system.check(.maxVCPUs), system.check(.nrVCPUs)))
             if maxVCPUs > 0 && config.cpus > maxVCPUs {
                 throw MachineError.invalidConfiguration("--cpus \(config.cpus) is more than this host's KVM allows (\(maxVCPUs))")
             }
-            host = try HostIdentity.current(system)
+            supported = try system.supportedCPUID()
+            host = try HostIdentity.current(system, cpuid: supported)
             if let r = restoring {
                 guard host == r.snapshot.host else {
                     throw MachineError.snapshot("taken on \(r.snapshot.host); this host is \(host)")
@@ -263,7 +266,6 @@ public final class Machine: Sendable {
             self.transports = transports
 
             // vCPUs.
-            let supported = try system.supportedCPUID()
             var vcpus: [VCPU] = []
             for id in 0..<config.cpus {
                 let vcpu = try vm.createVCPU(id: id)

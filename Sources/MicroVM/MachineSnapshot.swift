@@ -71,9 +71,10 @@ public struct HostIdentity: Codable, Sendable, Equatable, CustomStringConvertibl
         "\(kind), \(cpuVendor) CPU 0x\(String(cpuSignature, radix: 16)), XSAVE \(xsaveSize) bytes"
     }
 
-    /// This host, as seen through `system`.
-    public static func current(_ system: KVMSystem) throws -> HostIdentity {
-        let cpuid = try system.supportedCPUID()
+    /// This host, as seen through `system` and the CPUID leaves it supports (`cpuid`,
+    /// when the caller has them already).
+    public static func current(_ system: KVMSystem, cpuid known: [kvm_cpuid_entry2]? = nil) throws -> HostIdentity {
+        let cpuid = try known ?? system.supportedCPUID()
         var vendor = ""
         if let leaf0 = cpuid.first(where: { $0.function == 0 }) {
             for reg in [leaf0.ebx, leaf0.edx, leaf0.ecx] {

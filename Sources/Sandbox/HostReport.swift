@@ -17,8 +17,10 @@ public struct HostReport: Sendable {
         let host = HostKind.detect()
         r.lines.append("host kind:      \(host)")
         var probe: HostProbe?
+        var vmm: String?
         do {
             let exe = try VMMExecutable.locate(explicit: vmmExecutable)
+            vmm = exe
             r.lines.append("VMM:            \(exe)")
             probe = try Self.probe(exe)
         } catch {
@@ -35,12 +37,11 @@ public struct HostReport: Sendable {
                 r.lines.append("/dev/kvm:       \(probe.kvmUsable ? "ok (\(probe.kvmDetail))" : probe.kvmDetail)")
             }
         }
-        if let probe {
+        if let probe, let vmm {
             r.lines.append("block I/O:      \(probe.blockEngine) engine (\(probe.blockEngineReason))")
             r.lines.append("libseccomp:     \(probe.libseccomp ?? "unavailable")")
             do {
-                let exe = try VMMExecutable.locate(explicit: vmmExecutable)
-                let jail = try VMMProcess.checkJail(executable: exe)
+                let jail = try VMMProcess.checkJail(executable: vmm)
                 for line in jail.applied { r.lines.append("jail:           " + line) }
                 for line in jail.missing { r.lines.append("jail, missing:  " + line) }
             } catch {
