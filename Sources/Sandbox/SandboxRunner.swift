@@ -345,6 +345,10 @@ public enum SandboxRunner {
             }
         } catch {
             failure = .from(error, code: .agent, context: "talking to the guest agent failed")
+            // A guest that breaks the protocol is still running and will not stop by
+            // itself: stop it now. (A closed connection may be a guest on its way down;
+            // its own stop report, with the console tail, is worth the wait below.)
+            if case AgentClient.Error.protocolError? = error as? AgentClient.Error { vmm.requestStop() }
         }
         commandDeadlineFired = deadline?.fired ?? false
         deadline?.cancel()

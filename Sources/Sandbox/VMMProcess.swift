@@ -44,6 +44,8 @@ final class VMMProcess: Sendable {
     let agent: FileDescriptor
     /// Control channel: JSON-line events in, "stop" out.
     let control: FileDescriptor
+    /// Its cgroup under `$SANDBOX_CGROUP`, removed once it is reaped.
+    let cgroup: VMMCgroup?
 
     private struct State {
         var reaped = false
@@ -53,10 +55,11 @@ final class VMMProcess: Sendable {
     }
     private let state = Mutex(State())
 
-    private init(pid: pid_t, agent: FileDescriptor, control: FileDescriptor) {
+    private init(pid: pid_t, agent: FileDescriptor, control: FileDescriptor, cgroup: VMMCgroup?) {
         self.pid = pid
         self.agent = agent
         self.control = control
+        self.cgroup = cgroup
     }
 
     var lastStopped: VMMEvent? { state.withLock { $0.lastStopped } }
@@ -95,9 +98,13 @@ final class VMMProcess: Sendable {
                 (agentChild.rawValue, VMMFileDescriptors.agent), (controlChild.rawValue, VMMFileDescriptors.control),
             ], namespaces: namespaces)
         }
+        let cgroup = try VMMCgroup.parent.map { parent throws(SandboxError) in
+            try VMMCgroup.create(parent: parent, memoryMiB: config.memoryMiB, cpus: config.cpus)
+        }
         let pid: pid_t
         do {
             var config = config
+            config.cgroup = cgroup?.path
             let wanted = config.jail ? jailNamespaces : []
             config.namespaces = wanted.names
             do {
@@ -111,11 +118,12 @@ final class VMMProcess: Sendable {
                 pid = try start(config, [])
             }
         } catch {
+            cgroup?.remove()
             throw SandboxError(.vmm, "cannot start the VMM process \(exe)", underlying: error)
         }
         agentChild.close()
         controlChild.close()
-        return VMMProcess(pid: pid, agent: agentParent, control: controlParent)
+        return VMMProcess(pid: pid, agent: agentParent, control: controlParent, cgroup: cgroup)
     }
 
     /// The namespaces a jailed VMM starts in: mount, pid, net, ipc, uts, and a user
@@ -192,7 +200,12 @@ final class VMMProcess: Sendable {
     func outcomeForEarlyEnd(_ event: VMMEvent?) -> Outcome {
         var e = event
         if e?.kind != .stopped && e?.kind != .failed { e = waitStopped(timeoutMillis: 2000) ?? state.withLock { $0.lastFailure } }
-        guard let e else { return .infrastructureError(.vmm("the VMM process ended without reporting (it crashed or was killed)")) }
+        guard let e else {
+            if let cgroup, cgroup.oomKills > 0 {
+                return .infrastructureError(.vmm("the VMM was killed by the memory limit of its cgroup \(cgroup.path) (memory.max \(cgroup.memoryMax >> 20) MiB: the guest's RAM plus \(VMMCgroup.vmmAllowanceMiB) MiB)"))
+            }
+            return .infrastructureError(.vmm("the VMM process ended without reporting (it crashed or was killed)"))
+        }
         switch e.kind {
         case .failed: return .infrastructureError(e.error ?? .vmm("the VMM failed to set the VM up"))
         case .stopped:
@@ -248,6 +261,7 @@ final class VMMProcess: Sendable {
     func reap(patienceMillis: Int32 = 3000) -> Int32? {
         let already: Bool = state.withLock { s in defer { s.reaped = true }; return s.reaped }
         if already { return nil }
+        defer { cgroup?.remove() }
         agent.close()
         if let status = reapChild(pid, timeoutMillis: patienceMillis) {
             control.close()

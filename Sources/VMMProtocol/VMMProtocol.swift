@@ -53,6 +53,9 @@ public struct VMMConfig: Codable, Sendable {
     public var namespaces: [String] = []
     /// Why the host refused them, when it did (the VMM's jail report quotes it).
     public var namespacesRefused: String?
+    /// The cgroup v2 directory the library made for this VMM (limits already set); the
+    /// VMM moves itself into it before it builds the VM. Nil: no delegated cgroup.
+    public var cgroup: String?
 
     public init(mode: Mode, kernelPath: String, initrdPath: String? = nil, imagePath: String?, overlayDirectory: String,
                 memoryMiB: UInt64, cpus: Int, vmTimeoutSeconds: Double?, bootTimeoutSeconds: Double,

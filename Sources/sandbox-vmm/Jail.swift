@@ -59,6 +59,16 @@ enum Jail {
         return b
     }
 
+    /// Moves the VMM into the cgroup the library made for it (before any guest memory or
+    /// thread exists, so that all of them are counted).
+    static func joinCgroup(_ path: String) throws {
+        let fd = open(path + "/cgroup.procs", O_WRONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw SandboxError(.jail, "cannot open \(path)/cgroup.procs", underlying: SystemError("open", errno: errno)) }
+        defer { close(fd) }
+        let n = "0".withCString { Glibc.write(fd, $0, 1) }
+        guard n == 1 else { throw SandboxError(.jail, "cannot join the cgroup \(path)", underlying: SystemError("write(cgroup.procs)", errno: errno)) }
+    }
+
     /// No file the VMM writes is larger than the disk (its overlay, a kept disk, a
     /// snapshot's layer) or the guest's memory (a snapshot's memory file).
     static func fileSizeLimit(capacity: UInt64, memoryMiB: UInt64) -> UInt64 {
@@ -137,7 +147,14 @@ enum Jail {
             report.applied.append("capabilities: none; no_new_privs")
             report.missing.append("bounding set and securebits: unchanged (no CAP_SETPCAP without a user namespace; no_new_privs keeps capabilities from coming back)")
         }
-        report.missing.append("cgroup limits: not applied by this version (the guest's memory and vCPUs are bounded by the VM itself)")
+        if let cgroup = config.cgroup {
+            func value(_ file: String) -> String {
+                ((try? String(contentsOfFile: cgroup + "/" + file, encoding: .utf8)) ?? "?").trimmingCharacters(in: .whitespacesAndNewlines)
+            }
+            report.applied.append("cgroup v2 \(cgroup): memory.max \(value("memory.max")), memory.swap.max \(value("memory.swap.max")), pids.max \(value("pids.max")), cpu.max \(value("cpu.max"))")
+        } else {
+            report.missing.append("cgroup limits: no delegated cgroup v2 (set SANDBOX_CGROUP to an empty cgroup v2 directory with the memory, pids and cpu controllers; the guest's memory and vCPUs are still bounded by the VM itself)")
+        }
 
         let ioctls = KVMRuntimeIoctls.requests
         let rc = withCStrings(allowedSyscalls) { names in

@@ -34,6 +34,8 @@ func runVM() -> Int32 {
         return fail(SandboxError(.internal, "sandbox-vmm: \(VMMConfig.environmentKey) is not a valid configuration", underlying: ErrorText(error)))
     }
     do {
+        // Resource limits first: every page and thread of the VM is then counted.
+        if let cgroup = config.cgroup { try Jail.joinCgroup(cgroup) }
         switch config.mode {
         case .agent: try AgentMode.run(config, control: control, report: report)
         case .boot: try BootMode.run(config, report: report)

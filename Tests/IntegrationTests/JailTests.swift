@@ -9,9 +9,10 @@ struct JailTests {
 
     /// Starts `sandbox exec ARGS -- sh -c 'echo started; sleep 60'`, waits for the command
     /// to run, hands `body` the VMM's pid, then stops it all.
-    func whileRunning(_ args: [String] = [], _ body: (Int32) throws -> Void) throws {
+    func whileRunning(_ args: [String] = [], environment: [String: String] = [:], _ body: (Int32) throws -> Void) throws {
         let p = Process()
         p.executableURL = URL(fileURLWithPath: Fixture.sandboxBinary)
+        if !environment.isEmpty { p.environment = ProcessInfo.processInfo.environment.merging(environment) { _, new in new } }
         p.arguments = ["exec"] + timeoutArgs + args + ["--", "sh", "-c", "echo started; sleep 60"]
         let out = Pipe()
         p.standardOutput = out
@@ -118,5 +119,79 @@ struct JailTests {
         #expect(try FileManager.default.contentsOfDirectory(atPath: dir) == ["kept.ext4"])
         let back = try Fixture.run(Fixture.sandboxBinary, ["exec", "--cold", "--image", keep] + timeoutArgs + ["--", "cat", "/kept"])
         #expect(back.stdout == "kept\n", "\(back.stderr)")
+    }
+
+    /// A cgroup v2 hierarchy with the memory, pids and cpu controllers to delegate from:
+    /// one mounted already, or (as root: the lab, where nothing holds cgroup v1) one
+    /// mounted for these tests. Nil where cgroup v1 holds the controllers (the PVM host).
+    static let cgroupRoot: String? = {
+        func usable(_ dir: String) -> Bool {
+            let c = ((try? String(contentsOfFile: dir + "/cgroup.controllers", encoding: .utf8)) ?? "").split(whereSeparator: \.isWhitespace)
+            return ["memory", "pids", "cpu"].allSatisfy { c.contains(Substring($0)) }
+        }
+        let mounts = (try? String(contentsOfFile: "/proc/self/mountinfo", encoding: .utf8)) ?? ""
+        for line in mounts.split(separator: "\n") where line.contains(" - cgroup2 ") {
+            let fields = line.split(separator: " ")
+            if fields.count > 4, usable(String(fields[4])) { return String(fields[4]) }
+        }
+        guard geteuid() == 0 else { return nil }
+        let dir = NSTemporaryDirectory() + "sandbox-cgroup2-\(getpid())"
+        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        guard (try? Fixture.run("/bin/mount", ["-t", "cgroup2", "none", dir]))?.status == 0 else { return nil }
+        if usable(dir) { return dir }
+        _ = try? Fixture.run("/bin/umount", [dir])
+        try? FileManager.default.removeItem(atPath: dir)
+        return nil
+    }()
+
+    static func read(_ path: String) -> String {
+        ((try? String(contentsOfFile: path, encoding: .utf8)) ?? "<unreadable>").trimmingCharacters(in: .whitespacesAndNewlines)
+    }
+
+    @Test("with a delegated cgroup v2 (SANDBOX_CGROUP) each VMM runs in a cgroup of its own with memory, pids and cpu limits, removed after the run",
+          .enabled(if: JailTests.cgroupRoot != nil, "no cgroup v2 hierarchy with the memory, pids and cpu controllers on this host (cgroup v1 holds them); the lab lane runs this test"))
+    func cgroupLimits() throws {
+        let root = try #require(Self.cgroupRoot)
+        // Hand the controllers down to a parent that holds no process, as a delegation does.
+        try "+memory +pids +cpu".write(toFile: root + "/cgroup.subtree_control", atomically: false, encoding: .utf8)
+        let parent = root + "/sandbox-test-\(getpid())"
+        try? FileManager.default.createDirectory(atPath: parent, withIntermediateDirectories: false)
+        defer { rmdir(parent) }
+        func children() -> [String] {
+            ((try? FileManager.default.contentsOfDirectory(atPath: parent)) ?? []).filter { $0.hasPrefix("sandbox-vmm-") }
+        }
+        try whileRunning(["--memory", "256", "--cpus", "1"], environment: ["SANDBOX_CGROUP": parent]) { pid in
+            let mine = children()
+            try #require(mine.count == 1, "cgroups under \(parent): \(mine)")
+            let cg = parent + "/" + mine[0]
+            #expect(Self.read(cg + "/memory.max") == "\((256 + 256) << 20)")
+            if FileManager.default.fileExists(atPath: cg + "/memory.swap.max") { #expect(Self.read(cg + "/memory.swap.max") == "0") }
+            #expect(Self.read(cg + "/pids.max") == "66")
+            #expect(Self.read(cg + "/cpu.max") == "200000 100000")
+            #expect(Self.read(cg + "/cgroup.procs").split(separator: "\n").contains(Substring("\(pid)")), "cgroup.procs: \(Self.read(cg + "/cgroup.procs"))")
+            #expect(Self.read("/proc/\(pid)/cgroup").contains(mine[0]), "\(Self.read("/proc/\(pid)/cgroup"))")
+        }
+        // The run was ended from outside (SIGTERM to the CLI): the next run sweeps what
+        // that left; a run that ends by itself removes its own.
+        let r = try Fixture.run(Fixture.sandboxBinary, ["exec"] + timeoutArgs + ["--", "echo", "limited"], environment: ["SANDBOX_CGROUP": parent])
+        #expect(r.status == 0 && r.stdout == "limited\n", "\(r.stderr)")
+        var left = children()
+        for _ in 0 ..< 100 where !left.isEmpty {
+            usleep(100_000)
+            left = children()
+        }
+        #expect(left.isEmpty, "cgroups left under \(parent): \(left)")
+        let doctor = try Fixture.run(Fixture.sandboxBinary, ["doctor"], environment: ["SANDBOX_CGROUP": parent])
+        #expect(doctor.stdout.contains("cgroup v2 \(parent)/sandbox-vmm-"), "\(doctor.stdout)")
+    }
+
+    @Test("a SANDBOX_CGROUP that is no usable cgroup v2 directory stops the run with a sentence saying why")
+    func unusableCgroupIsRefused() throws {
+        let dir = NSTemporaryDirectory() + "sandbox-not-a-cgroup-\(getpid())"
+        try? FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let r = try Fixture.run(Fixture.sandboxBinary, ["exec"] + timeoutArgs + ["--", "true"], environment: ["SANDBOX_CGROUP": dir])
+        #expect(r.status == 125, "\(r.stderr)")
+        #expect(r.stderr.contains("SANDBOX_CGROUP=\(dir): is not a cgroup v2 directory"), "\(r.stderr)")
     }
 }

@@ -199,7 +199,10 @@ final class VsockGuest: @unchecked Sendable {
 
     /// Sends raw buffers as one tx chain and notifies (processed synchronously).
     func sendRaw(_ buffers: [(bytes: [UInt8], writable: Bool)]) throws {
-        var addr = Self.txBase
+        // Small chains get a slot each (by head), so that chains the device has not
+        // taken yet (a paused tx queue) keep their bytes; big ones share the area's start.
+        let total = buffers.reduce(0) { $0 + (($1.bytes.count + 15) & ~15) }
+        var addr = total <= 256 ? Self.txBase + (2 << 20) + UInt64(txHead % 256) * 256 : Self.txBase
         for (i, b) in buffers.enumerated() {
             let index = (txHead &+ UInt16(i)) % tx.size
             let last = i == buffers.count - 1

@@ -58,6 +58,10 @@ public final class VsockDevice: VirtioDevice, @unchecked Sendable {
     private var nextPort: UInt32
     private var stats = VsockStatistics()
     private var transportResetPending = false
+    /// The tx queue waits for rx buffers: `maxPendingResets` RST replies are queued, so
+    /// the device takes no more guest packets until the guest posts rx buffers (its
+    /// flood stalls itself; no answer is dropped and the queue stays bounded).
+    private var txPaused = false
     /// How many event buffers the guest had posted right after a TRANSPORT_RESET took
     /// one: its driver posts the buffer again once it has handled the reset.
     private var eventBuffersAfterReset: UInt16?
@@ -236,7 +240,12 @@ public final class VsockDevice: VirtioDevice, @unchecked Sendable {
         var accepted: [(AcceptHandler, VsockConnection)] = []
         lock.withLock {
             switch index {
-            case Self.rxQueue: deliverLocked()
+            case Self.rxQueue:
+                deliverLocked()
+                if txPaused {
+                    txPaused = false
+                    processTxLocked(&accepted)
+                }
             case Self.txQueue: processTxLocked(&accepted)
             case Self.eventQueue: deliverEventLocked()
             default: break
@@ -254,6 +263,7 @@ public final class VsockDevice: VirtioDevice, @unchecked Sendable {
             event = nil
             interrupt = nil
             transportResetPending = false
+            txPaused = false
             failed = false
             lastErrorValue = nil
         }
@@ -568,7 +578,13 @@ public final class VsockDevice: VirtioDevice, @unchecked Sendable {
         do {
             repeat {
                 var used = 0
-                while !failed, let chain = try q.popAvailable(memory: memory) {
+                var paused = false
+                while !failed {
+                    if pendingResets.count >= configuration.maxPendingResets {
+                        deliverLocked()  // into the rx buffers the guest has posted
+                        if pendingResets.count >= configuration.maxPendingResets { paused = true; break }
+                    }
+                    guard !failed, let chain = try q.popAvailable(memory: memory) else { break }
                     // Replies (RST, RESPONSE, credit) are delivered on the rx queue as
                     // they are queued; a driver error there sets `failed`.
                     try handleTxChainLocked(chain, memory, &accepted)
@@ -578,6 +594,12 @@ public final class VsockDevice: VirtioDevice, @unchecked Sendable {
                 if failed { return }
                 if used > 0, try q.needsInterrupt(memory: memory) {
                     interrupt.signalUsedBuffer()
+                }
+                if paused {
+                    // Resumed by the guest's next rx notify (queueNotify).
+                    txPaused = true
+                    tx = q
+                    return
                 }
             } while try q.enableNotification(memory: memory)
             tx = q

@@ -63,7 +63,8 @@ public struct VsockConfiguration: Sendable, Equatable {
     /// Local ports for host-initiated connections.
     public var ephemeralPorts: ClosedRange<UInt32> = 49152 ... 65535
     /// Most RST replies to packets for unknown connections that may wait for rx
-    /// buffers; more are dropped (the guest floods us, the guest loses answers).
+    /// buffers; at the limit the device takes no more tx packets until the guest posts
+    /// rx buffers (a flooding guest stalls itself; no answer is lost).
     public var maxPendingResets: Int = 256
 
     public init() {}
@@ -121,7 +122,8 @@ public struct VsockStatistics: Sendable, Equatable {
     public var rejectedPackets = 0
     /// RST packets queued for the guest.
     public var resetsSent = 0
-    /// RST replies dropped because too many were pending.
+    /// RST replies dropped because too many were pending (none since tx waits for rx
+    /// buffers instead; kept so that a regression shows).
     public var resetsDropped = 0
 }
 
