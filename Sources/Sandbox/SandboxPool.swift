@@ -81,6 +81,26 @@ public final class SandboxPool: Sendable {
         return try await body()
     }
 
+    /// A slot held until `release()` (or until the reservation is released from memory):
+    /// for a sandbox that lives across many calls (`RunningSandbox`).
+    public final class Reservation: Sendable {
+        private let pool: SandboxPool
+        private let released = Atomic<Bool>(false)
+        init(pool: SandboxPool) { self.pool = pool }
+        /// Gives the slot back (once).
+        public func release() {
+            if !released.exchange(true, ordering: .acquiringAndReleasing) { pool.release() }
+        }
+        deinit { release() }
+    }
+
+    /// Takes a slot (waiting in FIFO order) and holds it until the reservation is released.
+    /// - Throws: `CancellationError` if the calling task is cancelled while it waits.
+    public func reserve() async throws -> Reservation {
+        try await acquire()
+        return Reservation(pool: self)
+    }
+
     /// Takes a slot, waiting in FIFO order.
     private func acquire() async throws {
         let ticket = state.withLock { s -> UInt64 in

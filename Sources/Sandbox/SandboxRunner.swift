@@ -253,6 +253,7 @@ public enum SandboxRunner {
         var deadline: Watchdog?
         var commandDeadlineFired = false
         defer { setupDeadline?.cancel(); deadline?.cancel() }
+        var keeper = OutputKeeper(limit: config.outputLimit, keep: config.keepOutput)
         do {
             var pong: Pong?
             if warm == nil {
@@ -299,23 +300,11 @@ public enum SandboxRunner {
             let exec = Exec(arguments: command, environment: environment(config), workingDirectory: config.workingDirectory,
                             timeoutMillis: commandTimeout.map { UInt64($0 * 1000) } ?? 0,
                             stdoutCap: config.outputLimit, stderrCap: config.outputLimit)
-            var kept: (UInt64, UInt64) = (0, 0)
             if let commandTimeout { deadline = try? Watchdog(after: commandTimeout + hostGrace) { [vmm] in vmm.kill() } }
             status = try client.exec(exec, stdin: stdin, stdinFD: stdinFD) { stream, bytes in
-                switch stream {
-                case .stdout:
-                    onOutput(.stdout(bytes))
-                    if config.keepOutput && (config.outputLimit == 0 || kept.0 < config.outputLimit) {
-                        result.stdout += config.outputLimit == 0 ? bytes[...] : bytes.prefix(Int(config.outputLimit - kept.0))
-                        kept.0 += UInt64(bytes.count)
-                    }
-                case .stderr:
-                    onOutput(.stderr(bytes))
-                    if config.keepOutput && (config.outputLimit == 0 || kept.1 < config.outputLimit) {
-                        result.stderr += config.outputLimit == 0 ? bytes[...] : bytes.prefix(Int(config.outputLimit - kept.1))
-                        kept.1 += UInt64(bytes.count)
-                    }
-                }
+                let event: OutputEvent = stream == .stdout ? .stdout(bytes) : .stderr(bytes)
+                onOutput(event)
+                keeper.add(event)
             }
             deadline?.cancel()
             deadline = nil
@@ -350,6 +339,7 @@ public enum SandboxRunner {
             // its own stop report, with the console tail, is worth the wait below.)
             if case AgentClient.Error.protocolError? = error as? AgentClient.Error { vmm.requestStop() }
         }
+        (result.stdout, result.stderr) = (keeper.stdout, keeper.stderr)
         commandDeadlineFired = deadline?.fired ?? false
         deadline?.cancel()
         if setupDeadline?.fired == true, status == nil {
@@ -387,20 +377,7 @@ public enum SandboxRunner {
         } else if cancel?.isCancelled == true {
             result.outcome = .infrastructureError(.cancelled)
         } else if let status {
-            switch status {
-            case .exited(let c): result.outcome = .exited(c)
-            case .signalled(let s):
-                result.outcome = (s == SIGKILL && result.consoleTail.contains("Out of memory")) ? .outOfMemory : .signalled(s)
-            case .timedOut: result.outcome = .timedOut
-            case .failedToStart(_, let message) where !message.hasPrefix("execve "):
-                // Not the command's fault (its working directory, its user): say which.
-                result.outcome = .infrastructureError(.invalidInput("the command could not be started: \(message)"))
-            case .failedToStart(let e, let message):
-                result.outcome = .exited(e == ENOENT ? 127 : 126)
-                let line = "sandbox: \(command[0]): \(e == ENOENT ? "command not found" : message)\n"
-                result.stderr += Array(line.utf8)
-                onOutput(.stderr(Array(line.utf8)))
-            }
+            apply(status, to: &result, onOutput: onOutput)
         } else if let stopped, stopped.stop == .crash {
             result.outcome = .guestCrashed(consoleTail: stopped.consoleTail ?? "")
         } else if let stopped, stopped.stop == .timeout {
@@ -447,6 +424,27 @@ struct ErrorDescription: Error, Sendable, CustomStringConvertible {
 }
 
 extension SandboxRunner {
+    /// The outcome of a command the agent reported on (`status`), into `result`: a
+    /// command that could not start is 127/126 with a line on stderr (as a shell says it),
+    /// or the caller's error when it is not the command's fault; SIGKILL by the guest's
+    /// OOM killer (seen in the console) is `outOfMemory`.
+    static func apply(_ status: CommandStatus, to result: inout ExecResult, onOutput: (OutputEvent) -> Void) {
+        switch status {
+        case .exited(let c): result.outcome = .exited(c)
+        case .signalled(let s):
+            result.outcome = (s == SIGKILL && result.consoleTail.contains("Out of memory")) ? .outOfMemory : .signalled(s)
+        case .timedOut: result.outcome = .timedOut
+        case .failedToStart(_, let message) where !message.hasPrefix("execve "):
+            // Not the command's fault (its working directory, its user): say which.
+            result.outcome = .infrastructureError(.invalidInput("the command could not be started: \(message)"))
+        case .failedToStart(let e, let message):
+            result.outcome = .exited(e == ENOENT ? 127 : 126)
+            let line = "sandbox: \(result.command[0]): \(e == ENOENT ? "command not found" : message)\n"
+            result.stderr += Array(line.utf8)
+            onOutput(.stderr(Array(line.utf8)))
+        }
+    }
+
     /// "exited with status N" / "was killed by signal N" for a `waitpid` status.
     static func describeExit(_ status: Int32) -> String {
         let signal = status & 0x7f

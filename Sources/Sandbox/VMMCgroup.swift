@@ -78,6 +78,29 @@ struct VMMCgroup: Sendable {
         return group
     }
 
+    /// The cgroups of this process's VMMs that are not removed yet, by VMM pid: a run
+    /// whose VM is torn down off the caller's path may still have one when the process
+    /// exits (the CLI exits as soon as a result is in), so an exit handler finishes them.
+    private static let live = Mutex<[Int32: String]>([:])
+    private static let exitHandler: Void = { atexit(vmmCgroupsAtExit) }()
+
+    /// Remembers that `pid` runs in this cgroup, until `remove()`.
+    func register(pid: Int32) {
+        _ = Self.exitHandler
+        Self.live.withLock { $0[pid] = path }
+    }
+
+    /// At exit: kills and reaps the VMMs still registered and removes their cgroups.
+    static func finishAtExit() {
+        let left = live.withLock { l in defer { l = [:] }; return l }
+        for (pid, path) in left {
+            _ = kill(pid, SIGKILL)
+            var status: Int32 = 0
+            _ = waitpid(pid, &status, 0)
+            for _ in 0..<100 where rmdir(path) != 0 && errno == EBUSY { usleep(1000) }
+        }
+    }
+
     /// Removes cgroups left by processes that died before they could remove them (a
     /// caller killed with SIGKILL): `sandbox-vmm-PID-N` whose PID no longer exists.
     /// rmdir refuses one that still holds a process, so nothing running is touched.
@@ -101,6 +124,7 @@ struct VMMCgroup: Sendable {
     /// Removes the cgroup (its process must have been reaped; the kernel may take a moment
     /// to let go of it).
     func remove() {
+        Self.live.withLock { l in l = l.filter { $0.value != path } }
         for _ in 0..<100 {
             if rmdir(path) == 0 || errno == ENOENT { return }
             guard errno == EBUSY else { return }
@@ -121,3 +145,6 @@ struct VMMCgroup: Sendable {
         guard n == bytes.count else { throw SystemError("write(\(path), \(value))", errno: errno) }
     }
 }
+
+/// `atexit` handler (a C function pointer cannot capture; the registry is static).
+private func vmmCgroupsAtExit() { VMMCgroup.finishAtExit() }

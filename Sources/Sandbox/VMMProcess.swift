@@ -123,6 +123,7 @@ final class VMMProcess: Sendable {
         }
         agentChild.close()
         controlChild.close()
+        cgroup?.register(pid: pid)
         return VMMProcess(pid: pid, agent: agentParent, control: controlParent, cgroup: cgroup)
     }
 

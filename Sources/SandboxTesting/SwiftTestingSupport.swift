@@ -1,38 +1,59 @@
 import Sandbox
+import Synchronization
 import Testing
 
-// Helpers for Swift Testing suites. Every `run` boots a fresh VM through the shared
-// pool (`SandboxTesting.sharedPool`), so tests may run in parallel without
-// overcommitting the host.
+// Helpers for Swift Testing suites. Sandboxes start through the shared pool
+// (`SandboxTesting.sharedPool`), so tests may run in parallel without overcommitting the
+// host.
 
-/// A handle on "sandboxes configured like this" inside `withSandbox`. Each `run`
-/// starts a fresh, throwaway VM: nothing carries over from one run to the next (use
-/// `sh -c '...'` to run several steps in one VM).
+/// A handle on a sandbox in a test. Inside `withSandbox` it is one VM for the whole
+/// scope (started on the first call, stopped when the scope ends): what one `run` leaves
+/// in the guest, the next one sees. Made with `TestSandbox(configuration:)` directly,
+/// every `run` gets a fresh, throwaway VM instead.
 public struct TestSandbox: Sendable {
-    /// The configuration of every run.
+    /// The configuration of its VM (or of every run, without a scope).
     public var configuration: SandboxConfiguration
-    /// The pool runs wait in.
+    /// The pool its VM (or each run) waits in.
     public let pool: SandboxPool
+    /// The scope's VM (`withSandbox`); nil: a fresh VM per run.
+    let session: TestSession?
 
+    /// A handle whose every `run` starts a fresh VM.
     public init(configuration: SandboxConfiguration = SandboxTesting.currentConfiguration,
                 pool: SandboxPool = SandboxTesting.sharedPool) {
         self.configuration = configuration
         self.pool = pool
+        self.session = nil
     }
 
-    /// Runs `command` (argv) in a fresh sandbox.
+    init(scopeOf configuration: SandboxConfiguration, pool: SandboxPool) {
+        self.configuration = configuration
+        self.pool = pool
+        self.session = TestSession(configuration: configuration, pool: pool)
+    }
+
+    /// Runs `command` (argv).
     public func run(_ command: String..., stdin: [UInt8]? = nil) async -> ExecResult {
         await run(command, stdin: stdin)
     }
 
-    /// Runs `command` (argv) in a fresh sandbox.
+    /// Runs `command` (argv): in the scope's VM, or in a fresh one.
     public func run(_ command: [String], stdin: [UInt8]? = nil) async -> ExecResult {
-        await pool.run(command, configuration: configuration, stdin: stdin)
+        if let session { return await session.exec(command, stdin: stdin) }
+        return await pool.run(command, configuration: configuration, stdin: stdin)
     }
 
-    /// Runs `script` with `sh -c` in a fresh sandbox.
+    /// Runs `script` with `sh -c`.
     public func sh(_ script: String, stdin: [UInt8]? = nil) async -> ExecResult {
         await run(["sh", "-c", script], stdin: stdin)
+    }
+
+    /// The scope's running VM (started now if it has not been), for what `run` does not
+    /// cover: files (`writeFile`, `readFile`), per-command options (`exec(_:options:)`).
+    /// - Throws: why it could not start; `invalidInput` outside `withSandbox`.
+    public func running() async throws(SandboxError) -> RunningSandbox {
+        guard let session else { throw .invalidInput("TestSandbox.running() needs the one VM of a withSandbox scope") }
+        return try await session.sandbox().get()
     }
 
     /// Runs `command` and records an issue unless it exits with status 0.
@@ -54,15 +75,73 @@ public struct TestSandbox: Sendable {
     }
 }
 
-/// Runs `body` with a `TestSandbox`.
+/// The one VM of a `withSandbox` scope: started on first use, holding a pool slot while
+/// it runs.
+final class TestSession: Sendable {
+    let configuration: SandboxConfiguration
+    let pool: SandboxPool
+    private typealias Started = Result<(sandbox: RunningSandbox, slot: SandboxPool.Reservation), SandboxError>
+    private let starting = Mutex<Task<Started, Never>?>(nil)
+
+    init(configuration: SandboxConfiguration, pool: SandboxPool) {
+        self.configuration = configuration
+        self.pool = pool
+    }
+
+    func sandbox() async -> Result<RunningSandbox, SandboxError> {
+        let task = starting.withLock { t in
+            if let t { return t }
+            let (configuration, pool) = (self.configuration, self.pool)
+            let new = Task<Started, Never> {
+                let slot: SandboxPool.Reservation
+                do { slot = try await pool.reserve() } catch { return .failure(.cancelled) }
+                do throws(SandboxError) { return .success((try await Sandbox.start(configuration), slot)) } catch {
+                    slot.release()
+                    return .failure(error)
+                }
+            }
+            t = new
+            return new
+        }
+        return await task.value.map { $0.sandbox }
+    }
+
+    func exec(_ command: [String], stdin: [UInt8]?) async -> ExecResult {
+        switch await sandbox() {
+        case .success(let s): return await s.exec(command, stdin: stdin)
+        case .failure(let e):
+            return ExecResult(command: command, outcome: .infrastructureError(e))
+        }
+    }
+
+    /// Stops the VM if it was started, and gives its slot back.
+    func stop() async {
+        guard let task = starting.withLock({ $0 }) else { return }
+        if case .success(let started) = await task.value {
+            await started.sandbox.stop()
+            started.slot.release()
+        }
+    }
+}
+
+/// Runs `body` with a `TestSandbox` that is one VM for the whole scope: started on its
+/// first use, stopped when `body` returns or throws.
 /// - Parameters:
 ///   - configuration: nil = the `.sandbox(...)` trait's configuration, else the default.
-///   - pool: the pool runs wait in.
+///   - pool: the pool the VM waits in.
 @discardableResult
 public func withSandbox<R>(_ configuration: SandboxConfiguration? = nil, pool: SandboxPool = SandboxTesting.sharedPool,
                            isolation: isolated (any Actor)? = #isolation,
                            _ body: (TestSandbox) async throws -> R) async rethrows -> R {
-    try await body(TestSandbox(configuration: configuration ?? SandboxTesting.currentConfiguration, pool: pool))
+    let sandbox = TestSandbox(scopeOf: configuration ?? SandboxTesting.currentConfiguration, pool: pool)
+    do {
+        let r = try await body(sandbox)
+        await sandbox.session?.stop()
+        return r
+    } catch {
+        await sandbox.session?.stop()
+        throw error
+    }
 }
 
 /// Records an issue unless `result` exited with status `code`. The issue's comment
@@ -77,6 +156,23 @@ public func expectExit(_ result: ExecResult, _ code: Int32, sourceLocation: Sour
 @discardableResult
 public func expectSuccess(_ result: ExecResult, sourceLocation: SourceLocation = #_sourceLocation) -> Bool {
     recordUnlessExit(result, 0, sourceLocation: sourceLocation)
+}
+
+/// Records an issue unless the command's standard output is exactly `stdout`; the issue
+/// keeps the sandbox's context (command, outcome, both outputs, the console after a crash).
+@discardableResult
+public func expectOutput(_ result: ExecResult, stdout: String, sourceLocation: SourceLocation = #_sourceLocation) -> Bool {
+    if result.stdoutText == stdout { return true }
+    Issue.record(Comment(rawValue: SandboxFailureMessage.outputMismatch(result, stream: "stdout", expected: stdout)), sourceLocation: sourceLocation)
+    return false
+}
+
+/// Records an issue unless the command's standard error is exactly `stderr`.
+@discardableResult
+public func expectOutput(_ result: ExecResult, stderr: String, sourceLocation: SourceLocation = #_sourceLocation) -> Bool {
+    if result.stderrText == stderr { return true }
+    Issue.record(Comment(rawValue: SandboxFailureMessage.outputMismatch(result, stream: "stderr", expected: stderr)), sourceLocation: sourceLocation)
+    return false
 }
 
 /// Records an issue unless `result` ended with `outcome` (e.g. `.timedOut`).
@@ -109,36 +205,65 @@ func sameKind(_ a: Outcome, _ b: Outcome) -> Bool {
 // MARK: Trait
 
 /// Gives the tests it is applied to a sandbox configuration: `withSandbox`,
-/// `TestSandbox()` and `SandboxTesting.currentConfiguration` use it.
+/// `TestSandbox()` and `SandboxTesting.currentConfiguration` use it. The field-wise form
+/// changes only the fields it names, on top of what an enclosing trait set, so a test's
+/// `.sandbox(timeout:)` keeps its suite's image and memory:
 ///
-///     @Test(.sandbox(image: "debian", memoryMiB: 512)) func builds() async { ... }
-///     @Suite(.sandbox(timeout: .seconds(30))) struct Fast { ... }
+///     @Suite(.sandbox(image: "debian", memoryMiB: 512)) struct Builds {
+///         @Test(.sandbox(timeout: .seconds(30))) func quick() async { ... }  // debian, 512 MiB, 30 s
+///     }
+///
+/// `.sandbox(someConfiguration)` replaces the whole configuration.
 public struct SandboxTrait: TestTrait, SuiteTrait, TestScoping {
+    /// The configuration this trait gives when no enclosing trait set one.
     public var configuration: SandboxConfiguration
     public var isRecursive: Bool { true }
+    private let change: @Sendable (inout SandboxConfiguration) -> Void
 
-    public init(configuration: SandboxConfiguration) { self.configuration = configuration }
+    /// A trait that replaces the whole configuration with `configuration`.
+    public init(configuration: SandboxConfiguration) {
+        self.configuration = configuration
+        self.change = { $0 = configuration }
+    }
+
+    /// A trait that applies `change` to the enclosing configuration.
+    public init(changing change: @escaping @Sendable (inout SandboxConfiguration) -> Void) {
+        var c = SandboxConfiguration()
+        change(&c)
+        self.configuration = c
+        self.change = change
+    }
+
+    /// The configuration inside this trait's scope, given the enclosing one.
+    public func applied(to enclosing: SandboxConfiguration) -> SandboxConfiguration {
+        var c = enclosing
+        change(&c)
+        return c
+    }
 
     public func provideScope(for test: Test, testCase: Test.Case?,
                              performing function: @Sendable () async throws -> Void) async throws {
-        try await SandboxTesting.$scopedConfiguration.withValue(configuration) { try await function() }
+        try await SandboxTesting.$scopedConfiguration.withValue(applied(to: SandboxTesting.currentConfiguration)) { try await function() }
     }
 }
 
 extension Trait where Self == SandboxTrait {
-    /// A configuration for the tests: `SandboxConfiguration()` with the given changes.
+    /// Changes the given fields of the enclosing configuration (the suite's, else
+    /// `SandboxConfiguration()`); `environment` is merged into it, `copyIn` appended.
     public static func sandbox(image: String? = nil, memoryMiB: UInt64? = nil, cpus: Int? = nil,
-                               timeout: Duration? = nil, environment: [String: String] = [:]) -> SandboxTrait {
-        var c = SandboxConfiguration()
-        if let image { c.image = image }
-        if let memoryMiB { c.memoryMiB = memoryMiB }
-        if let cpus { c.cpus = cpus }
-        if let timeout { c.timeout = timeout }
-        c.environment.merge(environment) { _, new in new }
-        return SandboxTrait(configuration: c)
+                               timeout: Duration? = nil, environment: [String: String] = [:],
+                               copyIn: [FileCopy] = []) -> SandboxTrait {
+        SandboxTrait { c in
+            if let image { c.image = image }
+            if let memoryMiB { c.memoryMiB = memoryMiB }
+            if let cpus { c.cpus = cpus }
+            if let timeout { c.timeout = timeout }
+            c.environment.merge(environment) { _, new in new }
+            c.copyIn += copyIn
+        }
     }
 
-    /// A configuration for the tests.
+    /// Replaces the whole configuration for the tests.
     public static func sandbox(_ configuration: SandboxConfiguration) -> SandboxTrait {
         SandboxTrait(configuration: configuration)
     }

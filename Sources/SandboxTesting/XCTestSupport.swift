@@ -37,6 +37,14 @@ extension XCTestCase {
         XCTFail(prefixed(message(), SandboxFailureMessage.make(result, expected: outcome.description)), file: file, line: line)
     }
 
+    /// Fails the test unless the command's standard output is exactly `stdout`; the
+    /// message keeps the sandbox's context (command, outcome, both outputs).
+    public func XCTAssertSandboxOutput(_ result: ExecResult, stdout: String, _ message: @autoclosure () -> String = "",
+                                       file: StaticString = #filePath, line: UInt = #line) {
+        guard result.stdoutText != stdout else { return }
+        XCTFail(prefixed(message(), SandboxFailureMessage.outputMismatch(result, stream: "stdout", expected: stdout)), file: file, line: line)
+    }
+
     private func prefixed(_ message: String, _ text: String) -> String {
         message.isEmpty ? text : message + " - " + text
     }

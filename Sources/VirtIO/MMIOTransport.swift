@@ -104,6 +104,9 @@ public final class MMIOTransport: MMIODevice, Sendable {
     private enum Lifecycle: Sendable {
         case reset
         case activate(queues: [VirtQueue], features: UInt64)
+        /// DRIVER_OK with a queue the device cannot use: DEVICE_NEEDS_RESET, set in order
+        /// with the other work (a reset still queued would otherwise clear it).
+        case refuse
     }
     private struct Pending {
         var work: [Lifecycle] = []
@@ -196,6 +199,8 @@ public final class MMIOTransport: MMIODevice, Sendable {
                     } catch {
                         interrupt.signalNeedsReset()
                     }
+                case .refuse:
+                    interrupt.signalNeedsReset()
                 }
                 pending.withLock { $0.done += 1 }
             }
@@ -436,7 +441,9 @@ public final class MMIOTransport: MMIODevice, Sendable {
             q.indirectDescriptors = r.driverFeatures & VIRTIO_F_INDIRECT_DESC != 0
             // A queue the driver did not enable stays unused; an enabled one must be valid.
             if q.ready, (try? q.validate(memory: memory)) == nil {
-                interrupt.signalNeedsReset()
+                // Through the worker, after any reset still queued (found by the
+                // hostile-guest suite: a reset's late interrupt.reset() wiped this).
+                submit(.refuse)
                 return
             }
             active.append(q)

@@ -124,7 +124,12 @@ final class Agent {
         }
         let create = chunk.offset == 0
         let flags = O_WRONLY | O_CLOEXEC | (create ? O_CREAT | O_TRUNC : 0)
-        let fd = open(chunk.path, flags, mode_t(chunk.mode & 0o7777))
+        var fd = open(chunk.path, flags, mode_t(chunk.mode & 0o7777))
+        if fd < 0 && errno == ENOENT && create {
+            // Missing parents are made (0755), as `install -D` does.
+            makeParents(of: chunk.path)
+            fd = open(chunk.path, flags, mode_t(chunk.mode & 0o7777))
+        }
         guard fd >= 0 else { return try fail("open", errno) }
         defer { close(fd) }
         if create && fchmod(fd, mode_t(chunk.mode & 0o7777)) < 0 { return try fail("fchmod", errno) }
@@ -144,6 +149,16 @@ final class Agent {
             var st = stat()
             guard fstat(fd, &st) == 0 else { return try fail("fstat", errno) }
             try send(.fileEnd(size: UInt64(st.st_size)), id)
+        }
+    }
+
+    /// `mkdir -p` of `path`'s directory; what cannot be made shows in the open that follows.
+    private func makeParents(of path: String) {
+        var prefix = ""
+        let parts = path.split(separator: "/", omittingEmptySubsequences: true).dropLast()
+        for part in parts {
+            prefix += "/" + part
+            _ = mkdir(prefix, 0o755)
         }
     }
 

@@ -304,9 +304,16 @@ func fnv1a(_ bytes: [UInt8]) -> UInt64 {
         try client.send(.readFile(path: "/no/such/file"), id: 9)
         guard case .fileError(let e) = try client.next().message else { Issue.record("expected FileError"); return }
         #expect(e.errno == ENOENT)
-        try client.send(.writeFile(WriteFile(path: "/no/such/dir/x", data: [1])), id: 10)
+        // A parent that is a file cannot be made a directory.
+        try client.send(.writeFile(WriteFile(path: "/etc/passwd/x", data: [1])), id: 10)
         guard case .fileError(let e2) = try client.next().message else { Issue.record("expected FileError"); return }
-        #expect(e2.errno == ENOENT)
+        #expect(e2.errno == ENOTDIR)
+        // Missing parents are made.
+        let deep = NSTemporaryDirectory() + "sandbox-agent-parents-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: deep) }
+        try client.send(.writeFile(WriteFile(path: deep + "/a/b/c.txt", data: [7])), id: 11)
+        #expect(try client.next().message == .fileEnd(size: 1))
+        #expect(FileManager.default.contents(atPath: deep + "/a/b/c.txt") == Data([7]))
     }
 
     @Test func pingAndProtocolRules() throws {

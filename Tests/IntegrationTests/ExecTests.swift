@@ -254,6 +254,15 @@ struct ExecTests {
         #expect(r.stdoutData == Data(bytes))
     }
 
+    @Test("--copy-in makes the missing parent directories of its destination")
+    func copyInMakesParents() throws {
+        let path = NSTemporaryDirectory() + "sandbox-parents-\(getpid())"
+        try "deep\n".write(toFile: path, atomically: true, encoding: .utf8)
+        defer { try? FileManager.default.removeItem(atPath: path) }
+        let r = try exec(timeoutArgs + ["--copy-in", "\(path):/data/a/b/x.txt", "--", "sh", "-c", "cat /data/a/b/x.txt; stat -c %a /data/a"])
+        #expect(r.status == 0 && r.stdout == "deep\n755\n", "\(r.stdout) \(r.stderr)")
+    }
+
     @Test("--copy-in and --copy-out move files byte-exact")
     func copyInOut() throws {
         var bytes = [UInt8](repeating: 0, count: 700_001)

@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import Sandbox
 
 /// The VMM's jail (Docs/Jail.md), seen from outside: what /proc says of a running VMM,
 /// and what happens when it makes a call its filter does not allow.
@@ -172,7 +173,8 @@ struct JailTests {
             #expect(Self.read("/proc/\(pid)/cgroup").contains(mine[0]), "\(Self.read("/proc/\(pid)/cgroup"))")
         }
         // The run was ended from outside (SIGTERM to the CLI): the next run sweeps what
-        // that left; a run that ends by itself removes its own.
+        // that left; a run that ends by itself removes its own (at the latest when its
+        // process exits: the CLI returns before its VM is torn down).
         let r = try Fixture.run(Fixture.sandboxBinary, ["exec"] + timeoutArgs + ["--", "echo", "limited"], environment: ["SANDBOX_CGROUP": parent])
         #expect(r.status == 0 && r.stdout == "limited\n", "\(r.stderr)")
         var left = children()
@@ -193,5 +195,50 @@ struct JailTests {
         let r = try Fixture.run(Fixture.sandboxBinary, ["exec"] + timeoutArgs + ["--", "true"], environment: ["SANDBOX_CGROUP": dir])
         #expect(r.status == 125, "\(r.stderr)")
         #expect(r.stderr.contains("SANDBOX_CGROUP=\(dir): is not a cgroup v2 directory"), "\(r.stderr)")
+    }
+
+    /// Root with `setpriv`, natively: the test can become an unprivileged user.
+    static var canBecomeNobody: Bool {
+        geteuid() == 0 && !Fixture.inLab && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
+    }
+
+    @Test("as an unprivileged user (nobody, with access to /dev/kvm only) the VMM runs in a user namespace too and the run works",
+          .enabled(if: JailTests.canBecomeNobody, "needs root and setpriv to become nobody (not in the lab)"))
+    func unprivilegedUser() throws {
+        // nobody gets /dev/kvm through a supplementary group made for the test (restored
+        // after), the kernel and image through hard links in a directory it can read, and
+        // a cache of its own.
+        let dir = NSTemporaryDirectory() + "sandbox-nobody-\(getpid())"
+        try? FileManager.default.removeItem(atPath: dir)
+        try FileManager.default.createDirectory(atPath: dir + "/cache", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        chmod(dir, 0o755)
+        chown(dir + "/cache", 65534, 65534)
+        let kernel = try KernelStore.path(flavor: .forThisHost, progress: { _ in })
+        let image = try ImageStore().path(ImageStore.defaultImageName)
+        try #require(link(kernel, dir + "/vmlinux") == 0, "link \(kernel): errno \(errno)")
+        try #require(link(image, dir + "/busybox.ext4") == 0, "link \(image): errno \(errno)")
+        var kvm = stat()
+        try #require(stat("/dev/kvm", &kvm) == 0)
+        let group: gid_t = 65533
+        chown("/dev/kvm", kvm.st_uid, group)
+        chmod("/dev/kvm", (kvm.st_mode & 0o7777) | 0o060)
+        defer {
+            chown("/dev/kvm", kvm.st_uid, kvm.st_gid)
+            chmod("/dev/kvm", kvm.st_mode & 0o7777)
+        }
+        func asNobody(_ args: [String]) throws -> Fixture.Result {
+            try Fixture.run("/usr/bin/setpriv", ["--reuid", "65534", "--regid", "65534", "--groups", "\(group)", "--",
+                                                 Fixture.sandboxBinary] + args,
+                            environment: ["HOME": dir, "SANDBOX_CACHE": dir + "/cache", "SANDBOX_KERNEL": dir + "/vmlinux"])
+        }
+        let doctor = try asNobody(["doctor"])
+        #expect(doctor.stdout.contains("namespaces: user mnt pid net ipc uts") || doctor.stdout.contains("namespaces: mnt pid net ipc uts user"),
+                "\(doctor.stdout)\n\(doctor.stderr)")
+        // Cold, then restored from the start snapshot nobody's first run made.
+        for mode in [["--cold"], []] {
+            let r = try asNobody(["exec", "--image", dir + "/busybox.ext4"] + mode + timeoutArgs + ["--", "sh", "-c", "id -u; echo hello > /f; cat /f"])
+            #expect(r.status == 0 && r.stdout == "0\nhello\n", "\(mode): \(r.status) \(r.stdout) \(r.stderr)")
+        }
     }
 }

@@ -12,6 +12,20 @@ struct RealVMTests {
         }
     }
 
+    @Test func withSandboxIsOneVMForItsScope() async throws {
+        try await withSandbox { sandbox in
+            expectSuccess(await sandbox.sh("echo kept > /root/f"))
+            expectOutput(await sandbox.run("cat", "/root/f"), stdout: "kept\n")
+            let vm = try await sandbox.running()
+            try await vm.writeFile("/data/deep/in.txt", contents: Array("in\n".utf8))
+            expectOutput(await sandbox.run("cat", "/data/deep/in.txt"), stdout: "in\n")
+        }
+        // A new scope is a new VM.
+        await withSandbox { sandbox in
+            expectExit(await sandbox.sh("test -e /root/f"), 1)
+        }
+    }
+
     @Test func failingCommandRecordsADescriptiveIssue() async {
         await withKnownIssue {
             await withSandbox { sandbox in
@@ -77,8 +91,9 @@ struct RunLeakTests {
         for await event in Sandbox.stream(["true"]) { if case .finished(let r) = event { #expect(r.outcome == .exited(0)) } }
         let after = Self.mappingCount()
         // A leaked thread costs at least its stack and guard page (2 mappings): 21 runs
-        // would add 42 or more. Allow some noise from the allocator and the runtime.
+        // would add 42 or more. Allow some noise from the allocator, the runtime and the
+        // threads of other suites running at the same time (their sandboxes' requests).
         print("RunLeakTests: mappings \(before) -> \(after) over 21 runs")
-        #expect(after - before < 10, "mappings grew from \(before) to \(after) over 21 runs")
+        #expect(after - before < 20, "mappings grew from \(before) to \(after) over 21 runs")
     }
 }

@@ -1,0 +1,379 @@
+import AgentProtocol
+import Foundation
+import SandboxCore
+import SandboxImages
+import Synchronization
+import SystemShims
+import VMMProtocol
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// One VM that lives across many commands: started once (restored from the start
+/// snapshot of its configuration, or booted), then any number of `exec` calls, file
+/// writes and reads, and `stop()`. What a command leaves in the guest (files, the disk,
+/// processes it started in the background) is there for the next one.
+///
+///     let sandbox = try await Sandbox.start(configuration)
+///     _ = await sandbox.exec(["sh", "-c", "echo hi > /greeting"])
+///     let r = await sandbox.exec(["cat", "/greeting"])     // "hi\n"
+///     await sandbox.stop()
+///
+/// `Sendable`: calls from concurrent tasks are served one after another (the guest agent
+/// runs one request at a time). The VM stops on `stop()`, when the object is released,
+/// or when this process exits (the VMM dies with its parent). A command that breaks the
+/// agent connection (or outlives its timeout by the host's grace) ends the sandbox: later
+/// calls return that reason.
+public final class RunningSandbox: Sendable {
+    /// The configuration it was started with (a template resolved to its snapshot).
+    public let configuration: SandboxConfiguration
+    /// How the start went (VMM start, restore or boot, agent ready; in milliseconds).
+    public let startTimings: PhaseTimings
+
+    private let vmm: VMMProcess
+    private let client: AgentClient
+    /// Held by the thread doing a request: one at a time on the agent's connection.
+    private let turn = Lock()
+    private struct State {
+        var ended: SandboxError?
+    }
+    private let state = Mutex(State())
+
+    /// Extra time past a command's timeout before the host stops the VM itself (the
+    /// guest agent stops the command at its timeout; this bounds an agent that does not).
+    static let hostGrace = 2.0
+
+    private init(configuration: SandboxConfiguration, startTimings: PhaseTimings, vmm: VMMProcess, client: AgentClient) {
+        self.configuration = configuration
+        self.startTimings = startTimings
+        self.vmm = vmm
+        self.client = client
+    }
+
+    deinit {
+        let vmm = self.vmm
+        if state.withLock({ $0.ended == nil }) {
+            vmm.requestStop()
+            try? NativeThread(name: "sandbox-release") { vmm.reap(patienceMillis: 3000) }.detach()
+        }
+    }
+
+    // MARK: Start
+
+    /// Starts a sandbox (blocking; `Sandbox.start` is the async form).
+    static func start(_ configuration: SandboxConfiguration, progress: (String) -> Void) throws(SandboxError) -> RunningSandbox {
+        let t0 = monotonicNanos()
+        let config: SandboxConfiguration
+        do { config = try SandboxRunner.resolvingTemplate(configuration) } catch { throw .from(error, code: .snapshot) }
+        guard config.keepDiskPath == nil else {
+            throw .invalidInput("keepDiskPath is for one-shot runs (Sandbox.run); a running sandbox's disk lives as long as it does")
+        }
+        guard config.consoleFD == nil else { throw .invalidInput("consoleFD is for one-shot runs (Sandbox.run)") }
+        try InputCheck.check(config)
+        let snapshot = try SandboxRunner.prepare(config, progress: progress).snapshot
+        var kernel = "", image = ""
+        if snapshot == nil {
+            do { (kernel, image) = try SandboxRunner.bootInputs(config, progress: progress) } catch { throw .from(error, code: .host) }
+        }
+        let bootTimeout: Double
+        do { bootTimeout = try SandboxConfiguration.resolvedBootTimeout(config.bootTimeout) } catch { throw .from(error, code: .invalidInput) }
+        // No lifetime limit in the VMM: the sandbox lives until it is stopped or its
+        // owner goes away.
+        var vmConfig = VMMConfig(mode: .agent, kernelPath: kernel, imagePath: image, overlayDirectory: SandboxPaths.overlayDirectory,
+                                 memoryMiB: config.memoryMiB, cpus: config.cpus, vmTimeoutSeconds: nil,
+                                 bootTimeoutSeconds: bootTimeout,
+                                 diskSizeBytes: snapshot == nil ? config.diskSizeMiB.map { $0 << 20 } : nil)
+        vmConfig.restoreDirectory = snapshot
+        vmConfig.jail = config.jail
+        // Spawned by a thread that lives as long as this process: the VMM's parent-death
+        // signal fires when the spawning *thread* ends, and this one's does not.
+        let vmm = try ProcessLifetimeSpawner.spawn(vmConfig, executable: config.vmmExecutable)
+        let spawned = monotonicNanos()
+        let bootWait = bootTimeout + 10
+        let first = vmm.nextEvent(timeoutMillis: Int32(min(bootWait * 1000, Double(Int32.max))))
+        guard let ready = first, ready.kind == .ready else {
+            let outcome: Outcome = first == nil && vmm.isAlive
+                ? .infrastructureError(.vmm("the VMM process did not report within \(InputCheck.format(bootWait)) s of starting (stopped or hung); it was killed"))
+                : vmm.outcomeForEarlyEnd(first)
+            vmm.kill()
+            vmm.reap(patienceMillis: 3000)
+            throw Self.startError(outcome)
+        }
+        let client = AgentClient(fd: vmm.agent)
+        let setupDeadline = try? Watchdog(after: 30) { [vmm] in vmm.kill() }
+        defer { setupDeadline?.cancel() }
+        var timings = PhaseTimings()
+        do {
+            try client.hello()
+            if ready.restoreMillis != nil { try client.seed() }
+            _ = try client.ping()
+            setupDeadline?.cancel()
+            for c in config.copyIn {
+                let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: c.hostPath)))
+                let mode = ((try? FileManager.default.attributesOfItem(atPath: c.hostPath)[.posixPermissions]) as? NSNumber)?.uint32Value ?? 0o644
+                try client.writeFile(path: c.guestPath, mode: mode, contents: bytes)
+            }
+        } catch {
+            vmm.kill()
+            vmm.reap(patienceMillis: 3000)
+            if setupDeadline?.fired == true {
+                throw SandboxError(.agent, "the guest agent did not answer Hello and Ping within 30 s of the VM being ready; the host stopped the VM")
+            }
+            throw .from(error, code: .agent, context: "starting the sandbox: talking to the guest agent failed")
+        }
+        timings.vmmStart = Double(spawned &- t0) / 1e6
+        timings.restore = ready.restoreMillis ?? 0
+        timings.restored = ready.restoreMillis != nil
+        timings.snapshot = snapshot
+        timings.total = Double(monotonicNanos() &- t0) / 1e6
+        return RunningSandbox(configuration: config, startTimings: timings, vmm: vmm, client: client)
+    }
+
+    static func startError(_ outcome: Outcome) -> SandboxError {
+        switch outcome {
+        case .infrastructureError(let e): return e
+        case .guestCrashed(let tail):
+            return SandboxError(.guest, "the guest crashed while the sandbox started: " + (tail.split(whereSeparator: \.isNewline).last.map(String.init) ?? "no console output"))
+        case .timedOut: return SandboxError(.guest, "the guest did not finish starting in time")
+        default: return SandboxError(.guest, "the sandbox did not start: \(outcome)")
+        }
+    }
+
+    // MARK: Requests
+
+    /// The VMM process's id (for diagnostics: `/proc`, strace).
+    public var vmmProcessID: Int32 { vmm.pid }
+
+    /// Why the sandbox has ended, if it has (stopped, or broken by a failed request).
+    public var endedBecause: SandboxError? { state.withLock { $0.ended } }
+
+    /// Runs `body` as this sandbox's one request in flight; nil if the sandbox has ended.
+    private func request<T>(_ body: () throws -> T) throws(SandboxError) -> T {
+        turn.lock()
+        defer { turn.unlock() }
+        if let ended = endedBecause { throw ended }
+        do { return try body() } catch {
+            if case AgentClient.Error.agentError(let message)? = error as? AgentClient.Error {
+                // The guest's answer (no such file, ...): the connection is fine.
+                throw SandboxError(.agent, message)
+            }
+            // The agent connection is in an unknown state: this sandbox is over.
+            let e = SandboxError.from(error, code: .agent, context: "talking to the guest agent failed")
+            end(e)
+            throw e
+        }
+    }
+
+    /// Stops the VM (once) and remembers why.
+    private func end(_ why: SandboxError) {
+        let first: Bool = state.withLock { s in
+            guard s.ended == nil else { return false }
+            s.ended = why
+            return true
+        }
+        guard first else { return }
+        vmm.requestStop()
+        _ = vmm.waitStopped(timeoutMillis: 3000)
+        vmm.reap(patienceMillis: 3000)
+    }
+
+    /// Runs `command` in the sandbox (blocking; see `exec` for the async form).
+    func execBlocking(_ command: [String], options: ExecOptions, stdin: [UInt8]?,
+                      onOutput: (OutputEvent) -> Void) -> ExecResult {
+        let t0 = monotonicNanos()
+        var result = ExecResult(command: command, outcome: .infrastructureError(.internal("not run")), stdout: [], stderr: [],
+                                timings: PhaseTimings(), consoleTail: "")
+        guard !command.isEmpty else {
+            result.outcome = .infrastructureError(.invalidInput("no command given"))
+            return result
+        }
+        var config = configuration
+        config.environment.merge(options.environment) { _, new in new }
+        let timeout = (options.timeout ?? configuration.timeout).map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
+        let limit = options.outputLimit ?? configuration.outputLimit
+        let exec = Exec(arguments: command, environment: SandboxRunner.environment(config),
+                        workingDirectory: options.workingDirectory ?? configuration.workingDirectory,
+                        timeoutMillis: timeout.map { UInt64($0 * 1000) } ?? 0, stdoutCap: limit, stderrCap: limit)
+        var keeper = OutputKeeper(limit: limit, keep: configuration.keepOutput)
+        var deadline: Watchdog?
+        do {
+            let status = try request { () throws -> CommandStatus in
+                if let timeout { deadline = try? Watchdog(after: timeout + Self.hostGrace) { [vmm] in vmm.kill() } }
+                defer { deadline?.cancel() }
+                return try client.exec(exec, stdin: stdin) { stream, bytes in
+                    let event: OutputEvent = stream == .stdout ? .stdout(bytes) : .stderr(bytes)
+                    onOutput(event)
+                    keeper.add(event)
+                }
+            }
+            (result.stdout, result.stderr) = (keeper.stdout, keeper.stderr)
+            SandboxRunner.apply(status, to: &result, onOutput: onOutput)
+        } catch {
+            (result.stdout, result.stderr) = (keeper.stdout, keeper.stderr)
+            if deadline?.fired == true {
+                result.outcome = .timedOut
+                end(SandboxError(.guest, "a command outlived its timeout by \(InputCheck.format(Self.hostGrace)) s; the host stopped the sandbox"))
+            } else {
+                result.outcome = .infrastructureError(error)
+            }
+            result.consoleTail = vmm.lastStopped?.consoleTail ?? ""
+        }
+        result.timings.exec = Double(monotonicNanos() &- t0) / 1e6
+        result.timings.total = result.timings.exec
+        return result
+    }
+
+    // MARK: Public API
+
+    /// What one `exec` may change from the sandbox's configuration.
+    public struct ExecOptions: Sendable {
+        /// Added to (and overriding) the configuration's environment.
+        public var environment: [String: String] = [:]
+        /// nil: the configuration's working directory.
+        public var workingDirectory: String?
+        /// nil: the configuration's timeout.
+        public var timeout: Duration?
+        /// nil: the configuration's output limit (bytes per stream).
+        public var outputLimit: UInt64?
+        public init(environment: [String: String] = [:], workingDirectory: String? = nil, timeout: Duration? = nil, outputLimit: UInt64? = nil) {
+            self.environment = environment
+            self.workingDirectory = workingDirectory
+            self.timeout = timeout
+            self.outputLimit = outputLimit
+        }
+    }
+
+    /// Runs `command` (argv) in the sandbox and returns its typed result. Output is
+    /// kept up to the output limit. Waits for earlier requests of this sandbox.
+    public func exec(_ command: [String], options: ExecOptions = ExecOptions(), stdin: [UInt8]? = nil) async -> ExecResult {
+        await onThread { self.execBlocking(command, options: options, stdin: stdin, onOutput: { _ in }) }
+    }
+
+    /// Runs `script` with `sh -c`.
+    public func sh(_ script: String, options: ExecOptions = ExecOptions(), stdin: [UInt8]? = nil) async -> ExecResult {
+        await exec(["sh", "-c", script], options: options, stdin: stdin)
+    }
+
+    /// Writes `contents` to `path` in the guest (parents are made), with `mode`.
+    public func writeFile(_ path: String, contents: [UInt8], mode: UInt32 = 0o644) async throws(SandboxError) {
+        let r: Result<Void, SandboxError> = await onThread {
+            do throws(SandboxError) { try self.request { try self.client.writeFile(path: path, mode: mode, contents: contents) }; return .success(()) } catch { return .failure(error) }
+        }
+        try r.get()
+    }
+
+    /// Reads the guest file at `path` (at most `limit` bytes, else an error).
+    public func readFile(_ path: String, limit: UInt64? = nil) async throws(SandboxError) -> [UInt8] {
+        let limit = limit ?? configuration.copyOutLimit
+        let r: Result<[UInt8], SandboxError> = await onThread {
+            do throws(SandboxError) { return .success(try self.request { try self.client.readFile(path: path, limit: limit) }) } catch { return .failure(error) }
+        }
+        return try r.get()
+    }
+
+    /// Stops the VM. Requests waiting for their turn end with "the sandbox was stopped";
+    /// one in flight ends with the VM. Idempotent.
+    public func stop() async {
+        await onThread { self.end(SandboxError(.cancelled, "the sandbox was stopped")) }
+    }
+
+    /// Runs blocking `body` on a thread of its own (never on the cooperative pool).
+    private func onThread<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+        await withCheckedContinuation { (cont: CheckedContinuation<T, Never>) in
+            do {
+                try NativeThread(name: "sandbox-request") { cont.resume(returning: body()) }.detach()
+            } catch {
+                cont.resume(returning: body())
+            }
+        }
+    }
+}
+
+/// Output kept for a result: each stream up to `limit` bytes (0: no limit).
+struct OutputKeeper {
+    let limit: UInt64
+    let keep: Bool
+    var stdout: [UInt8] = []
+    var stderr: [UInt8] = []
+    private var seen: (UInt64, UInt64) = (0, 0)
+
+    init(limit: UInt64, keep: Bool) {
+        self.limit = limit
+        self.keep = keep
+    }
+
+    mutating func add(_ event: OutputEvent) {
+        guard keep else { return }
+        switch event {
+        case .stdout(let bytes):
+            if limit == 0 || seen.0 < limit { stdout += limit == 0 ? bytes[...] : bytes.prefix(Int(limit - seen.0)) }
+            seen.0 += UInt64(bytes.count)
+        case .stderr(let bytes):
+            if limit == 0 || seen.1 < limit { stderr += limit == 0 ? bytes[...] : bytes.prefix(Int(limit - seen.1)) }
+            seen.1 += UInt64(bytes.count)
+        }
+    }
+}
+
+extension Sandbox {
+    /// Starts a sandbox that lives across many commands (see `RunningSandbox`).
+    public static func start(_ configuration: SandboxConfiguration = SandboxConfiguration(),
+                             progress: @escaping @Sendable (String) -> Void = { _ in }) async throws(SandboxError) -> RunningSandbox {
+        let r: Result<RunningSandbox, SandboxError> = await withCheckedContinuation { cont in
+            do {
+                try NativeThread(name: "sandbox-start") {
+                    do throws(SandboxError) { cont.resume(returning: .success(try RunningSandbox.start(configuration, progress: progress))) } catch {
+                        cont.resume(returning: .failure(error))
+                    }
+                }.detach()
+            } catch {
+                cont.resume(returning: .failure(SandboxError(.host, "cannot start a thread for the sandbox", underlying: error)))
+            }
+        }
+        return try r.get()
+    }
+}
+
+/// Spawns VMMs from one thread that never ends. PR_SET_PDEATHSIG (which makes a VMM die
+/// with its owner) fires when the *thread* that spawned it ends, so a VMM that outlives
+/// the call that started it (a `RunningSandbox`) must be spawned by a thread that lives
+/// as long as the process.
+enum ProcessLifetimeSpawner {
+    private final class Request: @unchecked Sendable {
+        // @unchecked: `result` is written by the spawner thread before `done` is
+        // signalled and read by the caller only after it waited for `done`.
+        let config: VMMConfig
+        let executable: String?
+        var result: Result<VMMProcess, SandboxError> = .failure(.internal("not spawned"))
+        let done = DispatchSemaphore(value: 0)
+        init(config: VMMConfig, executable: String?) { self.config = config; self.executable = executable }
+    }
+    private static let queue = Mutex<[Request]>([])
+    private static let wake = DispatchSemaphore(value: 0)
+    private static let thread: Result<NativeThread, SandboxError> = {
+        do {
+            return .success(try NativeThread(name: "vmm-spawner") {
+                while true {
+                    wake.wait()
+                    while let r = queue.withLock({ $0.isEmpty ? nil : $0.removeFirst() }) {
+                        do throws(SandboxError) { r.result = .success(try VMMProcess.spawn(r.config, executable: r.executable)) } catch {
+                            r.result = .failure(error)
+                        }
+                        r.done.signal()
+                    }
+                }
+            })
+        } catch {
+            return .failure(SandboxError(.host, "cannot start the VMM spawner thread", underlying: error))
+        }
+    }()
+
+    static func spawn(_ config: VMMConfig, executable: String?) throws(SandboxError) -> VMMProcess {
+        if case .failure(let e) = thread { throw e }
+        let r = Request(config: config, executable: executable)
+        queue.withLock { $0.append(r) }
+        wake.signal()
+        r.done.wait()
+        return try r.result.get()
+    }
+}

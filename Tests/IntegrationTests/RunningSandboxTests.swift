@@ -1,0 +1,120 @@
+import Foundation
+import Sandbox
+import Testing
+
+/// `RunningSandbox`: one VM across many commands (Sandbox.start ... exec ... stop).
+@Suite("a running sandbox")
+struct RunningSandboxTests {
+    static var configuration: SandboxConfiguration {
+        var c = SandboxConfiguration()
+        c.vmmExecutable = Fixture.productsDirectory + "/sandbox-vmm"
+        c.timeout = .seconds(Fixture.inLab ? 600 : 60)
+        return c
+    }
+
+    static func vmmAlive(_ pid: String) -> Bool { FileManager.default.fileExists(atPath: "/proc/\(pid)") }
+
+    @Test("what one command leaves in the guest, the next sees: files, the working directory's contents, a daemon")
+    func stateCarriesOver() async throws {
+        let sandbox = try await Sandbox.start(Self.configuration)
+        let a = await sandbox.sh("echo one > /root/state; mkdir -p /work/x; setsid sh -c 'while :; do echo beat >> /tmp/beats; sleep 0.1; done' </dev/null >/dev/null 2>&1 & while [ ! -s /tmp/beats ]; do sleep 0.05; done")
+        #expect(a.outcome == .exited(0), "\(a.outcome) \(a.stderrText)")
+        let b = await sandbox.sh("cat /root/state; ls -d /work/x")
+        #expect(b.outcome == .exited(0) && b.stdoutText == "one\n/work/x\n", "\(b.outcome) \(b.stdoutText) \(b.stderrText)")
+        // The daemon outlived the command that started it and still runs.
+        let first = await sandbox.sh("wc -l < /tmp/beats")
+        try await Task.sleep(for: .milliseconds(500))
+        let second = await sandbox.sh("wc -l < /tmp/beats")
+        let (n1, n2) = (Int(first.stdoutText.trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1,
+                        Int(second.stdoutText.trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1)
+        #expect(n1 > 0 && n2 > n1, "beats \(n1) then \(n2)")
+        // Files both ways through the API, parents made.
+        try await sandbox.writeFile("/data/in/blob", contents: Array(0...255), mode: 0o600)
+        let c = await sandbox.sh("stat -c %a /data/in/blob; sha256sum < /data/in/blob | cut -c1-64")
+        let sum = try Fixture.sha256(Data(Array(0...255)))
+        #expect(c.stdoutText == "600\n\(sum)\n", "\(c.stdoutText) vs \(sum)")
+        #expect(try await sandbox.readFile("/root/state") == Array("one\n".utf8))
+        await #expect(throws: SandboxError.self) { try await sandbox.readFile("/no/such/file") }
+        // A failed read is the guest's answer, not a broken sandbox.
+        #expect(await sandbox.sh("echo still").stdoutText == "still\n")
+        await sandbox.stop()
+    }
+
+    @Test("each exec has its own environment, working directory, stdin, timeout and output limit; a timeout leaves the sandbox usable")
+    func perExecOptions() async throws {
+        var config = Self.configuration
+        config.environment = ["BASE": "b"]
+        let sandbox = try await Sandbox.start(config)
+        let r = await sandbox.exec(["sh", "-c", "echo $BASE $EXTRA; pwd; cat"],
+                                   options: .init(environment: ["EXTRA": "e"], workingDirectory: "/tmp"), stdin: Array("in\n".utf8))
+        #expect(r.outcome == .exited(0) && r.stdoutText == "b e\n/tmp\nin\n", "\(r.outcome) \(r.stdoutText) \(r.stderrText)")
+        let slow = await sandbox.exec(["sleep", "30"], options: .init(timeout: .seconds(1)))
+        #expect(slow.outcome == .timedOut, "\(slow.outcome)")
+        let big = await sandbox.exec(["sh", "-c", "head -c 100000 /dev/zero"], options: .init(outputLimit: 1000))
+        #expect(big.outcome == .exited(0) && big.stdout.count == 1000, "\(big.outcome) \(big.stdout.count)")
+        let missing = await sandbox.exec(["no-such-command"])
+        #expect(missing.outcome == .exited(127), "\(missing.outcome)")
+        let after = await sandbox.sh("echo alive")
+        #expect(after.outcome == .exited(0) && after.stdoutText == "alive\n", "\(after.outcome)")
+        await sandbox.stop()
+    }
+
+    @Test("eight tasks at once: each gets its own output and status")
+    func concurrentCallers() async throws {
+        let sandbox = try await Sandbox.start(Self.configuration)
+        let results = await withTaskGroup(of: (Int, ExecResult).self) { group in
+            for i in 0 ..< 8 {
+                group.addTask { (i, await sandbox.sh("echo task-\(i); exit \(i)")) }
+            }
+            var all: [Int: ExecResult] = [:]
+            for await (i, r) in group { all[i] = r }
+            return all
+        }
+        for i in 0 ..< 8 {
+            #expect(results[i]?.outcome == .exited(Int32(i)) && results[i]?.stdoutText == "task-\(i)\n", "\(i): \(String(describing: results[i]?.outcome))")
+        }
+        await sandbox.stop()
+    }
+
+    @Test("stop() while a command runs ends it with a typed outcome; later calls say the sandbox was stopped; the VMM is gone")
+    func stopWhileRunning() async throws {
+        let sandbox = try await Sandbox.start(Self.configuration)
+        let pid = "\(sandbox.vmmProcessID)"
+        async let running = sandbox.exec(["sleep", "60"])
+        try await Task.sleep(for: .milliseconds(300))
+        await sandbox.stop()
+        let r = await running
+        guard case .infrastructureError = r.outcome else { Issue.record("the running command ended as \(r.outcome)"); return }
+        let later = await sandbox.sh("true")
+        guard case .infrastructureError(let e) = later.outcome else { Issue.record("after stop: \(later.outcome)"); return }
+        #expect(e.message.contains("the sandbox was stopped"), "\(e)")
+        #expect(sandbox.endedBecause != nil)
+        #expect(!Self.vmmAlive(pid), "VMM \(pid) still runs")
+    }
+
+    @Test("a sandbox released without stop() stops its VM")
+    func releaseStops() async throws {
+        var sandbox: RunningSandbox? = try await Sandbox.start(Self.configuration)
+        #expect(await sandbox?.sh("true").outcome == .exited(0))
+        let pid = "\(sandbox?.vmmProcessID ?? 0)"
+        sandbox = nil
+        var alive = Self.vmmAlive(pid)
+        for _ in 0 ..< 50 where alive {
+            try await Task.sleep(for: .milliseconds(100))
+            alive = Self.vmmAlive(pid)
+        }
+        #expect(!alive, "VMM \(pid) still runs after its sandbox was released")
+    }
+
+    @Test("a start that cannot work throws a specific error")
+    func startFailures() async {
+        var config = Self.configuration
+        config.image = "/no/such/image.ext4"
+        await #expect(throws: SandboxError.self) { _ = try await Sandbox.start(config) }
+        config = Self.configuration
+        config.keepDiskPath = "/tmp/x.ext4"
+        do { _ = try await Sandbox.start(config); Issue.record("keepDiskPath was accepted") } catch {
+            #expect(error.message.contains("one-shot"), "\(error)")
+        }
+    }
+}
