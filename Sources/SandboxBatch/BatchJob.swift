@@ -35,14 +35,56 @@ public struct BatchJob: Sendable {
     public var expectation: BatchExpectation = .exit(0)
     /// Extra attempts when the expectation is not met.
     public var retries: Int = 0
+    /// Its position in the job file (0-based): results and reports carry it, so shards of
+    /// one file merge back in file order. nil: its position in the list it is run with.
+    public var position: Int?
 
     public init(name: String, command: [String], configuration: SandboxConfiguration = SandboxConfiguration(),
-                expectation: BatchExpectation = .exit(0), retries: Int = 0) {
+                expectation: BatchExpectation = .exit(0), retries: Int = 0, position: Int? = nil) {
         self.name = name
         self.command = command
         self.configuration = configuration
         self.expectation = expectation
         self.retries = retries
+        self.position = position
+    }
+}
+
+/// One share of a job file's jobs for one of N machines (`sandbox batch --shard K/N`):
+/// the jobs whose position in the file is K-1 modulo N. The split depends only on the
+/// file, so every machine computes the same one; every job is in exactly one shard, and
+/// shards differ in size by at most one job.
+public struct BatchShard: Sendable, Equatable, CustomStringConvertible {
+    /// 1-based.
+    public let index: Int
+    public let count: Int
+
+    public init(index: Int, count: Int) throws(BatchFileError) {
+        guard count >= 1, index >= 1, index <= count else {
+            throw BatchFileError(diagnostics: [BatchFileDiagnostic(file: "--shard", line: 0, column: 0, message: "shard \(index)/\(count): want K/N with 1 <= K <= N")])
+        }
+        self.index = index
+        self.count = count
+    }
+
+    /// Parses "K/N" (e.g. "2/4").
+    public init(parsing text: String) throws(BatchFileError) {
+        let parts = text.split(separator: "/", omittingEmptySubsequences: false)
+        guard parts.count == 2, let k = Int(parts[0]), let n = Int(parts[1]) else {
+            throw BatchFileError(diagnostics: [BatchFileDiagnostic(file: "--shard", line: 0, column: 0, message: "\"\(text)\" is not K/N (e.g. 2/4)")])
+        }
+        try self.init(index: k, count: n)
+    }
+
+    public var description: String { "\(index)/\(count)" }
+
+    /// This shard's jobs, in file order, each keeping its position in the file.
+    public func select(_ jobs: [BatchJob]) -> [BatchJob] {
+        jobs.enumerated().compactMap { i, job in
+            var j = job
+            j.position = job.position ?? i
+            return j.position! % count == index - 1 ? j : nil
+        }
     }
 }
 
@@ -54,7 +96,7 @@ public struct BatchFileDiagnostic: Sendable, Equatable, CustomStringConvertible 
     public var message: String
 
     public var description: String {
-        line > 0 ? "\(file):\(line):\(column): \(message)" : "\(file): \(message)"
+        line > 0 ? (column > 0 ? "\(file):\(line):\(column): \(message)" : "\(file):\(line): \(message)") : "\(file): \(message)"
     }
 }
 
@@ -267,7 +309,7 @@ private struct Validator {
                 error(m["expect"] ?? item, "\(label): 'expect: timeout' needs a 'timeout' greater than 0")
             }
             jobs.append(BatchJob(name: name, command: command, configuration: config, expectation: expectation,
-                                 retries: s.retries ?? defaults.retries ?? 0))
+                                 retries: s.retries ?? defaults.retries ?? 0, position: jobs.count))
         }
         return jobs
     }

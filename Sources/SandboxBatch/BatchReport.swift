@@ -5,8 +5,8 @@ import Foundation
 public enum BatchReport {
     // MARK: - JSON Lines
 
-    struct Record: Encodable {
-        struct Timings: Encodable {
+    struct Record: Codable {
+        struct Timings: Codable {
             var vmm_start_ms, kernel_boot_ms, agent_ready_ms, exec_ms, teardown_ms, total_ms: Double
             /// Whether the job's VM was restored from a snapshot, and the restore's time.
             var restored: Bool
@@ -29,10 +29,25 @@ public enum BatchReport {
         var stderr_bytes: UInt64
         var output_truncated: Bool
         var timings: Timings
+        /// "exit", "signal", "timeout", "out-of-memory", "crash" or "sandbox" (JUnit's type).
+        var outcome_kind: String?
+        /// The guest console's tail, for errors (crashes, sandbox failures).
+        var console_tail: String?
+        /// With `--shard K/N`: "K/N", and how many jobs the whole file has (so that a merge
+        /// can tell whether a shard is missing).
+        var shard: String?
+        var jobs_in_file: Int?
+    }
+
+    /// Where a batch ran from, for its records: the shard and the file's job count.
+    public struct Origin: Sendable {
+        public var shard: BatchShard?
+        public var jobsInFile: Int
+        public init(shard: BatchShard?, jobsInFile: Int) { self.shard = shard; self.jobsInFile = jobsInFile }
     }
 
     /// One JSON object (no newline) describing `result`.
-    public static func jsonLine(_ r: BatchResult) -> String {
+    public static func jsonLine(_ r: BatchResult, origin: Origin? = nil) -> String {
         func round3(_ x: Double) -> Double { (x * 1000).rounded() / 1000 }
         let t = r.timings
         let record = Record(name: r.name, index: r.index, result: r.verdict.rawValue, passed: r.passed, outcome: r.outcome.description,
@@ -42,7 +57,9 @@ public enum BatchReport {
                             timings: .init(vmm_start_ms: round3(t.vmmStart), kernel_boot_ms: round3(t.kernelBoot),
                                            agent_ready_ms: round3(t.agentReady), exec_ms: round3(t.exec),
                                            teardown_ms: round3(t.teardown), total_ms: round3(t.total),
-                                           restored: t.restored, restore_ms: round3(t.restore), cold_reason: t.coldReason))
+                                           restored: t.restored, restore_ms: round3(t.restore), cold_reason: t.coldReason),
+                            outcome_kind: failureType(r.outcome), console_tail: r.consoleTail.isEmpty ? nil : r.consoleTail,
+                            shard: origin?.shard?.description, jobs_in_file: origin?.shard == nil ? nil : origin?.jobsInFile)
         let encoder = JSONEncoder()
         encoder.outputFormatting = [.sortedKeys, .withoutEscapingSlashes]
         return (try? encoder.encode(record)).map { String(decoding: $0, as: UTF8.self) } ?? "{\"name\":\"\(r.name)\",\"result\":\"encoding failed\"}"
@@ -50,33 +67,74 @@ public enum BatchReport {
 
     // MARK: - JUnit XML
 
+    /// One `<testcase>`: what JUnit needs of a result (from a run, or from a JSON Lines
+    /// record when shards are merged).
+    struct JUnitCase {
+        var name: String
+        var index: Int
+        var seconds: Double
+        var verdict: BatchVerdict
+        var message: String
+        var type: String
+        var detail: String
+        var stdoutTail: String
+        var stderrTail: String
+
+        init(_ r: BatchResult) {
+            name = r.name
+            index = r.index
+            seconds = r.duration
+            verdict = r.verdict
+            message = "\(r.outcome) (expected \(r.expectation)); attempts: \(r.attempts)"
+            type = failureType(r.outcome)
+            detail = r.verdict == .error && !r.consoleTail.isEmpty ? r.consoleTail : r.stderrTailText
+            stdoutTail = r.stdoutTailText
+            stderrTail = r.stderrTailText
+        }
+
+        init(_ r: Record) {
+            name = r.name
+            index = r.index
+            seconds = r.duration_s
+            verdict = BatchVerdict(rawValue: r.result) ?? .error
+            message = "\(r.outcome) (expected \(r.expected)); attempts: \(r.attempts)"
+            type = r.outcome_kind ?? "exit"
+            detail = verdict == .error ? (r.console_tail ?? r.stderr_tail) : r.stderr_tail
+            stdoutTail = r.stdout_tail
+            stderrTail = r.stderr_tail
+        }
+    }
+
     /// A JUnit XML document for `results`: one `<testsuite>` named `suite`. Unmet
     /// exits and signals are `<failure>`; timeouts, crashes and sandbox errors are
     /// `<error>`; interrupted jobs are `<skipped>`.
     public static func junit(_ results: [BatchResult], suite: String, totalSeconds: Double) -> String {
-        let failures = results.filter { $0.verdict == .failed }.count
-        let errors = results.filter { $0.verdict == .error }.count
-        let skipped = results.filter { $0.verdict == .interrupted }.count
+        junit(cases: results.map(JUnitCase.init), suite: suite, totalSeconds: totalSeconds)
+    }
+
+    static func junit(cases: [JUnitCase], suite: String, totalSeconds: Double) -> String {
+        let failures = cases.filter { $0.verdict == .failed }.count
+        let errors = cases.filter { $0.verdict == .error }.count
+        let skipped = cases.filter { $0.verdict == .interrupted }.count
         let time = String(format: "%.3f", totalSeconds)
-        let counts = "tests=\"\(results.count)\" failures=\"\(failures)\" errors=\"\(errors)\" skipped=\"\(skipped)\" time=\"\(time)\""
+        let counts = "tests=\"\(cases.count)\" failures=\"\(failures)\" errors=\"\(errors)\" skipped=\"\(skipped)\" time=\"\(time)\""
         var x = "<?xml version=\"1.0\" encoding=\"UTF-8\"?>\n"
         x += "<testsuites name=\"\(xmlEscape(suite))\" \(counts)>\n"
         x += "  <testsuite name=\"\(xmlEscape(suite))\" \(counts)>\n"
-        for r in results.sorted(by: { $0.index < $1.index }) {
-            x += "    <testcase name=\"\(xmlEscape(r.name))\" classname=\"\(xmlEscape(suite))\" time=\"\(String(format: "%.3f", r.duration))\">\n"
-            let message = xmlEscape("\(r.outcome) (expected \(r.expectation)); attempts: \(r.attempts)")
-            switch r.verdict {
+        for c in cases.sorted(by: { $0.index < $1.index }) {
+            x += "    <testcase name=\"\(xmlEscape(c.name))\" classname=\"\(xmlEscape(suite))\" time=\"\(String(format: "%.3f", c.seconds))\">\n"
+            let message = xmlEscape(c.message)
+            switch c.verdict {
             case .passed: break
             case .failed:
-                x += "      <failure message=\"\(message)\" type=\"\(failureType(r.outcome))\">\(xmlEscape(r.stderrTailText))</failure>\n"
+                x += "      <failure message=\"\(message)\" type=\"\(c.type)\">\(xmlEscape(c.detail))</failure>\n"
             case .error:
-                let detail = r.consoleTail.isEmpty ? r.stderrTailText : r.consoleTail
-                x += "      <error message=\"\(message)\" type=\"\(failureType(r.outcome))\">\(xmlEscape(detail))</error>\n"
+                x += "      <error message=\"\(message)\" type=\"\(c.type)\">\(xmlEscape(c.detail))</error>\n"
             case .interrupted:
                 x += "      <skipped message=\"interrupted\"/>\n"
             }
-            if !r.stdoutTail.isEmpty { x += "      <system-out>\(xmlEscape(r.stdoutTailText))</system-out>\n" }
-            if !r.stderrTail.isEmpty { x += "      <system-err>\(xmlEscape(r.stderrTailText))</system-err>\n" }
+            if !c.stdoutTail.isEmpty { x += "      <system-out>\(xmlEscape(c.stdoutTail))</system-out>\n" }
+            if !c.stderrTail.isEmpty { x += "      <system-err>\(xmlEscape(c.stderrTail))</system-err>\n" }
             x += "    </testcase>\n"
         }
         x += "  </testsuite>\n</testsuites>\n"

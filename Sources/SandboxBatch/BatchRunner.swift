@@ -27,7 +27,7 @@ public enum BatchVerdict: String, Sendable, Equatable {
 /// The result of one job (its last attempt).
 public struct BatchResult: Sendable {
     public var name: String
-    /// Position in the job file.
+    /// Position in the job file (`BatchJob.position`).
     public var index: Int
     public var outcome: Outcome
     public var expectation: BatchExpectation
@@ -249,7 +249,7 @@ public final class BatchRunner: Sendable {
             let cancelled = token.isCancelled || (isStopping && !job.expectation.isMet(by: outcome))
             let verdict = BatchVerdict.of(outcome, expectation: job.expectation, cancelled: cancelled)
             let limit = options.outputLimit
-            let result = BatchResult(name: job.name, index: index, outcome: outcome, expectation: job.expectation,
+            let result = BatchResult(name: job.name, index: job.position ?? index, outcome: outcome, expectation: job.expectation,
                                      verdict: verdict, attempts: attempt, duration: Double(monotonicNanos() - start) / 1e9,
                                      stdoutTail: out.bytes, stderrTail: err.bytes, stdoutBytes: out.total, stderrBytes: err.total,
                                      outputTruncated: limit > 0 && (out.total >= limit || err.total >= limit),

@@ -40,6 +40,8 @@ struct Batch: ParsableCommand {
     var noJail = false
     @Option(help: "VMs of each start kept restored and waiting for the next job (default: --parallel; 0 = none).")
     var warm: Int?
+    @Option(help: "Run only share K of N of the jobs (K/N, e.g. 2/4): the jobs at positions K-1, K-1+N, ... of the file, the same split on every machine. Merge the shards' --jsonl reports with `sandbox report merge`.")
+    var shard: String?
 
     func run() throws {
         // Worker threads started from here inherit a mask without SIGINT/SIGTERM; the
@@ -48,9 +50,18 @@ struct Batch: ParsableCommand {
         // A cancelled VM closes the agent socket under a writer: take EPIPE, not SIGPIPE.
         signal(SIGPIPE, SIG_IGN)
 
-        let jobs: [BatchJob]
+        var jobs: [BatchJob]
+        let allJobs: Int
+        var theShard: BatchShard?
         do {
             jobs = try BatchFile.load(path: file)
+            allJobs = jobs.count
+            if let shard {
+                let s = try BatchShard(parsing: shard)
+                jobs = s.select(jobs)
+                theShard = s
+                printError("sandbox batch: shard \(s) of \(file): \(jobs.count) of its \(allJobs) jobs")
+            }
         } catch {
             for d in error.diagnostics { printError(d.description) }
             printError("sandbox batch: \(file) is invalid (\(error.diagnostics.count) problem\(error.diagnostics.count == 1 ? "" : "s")); nothing was run")
@@ -82,7 +93,8 @@ struct Batch: ParsableCommand {
         }
         options.warm = max(0, warm ?? parallel)
         let runner = BatchRunner(jobs: jobs, options: options)
-        let progress = BatchProgress(total: jobs.count, tty: isatty(2) == 1, jsonlFD: jsonlFD)
+        let progress = BatchProgress(total: jobs.count, tty: isatty(2) == 1, jsonlFD: jsonlFD,
+                                     origin: BatchReport.Origin(shard: theShard, jobsInFile: allJobs))
         try BatchSignals.watch(onFirst: { sig in
             progress.interrupted(signal: sig)
             runner.stop()
@@ -118,12 +130,14 @@ final class BatchProgress: Sendable {
     let total: Int
     let tty: Bool
     private let jsonlFD: Int32
+    private let origin: BatchReport.Origin
     private let display: Mutex<Display>
 
-    init(total: Int, tty: Bool, jsonlFD: Int32) {
+    init(total: Int, tty: Bool, jsonlFD: Int32, origin: BatchReport.Origin) {
         self.total = total
         self.tty = tty
         self.jsonlFD = jsonlFD
+        self.origin = origin
         display = Mutex(Display(total: total))
     }
 
@@ -136,7 +150,7 @@ final class BatchProgress: Sendable {
                 d.running.remove(r.name)
                 d.done += 1
                 if r.passed { d.passed += 1 } else if r.verdict != .interrupted { d.failed += 1 }
-                if jsonlFD >= 0 { writeAll(jsonlFD, BatchReport.jsonLine(r) + "\n") }
+                if jsonlFD >= 0 { writeAll(jsonlFD, BatchReport.jsonLine(r, origin: origin) + "\n") }
                 if !tty && !r.passed && r.verdict != .interrupted {
                     printError("sandbox batch: \(r.verdict.rawValue.uppercased()) \(r.name): \(r.outcome) (expected \(r.expectation))")
                 }
@@ -201,6 +215,64 @@ final class BatchProgress: Sendable {
             writeAll(2, "\r\u{1B}[K" + line)
             lastDrawn = line
             drawn = true
+        }
+    }
+}
+
+/// `sandbox report merge`: one JSON Lines and one JUnit report from the shards' JSON Lines.
+struct ReportCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "report", abstract: "Work with batch reports.", subcommands: [Merge.self])
+
+    struct Merge: ParsableCommand {
+        static let configuration = CommandConfiguration(
+            abstract: "Merge the --jsonl reports of a job file's shards into one JSON Lines and one JUnit report.",
+            discussion: """
+            Records are put back in job-file order. A job reported twice, reports of different \
+            files or splits, and jobs with no record (a missing shard) are errors: nothing is \
+            written. Exit status: 0 every job passed; 1 some did not; 2 invalid or incomplete \
+            reports.
+            """)
+        @Argument(help: "The shards' JSON Lines reports.")
+        var reports: [String]
+        @Option(help: "Write the merged JSON Lines here.")
+        var jsonl: String?
+        @Option(help: "Write a JUnit XML report here.")
+        var junit: String?
+        @Option(help: "The JUnit suite name (default: the first report's name without extension).")
+        var suite: String?
+
+        func run() throws {
+            guard !reports.isEmpty else {
+                printError("sandbox report merge: give the shards' JSON Lines reports")
+                throw ExitCode(2)
+            }
+            var files: [(name: String, text: String)] = []
+            for path in reports {
+                guard let data = FileManager.default.contents(atPath: path) else {
+                    printError("sandbox report merge: cannot read \(path)")
+                    throw ExitCode(2)
+                }
+                files.append((path, String(decoding: data, as: UTF8.self)))
+            }
+            let name = suite ?? ((reports[0] as NSString).lastPathComponent as NSString).deletingPathExtension
+            let merged: BatchMerge.Merged
+            do { merged = try BatchMerge.merge(files, suite: name) } catch {
+                for d in error.diagnostics { printError(d.description) }
+                printError("sandbox report merge: nothing was written")
+                throw ExitCode(2)
+            }
+            do {
+                if let jsonl { try BatchReport.writeAtomically(merged.jsonl, to: jsonl) }
+                if let junit { try BatchReport.writeAtomically(merged.junit, to: junit) }
+            } catch {
+                printError("sandbox report merge: \(error)")
+                throw ExitCode(2)
+            }
+            let failed = merged.notPassed
+            writeAll(1, "\(merged.jobs) jobs from \(reports.count) report\(reports.count == 1 ? "" : "s"): \(merged.passed) passed, \(failed.count) not"
+                + (failed.isEmpty ? "" : " (" + failed.prefix(10).joined(separator: ", ") + (failed.count > 10 ? ", ..." : "") + ")") + "\n")
+            if !failed.isEmpty { throw ExitCode(1) }
         }
     }
 }

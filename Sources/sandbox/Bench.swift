@@ -63,3 +63,37 @@ struct BenchLibrary: AsyncParsableCommand {
         if !failed.isEmpty { throw ExitCode(1) }
     }
 }
+
+/// `sandbox _bench-exec`: N commands, one after another, in one running sandbox
+/// (`Sandbox.start` + `exec`), timed one by one (Benchmarks/exec-in-running calls it).
+/// Hidden: a measuring tool.
+struct BenchExec: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "_bench-exec", abstract: "Benchmark: N execs in one RunningSandbox.", shouldDisplay: false)
+    @Option var runs: Int = 200
+    @Argument(parsing: .remaining) var command: [String] = ["true"]
+
+    func run() async throws {
+        var config = SandboxConfiguration()
+        config.timeout = .seconds(60)
+        let argv = command.first == "--" ? Array(command.dropFirst()) : command
+        let t0 = monotonicNanos()
+        let sandbox = try await Sandbox.start(config, progress: { printError($0) })
+        let started = Double(monotonicNanos() - t0) / 1e6
+        for _ in 0 ..< 5 { _ = await sandbox.exec(argv) }  // warm-up
+        var times: [Double] = []
+        var failed = 0
+        for _ in 0 ..< runs {
+            let t = monotonicNanos()
+            let r = await sandbox.exec(argv)
+            times.append(Double(monotonicNanos() - t) / 1e6)
+            if r.outcome != .exited(0) { failed += 1; if failed == 1 { printError("first failure: \(r.outcome)") } }
+        }
+        await sandbox.stop()
+        times.sort()
+        func pct(_ p: Double) -> Double { times[min(times.count - 1, Int(Double(times.count) * p))] }
+        print(String(format: "exec in a running sandbox: %d × %@: median %.2f ms, p90 %.2f ms, p99 %.2f ms (start %.1f ms, failed %d)",
+                     runs, argv.joined(separator: " "), pct(0.5), pct(0.9), pct(0.99), started, failed))
+        if failed > 0 { throw ExitCode(1) }
+    }
+}

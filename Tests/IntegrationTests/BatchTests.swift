@@ -2,6 +2,7 @@ import Foundation
 #if canImport(FoundationXML)
 import FoundationXML
 #endif
+import Synchronization
 import Testing
 
 /// `sandbox batch` end to end: job-file validation, reports, determinism, SIGINT.
@@ -180,6 +181,54 @@ struct BatchTests {
         #expect(recs["killed-by-signal"]?["exit_status"] as? Int == 137)
         #expect(recs["copy-in"]?["stdout_tail"] as? String == "hello from the host\n")
         #expect(r.stdout.contains("6 jobs: 6 passed, 0 failed, 0 errors"), "\(r.stdout)")
+    }
+
+    @Test("--shard K/N in N processes at once splits a job file the same way everywhere; report merge puts the shards back together")
+    func shardsMerge() throws {
+        let dir = try scratch()
+        defer { try? FileManager.default.removeItem(atPath: dir) }
+        let names = ["hello", "exit-3-expected", "timeout-expected", "env-var", "copy-in", "killed-by-signal"]
+        // Three shards as three processes, at the same time (three CI machines).
+        let shards = Mutex<[Int: Fixture.Result]>([:])
+        DispatchQueue.concurrentPerform(iterations: 3) { i in
+            let r = try? batch([Self.jobsDirectory + "/small.yaml", "--shard", "\(i + 1)/3", "--parallel", "1", "--jsonl", dir + "/s\(i + 1).jsonl"])
+            shards.withLock { $0[i + 1] = r }
+        }
+        for k in 1 ... 3 {
+            let r = try #require(shards.withLock { $0[k] }, "shard \(k) did not run")
+            #expect(r.status == 0, "shard \(k): \(r.stdout)\n\(r.stderr)")
+            #expect(r.stderr.contains("shard \(k)/3 of \(Self.jobsDirectory)/small.yaml: 2 of its 6 jobs"), "\(r.stderr)")
+            // Positions k-1 and k-1+3 of the file, keeping their positions.
+            let recs = try records(dir + "/s\(k).jsonl")
+            #expect(Set(recs.keys) == [names[k - 1], names[k + 2]], "shard \(k): \(recs.keys.sorted())")
+            #expect(recs[names[k - 1]]?["index"] as? Int == k - 1)
+            #expect(recs[names[k - 1]]?["shard"] as? String == "\(k)/3" && recs[names[k - 1]]?["jobs_in_file"] as? Int == 6)
+        }
+        let merge = try Fixture.run(Fixture.sandboxBinary, ["report", "merge", dir + "/s2.jsonl", dir + "/s1.jsonl", dir + "/s3.jsonl",
+                                                            "--jsonl", dir + "/all.jsonl", "--junit", dir + "/all.xml", "--suite", "small"])
+        #expect(merge.status == 0, "\(merge.stdout)\n\(merge.stderr)")
+        #expect(merge.stdout == "6 jobs from 3 reports: 6 passed, 0 not\n", "\(merge.stdout)")
+        let report = try junit(dir + "/all.xml")
+        #expect(report.tests == 6 && report.failures == 0 && report.errors == 0)
+        #expect(report.cases == names)
+        let order = try String(contentsOfFile: dir + "/all.jsonl", encoding: .utf8).split(separator: "\n").map { line in
+            (try? JSONSerialization.jsonObject(with: Data(line.utf8)) as? [String: Any])?["name"] as? String ?? "?"
+        }
+        #expect(order == names)
+
+        // Incomplete, doubled or foreign reports are refused, and nothing is written.
+        func refused(_ reports: [String], _ message: String) throws {
+            let r = try Fixture.run(Fixture.sandboxBinary, ["report", "merge"] + reports.map { dir + "/" + $0 } + ["--junit", dir + "/bad.xml"])
+            #expect(r.status == 2, "\(reports): \(r.status) \(r.stdout) \(r.stderr)")
+            #expect(r.stderr.contains(message), "\(reports): \(r.stderr)")
+            #expect(!FileManager.default.fileExists(atPath: dir + "/bad.xml"))
+        }
+        try refused(["s1.jsonl", "s3.jsonl"], "2 of 6 jobs have no record: shard 2/3 missing or unfinished")
+        try refused(["s1.jsonl", "s1.jsonl", "s2.jsonl", "s3.jsonl"], "is also in \(dir)/s1.jsonl")
+        try "{\"name\": 1}\nnot json\n".write(toFile: dir + "/junk.jsonl", atomically: true, encoding: .utf8)
+        try refused(["junk.jsonl"], "junk.jsonl:2: not a sandbox batch record (not JSON)")
+        let badShard = try batch([Self.jobsDirectory + "/small.yaml", "--shard", "4/3"])
+        #expect(badShard.status == 2 && badShard.stderr.contains("want K/N with 1 <= K <= N"), "\(badShard.stderr)")
     }
 
     @Test("failures, errors and retries are reported; XML special characters are escaped")

@@ -17,6 +17,6 @@ let package = Package(
             // SwiftPM build it next to the test bundle, where the library looks for it;
             // without this, a dependency's executables are not built at all.
             .product(name: "sandbox-vmm", package: "sandbox"),
-        ]),
+        ], exclude: ["Fixtures"]),  // host files the tests copy into sandboxes by path
     ]
 )

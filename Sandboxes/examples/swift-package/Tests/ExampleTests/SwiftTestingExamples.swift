@@ -1,9 +1,13 @@
 import SandboxTesting
 import Testing
 
-/// Swift Testing: each `run` boots a fresh VM (about half a second); tests run in
-/// parallel and the shared pool keeps the host from being overcommitted.
-@Suite(.sandbox(image: "busybox", timeout: .seconds(60)))
+import Foundation
+
+/// Swift Testing: `withSandbox` gives each test one VM for its scope (restored from a
+/// snapshot in tens of milliseconds); tests run in parallel and the shared pool keeps the
+/// host from being overcommitted. A test's `.sandbox(...)` trait changes only the fields
+/// it names: the suite's image and environment stay.
+@Suite(.sandbox(image: "busybox", timeout: .seconds(60), environment: ["GREETING": "hello"]))
 struct SwiftTestingExamples {
     @Test func unameReportsLinux() async {
         await withSandbox { sandbox in
@@ -21,6 +25,40 @@ struct SwiftTestingExamples {
         }
     }
 
+    @Test func stateCarriesFromOneCommandToTheNext() async {
+        await withSandbox { sandbox in
+            expectSuccess(await sandbox.sh("mkdir -p /work && echo $GREETING > /work/note"))
+            // The same VM: the file is still there.
+            expectOutput(await sandbox.run("cat", "/work/note"), stdout: "hello\n")
+        }
+    }
+
+    /// A server started by one command answers the next: busybox httpd detaches itself
+    /// (its own session), so it outlives the command that started it.
+    @Test func aServerInTheGuestAnswersASecondCommand() async {
+        await withSandbox { sandbox in
+            expectSuccess(await sandbox.sh("mkdir -p /www && echo 'it works' > /www/index.html && httpd -p 127.0.0.1:8080 -h /www"))
+            let r = await sandbox.run("wget", "-q", "-O", "-", "http://127.0.0.1:8080/index.html")
+            expectOutput(r, stdout: "it works\n")
+            // Stop it with a third command.
+            expectSuccess(await sandbox.sh("killall httpd"))
+        }
+    }
+
+    /// Files in and out: the trait copies a host file in (parents are made); the test
+    /// writes one through the running sandbox and reads a result back.
+    @Test(.sandbox(copyIn: [FileCopy(hostPath: URL(fileURLWithPath: #filePath).deletingLastPathComponent().path + "/Fixtures/words.txt",
+                                     guestPath: "/data/in/words.txt")]))
+    func filesInAndOut() async throws {
+        try await withSandbox { sandbox in
+            let vm = try await sandbox.running()
+            try await vm.writeFile("/data/in/extra.txt", contents: Array("zebra\n".utf8))
+            expectSuccess(await sandbox.sh("mkdir -p /data/out && cat /data/in/*.txt | sort > /data/out/sorted.txt"))
+            let sorted = try await vm.readFile("/data/out/sorted.txt")
+            #expect(String(decoding: sorted, as: UTF8.self) == "apple\nmango\nzebra\n")
+        }
+    }
+
     @Test func expectedFailureExitStatus() async {
         await withSandbox { sandbox in
             // `false` must fail: expect its status, not success.
@@ -33,9 +71,12 @@ struct SwiftTestingExamples {
 
     @Test(.sandbox(timeout: .seconds(1)))
     func runawayCommandTimesOut() async {
+        #expect(SandboxTesting.currentConfiguration.image == "busybox")  // kept from the suite
         await withSandbox { sandbox in
             let r = await sandbox.run("sleep", "30")
             expectOutcome(r, .timedOut)
+            // A timed-out command leaves the sandbox usable.
+            expectOutput(await sandbox.sh("echo $GREETING"), stdout: "hello\n")
         }
     }
 
