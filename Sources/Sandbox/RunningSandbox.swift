@@ -30,33 +30,48 @@ public final class RunningSandbox: Sendable {
     /// How the start went (VMM start, restore or boot, agent ready; in milliseconds).
     public let startTimings: PhaseTimings
 
-    private let vmm: VMMProcess
-    private let client: AgentClient
-    /// Held by the thread doing a request: one at a time on the agent's connection.
-    private let turn = Lock()
+    /// The VM serving requests now (a rewind replaces it) and why the sandbox ended.
+    struct VM: Sendable {
+        let vmm: VMMProcess
+        let client: AgentClient
+    }
     private struct State {
+        var vm: VM
         var ended: SandboxError?
     }
-    private let state = Mutex(State())
+    private let state: Mutex<State>
+    /// Held by the thread doing a request: one at a time on the agent's connection.
+    private let turn = Lock()
+    /// `<cache>/running/PID-N`: `next/`, where the VMM writes a checkpoint when asked, and
+    /// `checkpoint/`, the last one taken. Removed when the sandbox ends.
+    private let workDirectory: String
+    private var nextDirectory: String { workDirectory + "/next" }
+    private var checkpointDirectory: String { workDirectory + "/checkpoint" }
 
     /// Extra time past a command's timeout before the host stops the VM itself (the
     /// guest agent stops the command at its timeout; this bounds an agent that does not).
     static let hostGrace = 2.0
 
-    private init(configuration: SandboxConfiguration, startTimings: PhaseTimings, vmm: VMMProcess, client: AgentClient) {
+    private init(configuration: SandboxConfiguration, startTimings: PhaseTimings, vm: VM, workDirectory: String) {
         self.configuration = configuration
         self.startTimings = startTimings
-        self.vmm = vmm
-        self.client = client
+        self.state = Mutex(State(vm: vm))
+        self.workDirectory = workDirectory
     }
 
     deinit {
-        let vmm = self.vmm
-        if state.withLock({ $0.ended == nil }) {
-            vmm.requestStop()
-            try? NativeThread(name: "sandbox-release") { vmm.reap(patienceMillis: 3000) }.detach()
+        let (vm, live) = state.withLock { ($0.vm, $0.ended == nil) }
+        let dir = workDirectory
+        if live {
+            vm.vmm.requestStop()
+            try? NativeThread(name: "sandbox-release") {
+                vm.vmm.reap(patienceMillis: 3000)
+                try? FileManager.default.removeItem(atPath: dir)
+            }.detach()
         }
     }
+
+    private var vm: VM { state.withLock { $0.vm } }
 
     // MARK: Start
 
@@ -71,19 +86,63 @@ public final class RunningSandbox: Sendable {
         guard config.consoleFD == nil else { throw .invalidInput("consoleFD is for one-shot runs (Sandbox.run)") }
         try InputCheck.check(config)
         let snapshot = try SandboxRunner.prepare(config, progress: progress).snapshot
-        var kernel = "", image = ""
+        var boot: (kernel: String, image: String)?
         if snapshot == nil {
-            do { (kernel, image) = try SandboxRunner.bootInputs(config, progress: progress) } catch { throw .from(error, code: .host) }
+            do { boot = try SandboxRunner.bootInputs(config, progress: progress) } catch { throw .from(error, code: .host) }
         }
+        let dir = try makeWorkDirectory()
+        let launched: (vm: VM, timings: PhaseTimings)
+        do {
+            launched = try launch(config, restoreFrom: snapshot, boot: boot, checkpointInto: dir + "/next")
+        } catch {
+            try? FileManager.default.removeItem(atPath: dir)
+            throw error
+        }
+        do {
+            for c in config.copyIn {
+                let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: c.hostPath)))
+                let mode = ((try? FileManager.default.attributesOfItem(atPath: c.hostPath)[.posixPermissions]) as? NSNumber)?.uint32Value ?? 0o644
+                try launched.vm.client.writeFile(path: c.guestPath, mode: mode, contents: bytes)
+            }
+        } catch {
+            launched.vm.vmm.kill()
+            launched.vm.vmm.reap(patienceMillis: 3000)
+            try? FileManager.default.removeItem(atPath: dir)
+            throw .from(error, code: .agent, context: "starting the sandbox: copy-in failed")
+        }
+        var timings = launched.timings
+        timings.total = Double(monotonicNanos() &- t0) / 1e6
+        return RunningSandbox(configuration: config, startTimings: timings, vm: launched.vm, workDirectory: dir)
+    }
+
+    private static let workCounter = Mutex<UInt64>(0)
+
+    /// A new `<cache>/running/PID-N` with an empty `next/`.
+    static func makeWorkDirectory() throws(SandboxError) -> String {
+        let n = workCounter.withLock { c in c += 1; return c }
+        let dir = SandboxPaths.cacheDirectory + "/running/\(getpid())-\(n)"
+        try? FileManager.default.removeItem(atPath: dir)
+        do { try FileManager.default.createDirectory(atPath: dir + "/next", withIntermediateDirectories: true) } catch {
+            throw SandboxError(.host, "cannot create \(dir)", underlying: error)
+        }
+        return dir
+    }
+
+    /// Spawns a VMM (restoring `restoreFrom`, or booting `boot`) whose checkpoints go to
+    /// `checkpointInto`, and greets its agent (Hello, Seed after a restore, Ping).
+    static func launch(_ config: SandboxConfiguration, restoreFrom snapshot: String?, boot: (kernel: String, image: String)?,
+                       checkpointInto: String) throws(SandboxError) -> (vm: VM, timings: PhaseTimings) {
+        let t0 = monotonicNanos()
         let bootTimeout: Double
         do { bootTimeout = try SandboxConfiguration.resolvedBootTimeout(config.bootTimeout) } catch { throw .from(error, code: .invalidInput) }
         // No lifetime limit in the VMM: the sandbox lives until it is stopped or its
         // owner goes away.
-        var vmConfig = VMMConfig(mode: .agent, kernelPath: kernel, imagePath: image, overlayDirectory: SandboxPaths.overlayDirectory,
+        var vmConfig = VMMConfig(mode: .agent, kernelPath: boot?.kernel ?? "", imagePath: boot?.image ?? "", overlayDirectory: SandboxPaths.overlayDirectory,
                                  memoryMiB: config.memoryMiB, cpus: config.cpus, vmTimeoutSeconds: nil,
                                  bootTimeoutSeconds: bootTimeout,
                                  diskSizeBytes: snapshot == nil ? config.diskSizeMiB.map { $0 << 20 } : nil)
         vmConfig.restoreDirectory = snapshot
+        vmConfig.snapshotDirectory = checkpointInto
         vmConfig.jail = config.jail
         // Spawned by a thread that lives as long as this process: the VMM's parent-death
         // signal fires when the spawning *thread* ends, and this one's does not.
@@ -102,17 +161,10 @@ public final class RunningSandbox: Sendable {
         let client = AgentClient(fd: vmm.agent)
         let setupDeadline = try? Watchdog(after: 30) { [vmm] in vmm.kill() }
         defer { setupDeadline?.cancel() }
-        var timings = PhaseTimings()
         do {
             try client.hello()
             if ready.restoreMillis != nil { try client.seed() }
             _ = try client.ping()
-            setupDeadline?.cancel()
-            for c in config.copyIn {
-                let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: c.hostPath)))
-                let mode = ((try? FileManager.default.attributesOfItem(atPath: c.hostPath)[.posixPermissions]) as? NSNumber)?.uint32Value ?? 0o644
-                try client.writeFile(path: c.guestPath, mode: mode, contents: bytes)
-            }
         } catch {
             vmm.kill()
             vmm.reap(patienceMillis: 3000)
@@ -121,12 +173,13 @@ public final class RunningSandbox: Sendable {
             }
             throw .from(error, code: .agent, context: "starting the sandbox: talking to the guest agent failed")
         }
+        var timings = PhaseTimings()
         timings.vmmStart = Double(spawned &- t0) / 1e6
         timings.restore = ready.restoreMillis ?? 0
         timings.restored = ready.restoreMillis != nil
         timings.snapshot = snapshot
         timings.total = Double(monotonicNanos() &- t0) / 1e6
-        return RunningSandbox(configuration: config, startTimings: timings, vmm: vmm, client: client)
+        return (VM(vmm: vmm, client: client), timings)
     }
 
     static func startError(_ outcome: Outcome) -> SandboxError {
@@ -142,7 +195,7 @@ public final class RunningSandbox: Sendable {
     // MARK: Requests
 
     /// The VMM process's id (for diagnostics: `/proc`, strace).
-    public var vmmProcessID: Int32 { vmm.pid }
+    public var vmmProcessID: Int32 { vm.vmm.pid }
 
     /// Why the sandbox has ended, if it has (stopped, or broken by a failed request).
     public var endedBecause: SandboxError? { state.withLock { $0.ended } }
@@ -164,17 +217,18 @@ public final class RunningSandbox: Sendable {
         }
     }
 
-    /// Stops the VM (once) and remembers why.
+    /// Stops the VM (once), removes the work directory, and remembers why.
     private func end(_ why: SandboxError) {
-        let first: Bool = state.withLock { s in
-            guard s.ended == nil else { return false }
+        let vm: VM? = state.withLock { s in
+            guard s.ended == nil else { return nil }
             s.ended = why
-            return true
+            return s.vm
         }
-        guard first else { return }
-        vmm.requestStop()
-        _ = vmm.waitStopped(timeoutMillis: 3000)
-        vmm.reap(patienceMillis: 3000)
+        guard let vm else { return }
+        vm.vmm.requestStop()
+        _ = vm.vmm.waitStopped(timeoutMillis: 3000)
+        vm.vmm.reap(patienceMillis: 3000)
+        try? FileManager.default.removeItem(atPath: workDirectory)
     }
 
     /// Runs `command` in the sandbox (blocking; see `exec` for the async form).
@@ -198,9 +252,10 @@ public final class RunningSandbox: Sendable {
         var deadline: Watchdog?
         do {
             let status = try request { () throws -> CommandStatus in
-                if let timeout { deadline = try? Watchdog(after: timeout + Self.hostGrace) { [vmm] in vmm.kill() } }
+                let vm = self.vm
+                if let timeout { deadline = try? Watchdog(after: timeout + Self.hostGrace) { [vmm = vm.vmm] in vmm.kill() } }
                 defer { deadline?.cancel() }
-                return try client.exec(exec, stdin: stdin) { stream, bytes in
+                return try vm.client.exec(exec, stdin: stdin) { stream, bytes in
                     let event: OutputEvent = stream == .stdout ? .stdout(bytes) : .stderr(bytes)
                     onOutput(event)
                     keeper.add(event)
@@ -216,7 +271,7 @@ public final class RunningSandbox: Sendable {
             } else {
                 result.outcome = .infrastructureError(error)
             }
-            result.consoleTail = vmm.lastStopped?.consoleTail ?? ""
+            result.consoleTail = vm.vmm.lastStopped?.consoleTail ?? ""
         }
         result.timings.exec = Double(monotonicNanos() &- t0) / 1e6
         result.timings.total = result.timings.exec
@@ -257,7 +312,7 @@ public final class RunningSandbox: Sendable {
     /// Writes `contents` to `path` in the guest (parents are made), with `mode`.
     public func writeFile(_ path: String, contents: [UInt8], mode: UInt32 = 0o644) async throws(SandboxError) {
         let r: Result<Void, SandboxError> = await onThread {
-            do throws(SandboxError) { try self.request { try self.client.writeFile(path: path, mode: mode, contents: contents) }; return .success(()) } catch { return .failure(error) }
+            do throws(SandboxError) { try self.request { try self.vm.client.writeFile(path: path, mode: mode, contents: contents) }; return .success(()) } catch { return .failure(error) }
         }
         try r.get()
     }
@@ -266,15 +321,122 @@ public final class RunningSandbox: Sendable {
     public func readFile(_ path: String, limit: UInt64? = nil) async throws(SandboxError) -> [UInt8] {
         let limit = limit ?? configuration.copyOutLimit
         let r: Result<[UInt8], SandboxError> = await onThread {
-            do throws(SandboxError) { return .success(try self.request { try self.client.readFile(path: path, limit: limit) }) } catch { return .failure(error) }
+            do throws(SandboxError) { return .success(try self.request { try self.vm.client.readFile(path: path, limit: limit) }) } catch { return .failure(error) }
         }
         return try r.get()
+    }
+
+    // MARK: Checkpoint, rewind, fork
+
+    /// Takes a checkpoint of the sandbox as it is now (memory, devices, disk), replacing
+    /// the previous one; `rewind()` goes back to it and `fork(count:)` copies it. The VM is
+    /// paused for it and then goes on as a VM restored from it (the guest's processes,
+    /// files and clock go on; its connection to the host is new).
+    /// - Returns: milliseconds it took (snapshot written and the VM back).
+    @discardableResult
+    public func checkpoint() async throws(SandboxError) -> Double {
+        try await onThreadThrowing { () throws(SandboxError) -> Double in
+            try self.replacingVM { old throws(SandboxError) in
+                old.vmm.requestSnapshot()
+                guard let e = old.vmm.nextEvent(timeoutMillis: 120_000) else {
+                    throw SandboxError(.snapshot, "the VMM did not report the checkpoint within 120 s")
+                }
+                guard e.kind == .snapshotted else {
+                    throw e.error ?? SandboxError(.snapshot, "the VMM did not write the checkpoint (event \(e.kind.rawValue))")
+                }
+                _ = old.vmm.waitStopped(timeoutMillis: 10_000)
+                old.vmm.reap(patienceMillis: 3000)
+                let fm = FileManager.default
+                try? fm.removeItem(atPath: self.checkpointDirectory)
+                guard rename(self.nextDirectory, self.checkpointDirectory) == 0 else {
+                    throw SandboxError(.host, "cannot keep the checkpoint at \(self.checkpointDirectory): \(String(cString: strerror(errno)))")
+                }
+            }
+        }
+    }
+
+    /// Goes back to the last checkpoint: the current VM is discarded and a new one is
+    /// restored from it (memory, processes, files and disk as they were).
+    /// - Returns: milliseconds it took.
+    /// - Throws: `invalidInput` without a checkpoint; why the restore failed (the sandbox
+    ///   has then ended).
+    @discardableResult
+    public func rewind() async throws(SandboxError) -> Double {
+        try await onThreadThrowing { () throws(SandboxError) -> Double in
+            guard self.hasCheckpoint else { throw .invalidInput("rewind() needs a checkpoint: call checkpoint() first") }
+            return try self.replacingVM { old throws(SandboxError) in
+                old.vmm.kill()
+                old.vmm.reap(patienceMillis: 3000)
+            }
+        }
+    }
+
+    /// `count` new, independent sandboxes, each restored from the last checkpoint (this
+    /// one goes on as it is). Each has its own disk overlay, entropy and clock, and its own
+    /// checkpoints.
+    public func fork(count: Int) async throws(SandboxError) -> [RunningSandbox] {
+        guard count >= 0 else { throw .invalidInput("fork(count:) needs a count >= 0, not \(count)") }
+        var config = configuration
+        config.snapshot = checkpointDirectory
+        config.template = nil
+        config.diskSizeMiB = nil
+        config.copyIn = []
+        let c = config
+        return try await onThreadThrowing { () throws(SandboxError) -> [RunningSandbox] in
+            try self.withTurn { () throws(SandboxError) -> [RunningSandbox] in
+                guard self.hasCheckpoint else { throw .invalidInput("fork(count:) needs a checkpoint: call checkpoint() first") }
+                var forks: [RunningSandbox] = []
+                for _ in 0 ..< count { forks.append(try RunningSandbox.start(c, progress: { _ in })) }
+                return forks
+            }
+        }
+    }
+
+    private var hasCheckpoint: Bool { FileManager.default.fileExists(atPath: checkpointDirectory) }
+
+    /// With the turn held: `discard` ends the current VM (writing a checkpoint, or not),
+    /// then a new VM is restored from the checkpoint and takes over. A failure ends the
+    /// sandbox. Returns the milliseconds it all took.
+    private func replacingVM(_ discard: (VM) throws(SandboxError) -> Void) throws(SandboxError) -> Double {
+        try withTurn { () throws(SandboxError) -> Double in
+            let t0 = monotonicNanos()
+            func goOn() throws(SandboxError) {
+                try discard(vm)
+                try? FileManager.default.removeItem(atPath: nextDirectory)
+                do { try FileManager.default.createDirectory(atPath: nextDirectory, withIntermediateDirectories: true) } catch {
+                    throw SandboxError(.host, "cannot create \(nextDirectory)", underlying: error)
+                }
+                let fresh = try Self.launch(configuration, restoreFrom: checkpointDirectory, boot: nil, checkpointInto: nextDirectory)
+                state.withLock { $0.vm = fresh.vm }
+            }
+            do throws(SandboxError) { try goOn() } catch {
+                end(SandboxError(.snapshot, "the sandbox could not go on from its checkpoint", underlying: error))
+                throw error
+            }
+            return Double(monotonicNanos() &- t0) / 1e6
+        }
+    }
+
+    /// Runs `body` holding the turn, unless the sandbox has ended.
+    private func withTurn<T>(_ body: () throws(SandboxError) -> T) throws(SandboxError) -> T {
+        turn.lock()
+        defer { turn.unlock() }
+        if let ended = endedBecause { throw ended }
+        return try body()
     }
 
     /// Stops the VM. Requests waiting for their turn end with "the sandbox was stopped";
     /// one in flight ends with the VM. Idempotent.
     public func stop() async {
         await onThread { self.end(SandboxError(.cancelled, "the sandbox was stopped")) }
+    }
+
+    /// `onThread` for a body that throws.
+    private func onThreadThrowing<T: Sendable>(_ body: @escaping @Sendable () throws(SandboxError) -> T) async throws(SandboxError) -> T {
+        let r: Result<T, SandboxError> = await onThread {
+            do throws(SandboxError) { return .success(try body()) } catch { return .failure(error) }
+        }
+        return try r.get()
     }
 
     /// Runs blocking `body` on a thread of its own (never on the cooperative pool).

@@ -106,6 +106,64 @@ struct RunningSandboxTests {
         #expect(!alive, "VMM \(pid) still runs after its sandbox was released")
     }
 
+    @Test("checkpoint() after set-up, rewind() back to it: files, a daemon's memory and the disk are as they were; the sandbox works after each")
+    func checkpointAndRewind() async throws {
+        let sandbox = try await Sandbox.start(Self.configuration)
+        defer { Task { await sandbox.stop() } }
+        await #expect(throws: SandboxError.self) { try await sandbox.rewind() }  // nothing to go back to yet
+        // Set-up: a file, and a daemon that counts in its own memory.
+        let setup = await sandbox.sh("echo prepared > /root/setup; setsid sh -c 'n=0; while :; do n=$((n+1)); echo $n > /tmp/count; sleep 0.05; done' </dev/null >/dev/null 2>&1 & echo $! > /tmp/daemon.pid; while [ ! -s /tmp/count ]; do sleep 0.02; done")
+        #expect(setup.outcome == .exited(0), "\(setup.stderrText)")
+        let took = try await sandbox.checkpoint()
+        print("RunningSandboxTests: checkpoint took \(took) ms")
+        #expect(await sandbox.sh("cat /root/setup").stdoutText == "prepared\n")  // goes on after the checkpoint
+        // A test messes the sandbox up...
+        #expect(await sandbox.sh("rm /root/setup; echo dirty > /root/dirt; kill $(cat /tmp/daemon.pid)").outcome == .exited(0))
+        // ...and rewind brings the checkpoint back, each time.
+        for round in 0 ..< 2 {
+            let back = try await sandbox.rewind()
+            print("RunningSandboxTests: rewind \(round) took \(back) ms")
+            let r = await sandbox.sh("cat /root/setup; test -e /root/dirt && echo dirt || echo clean")
+            #expect(r.stdoutText == "prepared\nclean\n", "round \(round): \(r.outcome) \(r.stdoutText) \(r.stderrText)")
+            // The daemon is back and counting on from where the checkpoint left it.
+            let a = Int(await sandbox.sh("cat /tmp/count").stdoutText.trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1
+            try await Task.sleep(for: .milliseconds(300))
+            let b = Int(await sandbox.sh("cat /tmp/count").stdoutText.trimmingCharacters(in: .whitespacesAndNewlines)) ?? -1
+            #expect(a > 0 && b > a, "round \(round): the daemon counted \(a) then \(b)")
+            _ = await sandbox.sh("echo dirty > /root/dirt")
+        }
+        // Entropy is renewed on every restore: two rewinds do not repeat random bytes.
+        _ = try await sandbox.rewind()
+        let r1 = await sandbox.sh("head -c 16 /dev/urandom | od -An -tx1")
+        _ = try await sandbox.rewind()
+        let r2 = await sandbox.sh("head -c 16 /dev/urandom | od -An -tx1")
+        #expect(r1.outcome == .exited(0) && r1.stdoutText != r2.stdoutText, "\(r1.stdoutText) \(r2.stdoutText)")
+    }
+
+    @Test("fork(count:) gives independent sandboxes that start from the checkpoint and do not see each other")
+    func forks() async throws {
+        let sandbox = try await Sandbox.start(Self.configuration)
+        #expect(await sandbox.sh("echo base > /root/base").outcome == .exited(0))
+        try await sandbox.checkpoint()
+        let forks = try await sandbox.fork(count: 3)
+        #expect(forks.count == 3)
+        for (i, f) in forks.enumerated() {
+            #expect(await f.sh("echo fork-\(i) > /root/mine").outcome == .exited(0))
+        }
+        for (i, f) in forks.enumerated() {
+            let r = await f.sh("cat /root/base /root/mine")
+            #expect(r.stdoutText == "base\nfork-\(i)\n", "fork \(i): \(r.stdoutText) \(r.stderrText)")
+        }
+        // The original went on untouched.
+        let r = await sandbox.sh("cat /root/base; test -e /root/mine && echo seen || echo unseen")
+        #expect(r.stdoutText == "base\nunseen\n", "\(r.stdoutText)")
+        let pids = Set(forks.map(\.vmmProcessID) + [sandbox.vmmProcessID])
+        #expect(pids.count == 4)
+        for f in forks { await f.stop() }
+        await sandbox.stop()
+        await #expect(throws: SandboxError.self) { _ = try await sandbox.fork(count: 1) }  // ended
+    }
+
     @Test("a start that cannot work throws a specific error")
     func startFailures() async {
         var config = Self.configuration
