@@ -22,6 +22,7 @@
 #include <stdlib.h>
 #include <sys/stat.h>
 #include <sys/statfs.h>
+#include <sys/syscall.h>
 #include <sys/sysmacros.h>
 #include <sys/un.h>
 #include <sys/wait.h>
@@ -262,19 +263,25 @@ int cinit_spawn(const struct cinit_spawn_request *req, struct cinit_spawn_result
         rc = -errno;
         goto fail;
     }
-    pid_t pid = fork();
+    // vfork: the child borrows this process's memory until it execs, instead of copying
+    // the agent's page tables (a fork of PID 1 cost about 4 ms on a PVM host, more than
+    // the command). So the child only makes system calls: raw ones where libc would touch
+    // process-wide state (glibc's setuid signals every thread of the process it thinks
+    // it is in; its sigaction checks internal signals), and writes nothing the parent
+    // reads except through the report pipe. It gets its own descriptor table and signal
+    // handlers (no CLONE_FILES, no CLONE_SIGHAND), and execve resets handled signals.
+    pid_t pid = vfork();
     if (pid < 0) { rc = -errno; goto fail; }
     if (pid == 0) {
         // Child.
-        setsid();
-        struct sigaction sa;
-        memset(&sa, 0, sizeof sa);
-        sa.sa_handler = SIG_DFL;
-        sigaction(SIGPIPE, &sa, NULL);
-        sigaction(SIGCHLD, &sa, NULL);
-        sigset_t none;
-        sigemptyset(&none);
-        sigprocmask(SIG_SETMASK, &none, NULL);
+        syscall(SYS_setsid);
+        // SIGPIPE (ignored by the agent) and SIGCHLD back to default: an ignored signal
+        // stays ignored across execve. Kernel layout: handler, flags, restorer, mask.
+        struct { void *handler; unsigned long flags; void *restorer; unsigned long mask; } dfl = { SIG_DFL, 0, 0, 0 };
+        syscall(SYS_rt_sigaction, SIGPIPE, &dfl, NULL, 8);
+        syscall(SYS_rt_sigaction, SIGCHLD, &dfl, NULL, 8);
+        unsigned long none = 0;
+        syscall(SYS_rt_sigprocmask, SIG_SETMASK, &none, NULL, 8);
 
         // Move the report pipe above 2 so the dup2s below cannot clobber it.
         int report = rep[1];
@@ -303,9 +310,9 @@ int cinit_spawn(const struct cinit_spawn_request *req, struct cinit_spawn_result
         const char *wd = (req->workdir && req->workdir[0]) ? req->workdir : "/";
         if (chdir(wd) < 0) child_fail(report, CINIT_STAGE_CHDIR, errno);
         if (req->change_ids) {
-            if (setgroups(0, NULL) < 0) child_fail(report, CINIT_STAGE_SETGROUPS, errno);
-            if (setgid(req->gid) < 0) child_fail(report, CINIT_STAGE_SETGID, errno);
-            if (setuid(req->uid) < 0) child_fail(report, CINIT_STAGE_SETUID, errno);
+            if (syscall(SYS_setgroups, 0, NULL) < 0) child_fail(report, CINIT_STAGE_SETGROUPS, errno);
+            if (syscall(SYS_setgid, req->gid) < 0) child_fail(report, CINIT_STAGE_SETGID, errno);
+            if (syscall(SYS_setuid, req->uid) < 0) child_fail(report, CINIT_STAGE_SETUID, errno);
         }
         child_fail(report, CINIT_STAGE_EXEC, exec_search(req->argv, req->envp, req->default_path));
     }

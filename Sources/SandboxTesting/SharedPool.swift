@@ -19,4 +19,8 @@ public enum SandboxTesting {
 
     /// Set by `SandboxTrait` for the duration of a test (or suite).
     @TaskLocal public static var scopedConfiguration: SandboxConfiguration?
+
+    /// Set by `SandboxSetupTrait` for the duration of a suite: the sandbox its set-up ran
+    /// in, checkpointed; `withSandbox` forks each test's sandbox from it.
+    @TaskLocal static var preparedSandbox: PreparedSandbox?
 }

@@ -83,19 +83,27 @@ final class TestSession: Sendable {
     private typealias Started = Result<(sandbox: RunningSandbox, slot: SandboxPool.Reservation), SandboxError>
     private let starting = Mutex<Task<Started, Never>?>(nil)
 
-    init(configuration: SandboxConfiguration, pool: SandboxPool) {
+    /// The suite's prepared sandbox (`SandboxSetupTrait`), if any.
+    let prepared: PreparedSandbox?
+
+    init(configuration: SandboxConfiguration, pool: SandboxPool, prepared: PreparedSandbox? = SandboxTesting.preparedSandbox) {
         self.configuration = configuration
         self.pool = pool
+        self.prepared = prepared
     }
 
     func sandbox() async -> Result<RunningSandbox, SandboxError> {
         let task = starting.withLock { t in
             if let t { return t }
-            let (configuration, pool) = (self.configuration, self.pool)
+            let (configuration, pool, prepared) = (self.configuration, self.pool, self.prepared)
             let new = Task<Started, Never> {
                 let slot: SandboxPool.Reservation
                 do { slot = try await pool.reserve() } catch { return .failure(.cancelled) }
-                do throws(SandboxError) { return .success((try await Sandbox.start(configuration), slot)) } catch {
+                do throws(SandboxError) {
+                    // Under a set-up trait: a fork of the prepared sandbox's checkpoint.
+                    if let prepared { return .success((try await prepared.fork(), slot)) }
+                    return .success((try await Sandbox.start(configuration), slot))
+                } catch {
                     slot.release()
                     return .failure(error)
                 }
@@ -267,4 +275,66 @@ extension Trait where Self == SandboxTrait {
     public static func sandbox(_ configuration: SandboxConfiguration) -> SandboxTrait {
         SandboxTrait(configuration: configuration)
     }
+}
+
+// MARK: Set-up once, a fresh copy per test
+
+/// A suite's set-up, done once: the sandbox it ran in, checkpointed. Each test's
+/// `withSandbox` gets its own fork of it.
+final class PreparedSandbox: Sendable {
+    let result: Result<RunningSandbox, SandboxError>
+    init(_ result: Result<RunningSandbox, SandboxError>) { self.result = result }
+
+    func fork() async throws(SandboxError) -> RunningSandbox {
+        let parent = try result.get()
+        guard let one = try await parent.fork(count: 1).first else { throw SandboxError(.internal, "fork(count: 1) gave no sandbox") }
+        return one
+    }
+}
+
+/// Runs a set-up script once for a suite, in one sandbox of the suite's configuration,
+/// checkpoints it, and gives every test's `withSandbox` its own fork of that checkpoint:
+/// each test starts from the prepared state in tens of milliseconds, and nothing a test
+/// does reaches another.
+///
+///     @Suite(.sandbox(image: "debian"), .sandboxSetup("pip install ... && mkdir /work"))
+///     struct Tools {
+///         @Test func a() async { await withSandbox { s in ... } }   // a fork of the set-up
+///     }
+///
+/// A set-up that fails (or a sandbox that cannot start) makes every test's runs return
+/// `.infrastructureError` saying so.
+public struct SandboxSetupTrait: SuiteTrait, TestScoping {
+    public let script: String
+    public var isRecursive: Bool { false }
+
+    public init(script: String) { self.script = script }
+
+    public func provideScope(for test: Test, testCase: Test.Case?,
+                             performing function: @Sendable () async throws -> Void) async throws {
+        let prepared = PreparedSandbox(await Self.prepare(script, configuration: SandboxTesting.currentConfiguration))
+        defer { if case .success(let s) = prepared.result { Task { await s.stop() } } }
+        try await SandboxTesting.$preparedSandbox.withValue(prepared) { try await function() }
+    }
+
+    static func prepare(_ script: String, configuration: SandboxConfiguration) async -> Result<RunningSandbox, SandboxError> {
+        let sandbox: RunningSandbox
+        do { sandbox = try await Sandbox.start(configuration) } catch { return .failure(error) }
+        let r = await sandbox.sh(script)
+        guard r.outcome == .exited(0) else {
+            await sandbox.stop()
+            let tail = SandboxFailureMessage.tail(r.stderrText, lines: 5).lines.joined(separator: " | ")
+            return .failure(SandboxError(.invalidInput, "the suite's set-up `\(script)` \(r.outcome)" + (tail.isEmpty ? "" : "; stderr ends: \(tail)")))
+        }
+        do { try await sandbox.checkpoint() } catch {
+            await sandbox.stop()
+            return .failure(error)
+        }
+        return .success(sandbox)
+    }
+}
+
+extension Trait where Self == SandboxSetupTrait {
+    /// Runs `script` (sh -c) once for the suite and gives each test a fork of the result.
+    public static func sandboxSetup(_ script: String) -> SandboxSetupTrait { SandboxSetupTrait(script: script) }
 }

@@ -97,3 +97,30 @@ struct RunLeakTests {
         #expect(after - before < 20, "mappings grew from \(before) to \(after) over 21 runs")
     }
 }
+
+/// `.sandboxSetup`: the set-up runs once; every test gets its own fork of it.
+@Suite(.enabled(if: kvmAvailable, "needs /dev/kvm"), .sandbox(timeout: .seconds(60)),
+       .sandboxSetup("echo prepared > /root/ready && mkdir -p /work"))
+struct SetupTraitTests {
+    @Test(arguments: 0 ..< 3)
+    func eachTestStartsFromTheSetUpAlone(i: Int) async {
+        await withSandbox { sandbox in
+            // The set-up's file, and nothing another test wrote.
+            expectOutput(await sandbox.sh("cat /root/ready; ls /work"), stdout: "prepared\n")
+            expectSuccess(await sandbox.sh("touch /work/test-\(i)"))
+            expectOutput(await sandbox.sh("ls /work"), stdout: "test-\(i)\n")
+        }
+    }
+}
+
+@Suite(.enabled(if: kvmAvailable, "needs /dev/kvm"), .sandbox(timeout: .seconds(60)),
+       .sandboxSetup("echo 'cannot prepare' >&2; exit 3"))
+struct FailedSetupTraitTests {
+    @Test func runsSayTheSetUpFailed() async {
+        await withSandbox { sandbox in
+            let r = await sandbox.run("true")
+            guard case .infrastructureError(let e) = r.outcome else { Issue.record("\(r.outcome)"); return }
+            #expect(e.message.contains("the suite's set-up `echo 'cannot prepare' >&2; exit 3` exited with status 3; stderr ends: cannot prepare"), "\(e)")
+        }
+    }
+}

@@ -90,3 +90,33 @@ struct SwiftTestingExamples {
         }
     }
 }
+
+/// Set up once, a fresh copy per test: `.sandboxSetup` runs its script once for the
+/// suite and checkpoints the sandbox; each test's `withSandbox` is its own fork of that
+/// checkpoint, so what one test changes, no other test sees.
+@Suite(.sandbox(image: "busybox", timeout: .seconds(60)), .sandboxSetup("mkdir -p /app && echo v1 > /app/version"))
+struct PreparedOnceExamples {
+    @Test func anUpgradeChangesOnlyThisTestsCopy() async {
+        await withSandbox { sandbox in
+            expectSuccess(await sandbox.sh("echo v2 > /app/version"))
+            expectOutput(await sandbox.run("cat", "/app/version"), stdout: "v2\n")
+        }
+    }
+
+    @Test func everyTestSeesTheSetUpAsItWas() async {
+        await withSandbox { sandbox in
+            expectOutput(await sandbox.run("cat", "/app/version"), stdout: "v1\n")
+        }
+    }
+
+    /// Inside one test: checkpoint, break things, rewind.
+    @Test func rewindWithinATest() async throws {
+        try await withSandbox { sandbox in
+            let vm = try await sandbox.running()
+            try await vm.checkpoint()
+            expectSuccess(await sandbox.sh("rm -rf /app"))
+            try await vm.rewind()
+            expectOutput(await sandbox.run("cat", "/app/version"), stdout: "v1\n")
+        }
+    }
+}
