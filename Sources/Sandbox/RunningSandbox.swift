@@ -365,8 +365,13 @@ public final class RunningSandbox: Sendable {
         try await onThreadThrowing { () throws(SandboxError) -> Double in
             guard self.hasCheckpoint else { throw .invalidInput("rewind() needs a checkpoint: call checkpoint() first") }
             return try self.replacingVM { old throws(SandboxError) in
+                // Nothing of the old VM is kept: kill it and reap it off this path (its
+                // exit unmaps its RAM, which takes a while).
                 old.vmm.kill()
-                old.vmm.reap(patienceMillis: 3000)
+                let vmm = old.vmm
+                if (try? NativeThread(name: "sandbox-rewound") { vmm.reap(patienceMillis: 3000) }.detach()) == nil {
+                    vmm.reap(patienceMillis: 3000)
+                }
             }
         }
     }

@@ -71,6 +71,8 @@ struct BenchExec: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "_bench-exec", abstract: "Benchmark: N execs in one RunningSandbox.", shouldDisplay: false)
     @Option var runs: Int = 200
+    @Option(help: "Then: one checkpoint, and this many rewinds to it, each timed.")
+    var rewinds: Int = 0
     @Argument(parsing: .remaining) var command: [String] = ["true"]
 
     func run() async throws {
@@ -89,11 +91,27 @@ struct BenchExec: AsyncParsableCommand {
             times.append(Double(monotonicNanos() - t) / 1e6)
             if r.outcome != .exited(0) { failed += 1; if failed == 1 { printError("first failure: \(r.outcome)") } }
         }
+        var rewindTimes: [Double] = []
+        var checkpointMillis = 0.0
+        if rewinds > 0 {
+            checkpointMillis = try await sandbox.checkpoint()
+            for _ in 0 ..< rewinds {
+                rewindTimes.append(try await sandbox.rewind())
+                let r = await sandbox.exec(argv)
+                if r.outcome != .exited(0) { failed += 1; if failed == 1 { printError("first failure after a rewind: \(r.outcome)") } }
+            }
+        }
         await sandbox.stop()
-        times.sort()
-        func pct(_ p: Double) -> Double { times[min(times.count - 1, Int(Double(times.count) * p))] }
+        func pct(_ values: [Double], _ p: Double) -> Double {
+            let v = values.sorted()
+            return v[min(v.count - 1, Int(Double(v.count) * p))]
+        }
         print(String(format: "exec in a running sandbox: %d × %@: median %.2f ms, p90 %.2f ms, p99 %.2f ms (start %.1f ms, failed %d)",
-                     runs, argv.joined(separator: " "), pct(0.5), pct(0.9), pct(0.99), started, failed))
+                     runs, argv.joined(separator: " "), pct(times, 0.5), pct(times, 0.9), pct(times, 0.99), started, failed))
+        if !rewindTimes.isEmpty {
+            print(String(format: "rewind to a checkpoint: %d rewinds: median %.1f ms, p90 %.1f ms (checkpoint %.1f ms)",
+                         rewindTimes.count, pct(rewindTimes, 0.5), pct(rewindTimes, 0.9), checkpointMillis))
+        }
         if failed > 0 { throw ExitCode(1) }
     }
 }
