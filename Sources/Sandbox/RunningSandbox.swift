@@ -117,15 +117,27 @@ public final class RunningSandbox: Sendable {
 
     private static let workCounter = Mutex<UInt64>(0)
 
-    /// A new `<cache>/running/PID-N` with an empty `next/`.
+    /// A new `<cache>/running/PID-N` with an empty `next/`. The first one of a process
+    /// also removes the directories of processes that are gone (a process that exits
+    /// with sandboxes still running leaves theirs: its VMMs die with it, nobody cleans up).
     static func makeWorkDirectory() throws(SandboxError) -> String {
         let n = workCounter.withLock { c in c += 1; return c }
+        if n == 1 { sweepWorkDirectories() }
         let dir = SandboxPaths.cacheDirectory + "/running/\(getpid())-\(n)"
         try? FileManager.default.removeItem(atPath: dir)
         do { try FileManager.default.createDirectory(atPath: dir + "/next", withIntermediateDirectories: true) } catch {
             throw SandboxError(.host, "cannot create \(dir)", underlying: error)
         }
         return dir
+    }
+
+    static func sweepWorkDirectories() {
+        let root = SandboxPaths.cacheDirectory + "/running"
+        for name in (try? FileManager.default.contentsOfDirectory(atPath: root)) ?? [] {
+            guard let pid = name.split(separator: "-").first.flatMap({ Int32($0) }), pid != getpid(),
+                  kill(pid, 0) != 0, errno == ESRCH else { continue }
+            try? FileManager.default.removeItem(atPath: root + "/" + name)
+        }
     }
 
     /// Spawns a VMM (restoring `restoreFrom`, or booting `boot`) whose checkpoints go to
