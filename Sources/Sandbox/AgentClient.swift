@@ -26,6 +26,8 @@ public final class AgentClient: Sendable {
     private struct State {
         var decoder = FrameDecoder()
         var nextID: UInt32 = 1
+        /// The Exec in progress, for `killCurrentExec`.
+        var execID: UInt32?
     }
     private let state = Mutex(State())
 
@@ -120,14 +122,18 @@ public final class AgentClient: Sendable {
     /// - Parameters:
     ///   - stdin: bytes to feed the command (then EOF); nil = no stdin.
     ///   - stdinFD: a host descriptor to pump into the command's stdin until EOF (terminal passthrough).
-    public func exec(_ exec: Exec, stdin: [UInt8]? = nil, stdinFD: Int32? = nil,
+    ///   - onStarted: called with the Exec's request id once it is sent (for `killExec`).
+    public func exec(_ exec: Exec, stdin: [UInt8]? = nil, stdinFD: Int32? = nil, onStarted: ((UInt32) -> Void)? = nil,
                      onOutput: (StdioStream, [UInt8]) -> Void) throws -> CommandStatus {
         var e = exec
         // Without input the command reads /dev/null (fd 0 open, at end of file), as under a
         // shell with `</dev/null`; a closed fd 0 breaks programs that dup or check it.
         e.stdin = (stdin != nil || stdinFD != nil) ? .stream : .none
         let id = takeID()
+        state.withLock { $0.execID = id }
+        defer { state.withLock { $0.execID = nil } }
         try send(.exec(e), id: id)
+        onStarted?(id)
         var pump: NativeThread?
         if let stdin {
             pump = try NativeThread(name: "stdin-pump") { [self] in
@@ -219,6 +225,17 @@ public final class AgentClient: Sendable {
             s.nextID &+= 1
             return id
         }
+    }
+
+    /// The id of the Exec in progress, if any.
+    public var currentExecID: UInt32? { state.withLock { $0.execID } }
+
+    /// SIGKILLs the process group of Exec `id` if it is still the one in progress (from
+    /// any thread; that exec then returns its `signalled(9)`). Returns whether it was.
+    @discardableResult
+    public func killExec(_ id: UInt32) -> Bool {
+        guard state.withLock({ $0.execID }) == id else { return false }
+        return (try? send(.kill, id: id)) != nil
     }
 
     /// Asks the guest to sync and power off.

@@ -218,6 +218,7 @@ public final class RunningSandbox: Sendable {
         defer { turn.unlock() }
         if let ended = endedBecause { throw ended }
         do { return try body() } catch {
+            if let e = error as? SandboxError, e.code == .cancelled { throw e }  // nothing was sent
             if case AgentClient.Error.agentError(let message)? = error as? AgentClient.Error {
                 // The guest's answer (no such file, ...): the connection is fine.
                 throw SandboxError(.agent, message)
@@ -244,7 +245,7 @@ public final class RunningSandbox: Sendable {
     }
 
     /// Runs `command` in the sandbox (blocking; see `exec` for the async form).
-    func execBlocking(_ command: [String], options: ExecOptions, stdin: [UInt8]?,
+    func execBlocking(_ command: [String], options: ExecOptions, stdin: [UInt8]?, cancel: CancelToken? = nil,
                       onOutput: (OutputEvent) -> Void) -> ExecResult {
         let t0 = monotonicNanos()
         var result = ExecResult(command: command, outcome: .infrastructureError(.internal("not run")), stdout: [], stderr: [],
@@ -265,9 +266,19 @@ public final class RunningSandbox: Sendable {
         do {
             let status = try request { () throws -> CommandStatus in
                 let vm = self.vm
+                if cancel?.isCancelled == true { throw SandboxError.cancelled }
                 if let timeout { deadline = try? Watchdog(after: timeout + Self.hostGrace) { [vmm = vm.vmm] in vmm.kill() } }
                 defer { deadline?.cancel() }
-                return try vm.client.exec(exec, stdin: stdin) { stream, bytes in
+                // A cancel kills this command (and no later one): its id is known once the
+                // Exec is sent; a cancel that came first is handled at registration.
+                let mine = Mutex<UInt32?>(nil)
+                cancel?.onCancel { [client = vm.client] in
+                    if let id = mine.withLock({ $0 }) { client.killExec(id) }
+                }
+                return try vm.client.exec(exec, stdin: stdin, onStarted: { id in
+                    mine.withLock { $0 = id }
+                    if cancel?.isCancelled == true { vm.client.killExec(id) }
+                }) { stream, bytes in
                     let event: OutputEvent = stream == .stdout ? .stdout(bytes) : .stderr(bytes)
                     onOutput(event)
                     keeper.add(event)
@@ -275,6 +286,7 @@ public final class RunningSandbox: Sendable {
             }
             (result.stdout, result.stderr) = (keeper.stdout, keeper.stderr)
             SandboxRunner.apply(status, to: &result, onOutput: onOutput)
+            if cancel?.isCancelled == true { result.outcome = .infrastructureError(.cancelled) }
         } catch {
             (result.stdout, result.stderr) = (keeper.stdout, keeper.stderr)
             if deadline?.fired == true {
@@ -312,8 +324,15 @@ public final class RunningSandbox: Sendable {
 
     /// Runs `command` (argv) in the sandbox and returns its typed result. Output is
     /// kept up to the output limit. Waits for earlier requests of this sandbox.
+    /// Cancelling the calling task kills the command (its process group) and returns
+    /// `.infrastructureError(.cancelled)`; the sandbox stays usable.
     public func exec(_ command: [String], options: ExecOptions = ExecOptions(), stdin: [UInt8]? = nil) async -> ExecResult {
-        await onThread { self.execBlocking(command, options: options, stdin: stdin, onOutput: { _ in }) }
+        let token = CancelToken()
+        return await withTaskCancellationHandler {
+            await onThread { self.execBlocking(command, options: options, stdin: stdin, cancel: token, onOutput: { _ in }) }
+        } onCancel: {
+            token.cancel()
+        }
     }
 
     /// Runs `script` with `sh -c`.
@@ -495,7 +514,8 @@ struct OutputKeeper {
 }
 
 extension Sandbox {
-    /// Starts a sandbox that lives across many commands (see `RunningSandbox`).
+    /// Starts a sandbox that lives across many commands (see `RunningSandbox`). A start
+    /// whose task is cancelled stops its VM once it is up and throws `cancelled`.
     public static func start(_ configuration: SandboxConfiguration = SandboxConfiguration(),
                              progress: @escaping @Sendable (String) -> Void = { _ in }) async throws(SandboxError) -> RunningSandbox {
         let r: Result<RunningSandbox, SandboxError> = await withCheckedContinuation { cont in
@@ -509,7 +529,12 @@ extension Sandbox {
                 cont.resume(returning: .failure(SandboxError(.host, "cannot start a thread for the sandbox", underlying: error)))
             }
         }
-        return try r.get()
+        let sandbox = try r.get()
+        if Task.isCancelled {
+            await sandbox.stop()
+            throw .cancelled
+        }
+        return sandbox
     }
 }
 

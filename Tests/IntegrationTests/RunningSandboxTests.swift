@@ -92,6 +92,28 @@ struct RunningSandboxTests {
         #expect(!Self.vmmAlive(pid), "VMM \(pid) still runs")
     }
 
+    @Test("cancelling an exec kills that command and returns cancelled; the sandbox goes on; a cancelled start throws cancelled")
+    func cancellation() async throws {
+        let sandbox = try await Sandbox.start(Self.configuration)
+        let t0 = ContinuousClock.now
+        let task = Task { await sandbox.exec(["sleep", "30"]) }
+        try await Task.sleep(for: .milliseconds(300))
+        task.cancel()
+        let r = await task.value
+        guard case .infrastructureError(let e) = r.outcome, e.code == .cancelled else { Issue.record("\(r.outcome)"); return }
+        #expect(ContinuousClock.now - t0 < .seconds(10))
+        // The command is gone from the guest; the sandbox answers.
+        let left = await sandbox.sh("ps | grep -c '[s]leep 30' || true")
+        #expect(left.stdoutText == "0\n", "\(left.stdoutText) \(left.stderrText)")
+        await sandbox.stop()
+
+        let start = Task { try await Sandbox.start(Self.configuration) }
+        start.cancel()
+        do { _ = try await start.value; Issue.record("a cancelled start returned a sandbox") } catch let e as SandboxError {
+            #expect(e.code == .cancelled, "\(e)")
+        }
+    }
+
     @Test("a sandbox released without stop() stops its VM")
     func releaseStops() async throws {
         var sandbox: RunningSandbox? = try await Sandbox.start(Self.configuration)
