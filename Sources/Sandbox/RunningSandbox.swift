@@ -85,6 +85,7 @@ public final class RunningSandbox: Sendable {
         }
         guard config.consoleFD == nil else { throw .invalidInput("consoleFD is for one-shot runs (Sandbox.run)") }
         try InputCheck.check(config)
+        try SandboxRunner.checkCopyIn(config.copyIn)
         let snapshot = try SandboxRunner.prepare(config, progress: progress).snapshot
         var boot: (kernel: String, image: String)?
         if snapshot == nil {
@@ -99,11 +100,7 @@ public final class RunningSandbox: Sendable {
             throw error
         }
         do {
-            for c in config.copyIn {
-                let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: c.hostPath)))
-                let mode = ((try? FileManager.default.attributesOfItem(atPath: c.hostPath)[.posixPermissions]) as? NSNumber)?.uint32Value ?? 0o644
-                try launched.vm.client.writeFile(path: c.guestPath, mode: mode, contents: bytes)
-            }
+            try SandboxRunner.copyIn(config.copyIn, with: launched.vm.client)
         } catch {
             launched.vm.vmm.kill()
             launched.vm.vmm.reap(patienceMillis: 3000)

@@ -145,15 +145,7 @@ public enum SandboxRunner {
                     }
                 }
             }
-            for c in config.copyIn {
-                var isDirectory: ObjCBool = false
-                if FileManager.default.fileExists(atPath: c.hostPath, isDirectory: &isDirectory), isDirectory.boolValue {
-                    throw SandboxError.invalidInput("copy-in \(c.hostPath): is a directory; copy-in takes single files")
-                }
-                guard FileManager.default.isReadableFile(atPath: c.hostPath) else {
-                    throw SandboxError.invalidInput("copy-in \(c.hostPath): not a readable file")
-                }
-            }
+            try checkCopyIn(config.copyIn)
         } catch {
             result.outcome = .infrastructureError(.from(error, code: .host))
             return result
@@ -292,11 +284,7 @@ public enum SandboxRunner {
                 result.timings.agentStartup = Double(pong.agentReadyNanos &- pong.initStartedNanos) / 1e6
             }
             tExec = connected
-            for c in config.copyIn {
-                let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: c.hostPath)))
-                let mode = ((try? FileManager.default.attributesOfItem(atPath: c.hostPath)[.posixPermissions]) as? NSNumber)?.uint32Value ?? 0o644
-                try client.writeFile(path: c.guestPath, mode: mode, contents: bytes)
-            }
+            try copyIn(config.copyIn, with: client)
             let exec = Exec(arguments: command, environment: environment(config), workingDirectory: config.workingDirectory,
                             timeoutMillis: commandTimeout.map { UInt64($0 * 1000) } ?? 0,
                             stdoutCap: config.outputLimit, stderrCap: config.outputLimit)
@@ -424,6 +412,28 @@ struct ErrorDescription: Error, Sendable, CustomStringConvertible {
 }
 
 extension SandboxRunner {
+    /// Refuses copy-in sources that are directories or unreadable, before anything starts.
+    static func checkCopyIn(_ copies: [FileCopy]) throws(SandboxError) {
+        for c in copies {
+            var isDirectory: ObjCBool = false
+            if FileManager.default.fileExists(atPath: c.hostPath, isDirectory: &isDirectory), isDirectory.boolValue {
+                throw SandboxError.invalidInput("copy-in \(c.hostPath): is a directory; copy-in takes single files")
+            }
+            guard FileManager.default.isReadableFile(atPath: c.hostPath) else {
+                throw SandboxError.invalidInput("copy-in \(c.hostPath): not a readable file")
+            }
+        }
+    }
+
+    /// Writes each copy-in file into the guest with its host mode.
+    static func copyIn(_ copies: [FileCopy], with client: AgentClient) throws {
+        for c in copies {
+            let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: c.hostPath)))
+            let mode = ((try? FileManager.default.attributesOfItem(atPath: c.hostPath)[.posixPermissions]) as? NSNumber)?.uint32Value ?? 0o644
+            try client.writeFile(path: c.guestPath, mode: mode, contents: bytes)
+        }
+    }
+
     /// The outcome of a command the agent reported on (`status`), into `result`: a
     /// command that could not start is 127/126 with a line on stderr (as a shell says it),
     /// or the caller's error when it is not the command's fault; SIGKILL by the guest's
