@@ -197,13 +197,22 @@ struct JailTests {
         #expect(r.stderr.contains("SANDBOX_CGROUP=\(dir): is not a cgroup v2 directory"), "\(r.stderr)")
     }
 
-    /// Root with `setpriv`, natively: the test can become an unprivileged user.
+    /// Root with `setpriv`, natively, and the built CLI reachable by other users (every
+    /// directory above it searchable by others: a checkout under a 0700 directory, as
+    /// `mktemp -d` makes, is not): the test can become an unprivileged user and run it.
     static var canBecomeNobody: Bool {
-        geteuid() == 0 && !Fixture.inLab && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv")
+        guard geteuid() == 0 && !Fixture.inLab && FileManager.default.isExecutableFile(atPath: "/usr/bin/setpriv") else { return false }
+        var path = URL(fileURLWithPath: Fixture.sandboxBinary).resolvingSymlinksInPath().path
+        while !path.isEmpty && path != "/" {
+            var st = stat()
+            guard stat(path, &st) == 0, st.st_mode & S_IXOTH != 0 else { return false }
+            path = (path as NSString).deletingLastPathComponent
+        }
+        return true
     }
 
     @Test("as an unprivileged user (nobody, with access to /dev/kvm only) the VMM runs in a user namespace too and the run works",
-          .enabled(if: JailTests.canBecomeNobody, "needs root and setpriv to become nobody (not in the lab)"))
+          .enabled(if: JailTests.canBecomeNobody, "needs root, setpriv, and a checkout other users can reach, to become nobody (not in the lab)"))
     func unprivilegedUser() throws {
         // nobody gets /dev/kvm through a supplementary group made for the test (restored
         // after), the kernel and image through hard links in a directory it can read, and

@@ -101,7 +101,8 @@ struct RunningSandboxTests {
         task.cancel()
         let r = await task.value
         guard case .infrastructureError(let e) = r.outcome, e.code == .cancelled else { Issue.record("\(r.outcome)"); return }
-        #expect(ContinuousClock.now - t0 < .seconds(10))
+        // Well before `sleep 30` would have ended by itself (a loaded host is slow).
+        #expect(ContinuousClock.now - t0 < .seconds(25))
         // The command is gone from the guest; the sandbox answers.
         let left = await sandbox.sh("ps | grep -c '[s]leep 30' || true")
         #expect(left.stdoutText == "0\n", "\(left.stdoutText) \(left.stderrText)")
