@@ -1,4 +1,5 @@
 import AgentProtocol
+import Foundation
 import Synchronization
 import SystemShims
 #if canImport(Glibc)
@@ -17,6 +18,11 @@ public enum CommandStatus: Equatable, Sendable {
 /// The host side of the agent protocol over a connected byte stream (a socket to the
 /// VMM process, which relays it to the guest's vsock port; or a Unix socket in tests).
 /// Blocking; use it from a dedicated thread, never the async cooperative pool.
+///
+/// Two ways to read: directly (one request at a time, the caller's thread reads the
+/// socket: one-shot runs), or demultiplexed after `startReader()` (a reader thread owns
+/// the socket's read side and hands each frame to the mailbox of its request id, so any
+/// number of requests run at once from any threads: a running sandbox).
 public final class AgentClient: Sendable {
     public let fd: FileDescriptor
     /// Held for each whole frame's send(2)s, so frames from the session thread and
@@ -26,18 +32,28 @@ public final class AgentClient: Sendable {
     private struct State {
         var decoder = FrameDecoder()
         var nextID: UInt32 = 1
-        /// The Exec in progress, for `killCurrentExec`.
+        /// The Exec in progress in direct mode, for `killExec`.
         var execID: UInt32?
     }
     private let state = Mutex(State())
+    /// Demultiplexed mode: the mailbox of each request in flight, and why the connection
+    /// ended once it has (every mailbox then ends with that).
+    private struct Demux {
+        var boxes: [UInt32: FrameMailbox] = [:]
+        var closed: Swift.Error?
+    }
+    private let demux = Mutex<Demux?>(nil)
 
     public enum Error: Swift.Error, CustomStringConvertible, Sendable {
         case connectionClosed
         case protocolError(String)
         case agentError(String)
         case io(SystemError)
+        /// The connection was closed on purpose (the sandbox stopped or was rewound).
+        case closed(SandboxError)
         public var description: String {
             switch self {
+            case .closed(let why): return "\(why)"
             case .connectionClosed: return "the guest agent closed the connection"
             case .protocolError(let s): return "agent protocol error: \(s)"
             case .agentError(let s): return "the guest agent reported an error: \(s)"
@@ -104,16 +120,18 @@ public final class AgentClient: Sendable {
         var ts = timespec()
         clock_gettime(CLOCK_REALTIME, &ts)
         let now = UInt64(ts.tv_sec) * 1_000_000_000 + UInt64(ts.tv_nsec)
-        try send(.seed(Seed(unixNanos: now, entropy: entropy)))
+        try send(.seed(Seed(unixNanos: now, entropy: entropy)), id: takeID())
     }
 
     /// Ping: the agent answers with its boot timestamps.
     public func ping() throws -> Pong {
-        let token = UInt64(state.withLock { $0.nextID })
-        try send(.ping(token))
+        let id = takeID()
+        let box = try openMailbox(id)
+        defer { closeMailbox(id) }
+        try send(.ping(UInt64(id)), id: id)
         while true {
-            let f = try receive()
-            if case .pong(let p) = f.message, p.echo == token { return p }
+            let f = try next(box)
+            if case .pong(let p) = f.message, p.echo == UInt64(id) { return p }
             if case .error(let m) = f.message { throw Error.agentError(m.message) }
         }
     }
@@ -129,10 +147,8 @@ public final class AgentClient: Sendable {
         // Without input the command reads /dev/null (fd 0 open, at end of file), as under a
         // shell with `</dev/null`; a closed fd 0 breaks programs that dup or check it.
         e.stdin = (stdin != nil || stdinFD != nil) ? .stream : .none
-        let id = takeID()
-        state.withLock { $0.execID = id }
-        defer { state.withLock { $0.execID = nil } }
-        try send(.exec(e), id: id)
+        let id = try begin(e)
+        defer { end(id) }
         onStarted?(id)
         var pump: NativeThread?
         if let stdin {
@@ -159,8 +175,27 @@ public final class AgentClient: Sendable {
             }
         }
         defer { if stdin != nil { pump?.join() } }
+        return try results(of: id, onOutput: onOutput)
+    }
+
+    /// Sends an Exec as it is (its stdin mode included) and returns its request id; its
+    /// frames are then read with `results(of:)`, and `end(_:)` forgets it.
+    public func begin(_ exec: Exec) throws -> UInt32 {
+        let id = takeID()
+        if try openMailbox(id) == nil { state.withLock { $0.execID = id } }
+        do { try send(.exec(exec), id: id) } catch {
+            end(id)
+            throw error
+        }
+        return id
+    }
+
+    /// Reads Exec `id`'s frames until its end, delivering output chunks in order.
+    public func results(of id: UInt32, onOutput: (StdioStream, [UInt8]) -> Void) throws -> CommandStatus {
+        let box = mailbox(id)
         while true {
-            let f = try receive()
+            let f = try next(box)
+            if box == nil && f.id != id && f.id != 0 { continue }  // a late frame of an earlier request
             switch f.message {
             case .output(let o): onOutput(o.stream, o.data)
             case .exited(let code): return .exited(code)
@@ -173,9 +208,17 @@ public final class AgentClient: Sendable {
         }
     }
 
+    /// Forgets request `id` (its late frames are dropped).
+    public func end(_ id: UInt32) {
+        closeMailbox(id)
+        state.withLock { if $0.execID == id { $0.execID = nil } }
+    }
+
     /// Writes a file in the guest (copy-in).
     public func writeFile(path: String, mode: UInt32, contents: [UInt8]) throws {
         let id = takeID()
+        let box = try openMailbox(id)
+        defer { closeMailbox(id) }
         let chunk = AgentProtocolLimits.maxChunkSize
         var offset = 0
         repeat {
@@ -185,7 +228,7 @@ public final class AgentClient: Sendable {
             offset = end
         } while offset < contents.count
         while true {
-            let f = try receive()
+            let f = try next(box)
             switch f.message {
             case .fileEnd: return
             case .fileError(let e): throw Error.agentError("writing \(path) in the guest: \(e.message)")
@@ -200,10 +243,12 @@ public final class AgentClient: Sendable {
     /// it sends; the host decides how much it keeps).
     public func readFile(path: String, limit: UInt64 = 1 << 30) throws -> [UInt8] {
         let id = takeID()
+        let box = try openMailbox(id)
+        defer { closeMailbox(id) }
         try send(.readFile(path: path), id: id)
         var out: [UInt8] = []
         while true {
-            let f = try receive()
+            let f = try next(box)
             switch f.message {
             case .fileData(let d):
                 guard UInt64(out.count) + UInt64(d.data.count) <= limit else {
@@ -227,17 +272,156 @@ public final class AgentClient: Sendable {
         }
     }
 
-    /// The id of the Exec in progress, if any.
+    /// The id of the Exec in progress in direct mode, if any.
     public var currentExecID: UInt32? { state.withLock { $0.execID } }
 
-    /// SIGKILLs the process group of Exec `id` if it is still the one in progress (from
-    /// any thread; that exec then returns its `signalled(9)`). Returns whether it was.
+    /// Whether request `id` is still in flight.
+    private func inFlight(_ id: UInt32) -> Bool {
+        if let d = demux.withLock({ $0 }) { return d.boxes[id] != nil }
+        return state.withLock { $0.execID } == id
+    }
+
+    /// SIGKILLs the process group of Exec `id` if it is still in flight (from any
+    /// thread; that exec then returns its `signalled(9)`). Returns whether it was.
     @discardableResult
     public func killExec(_ id: UInt32) -> Bool {
-        guard state.withLock({ $0.execID }) == id else { return false }
+        guard inFlight(id) else { return false }
         return (try? send(.kill, id: id)) != nil
+    }
+
+    /// Sends signal `number` to the process group of Exec `id` if it is still in flight.
+    @discardableResult
+    public func signalExec(_ id: UInt32, _ number: Int32) -> Bool {
+        guard inFlight(id) else { return false }
+        return (try? send(.signal(number), id: id)) != nil
+    }
+
+    // MARK: Demultiplexed mode
+
+    /// Starts the reader thread: from now on frames go to the mailbox of their request
+    /// id and requests may run at once. Frames for no request in flight (late ones of a
+    /// finished request) are dropped; an Error frame with id 0 (the agent could not
+    /// decode what it got) goes to every request.
+    public func startReader() throws {
+        let started = demux.withLock { d -> Bool in
+            if d != nil { return false }
+            d = Demux()
+            return true
+        }
+        guard started else { return }
+        try NativeThread(name: "agent-reader") { [self] in
+            while true {
+                let frame: Frame
+                do { frame = try receive() } catch {
+                    close(because: error)
+                    return
+                }
+                let targets: [FrameMailbox] = demux.withLock { d in
+                    guard let d else { return [] }
+                    if frame.id == 0, case .error = frame.message { return Array(d.boxes.values) }
+                    return d.boxes[frame.id].map { [$0] } ?? []
+                }
+                for box in targets { box.put(frame) }
+            }
+        }.detach()
+    }
+
+    /// Ends every request in flight and every later one with `error` (the first reason
+    /// given is kept). The socket itself is the owner's to close.
+    public func close(because error: Swift.Error) {
+        let boxes: [FrameMailbox] = demux.withLock { d in
+            guard d != nil else { return [] }
+            if d!.closed == nil { d!.closed = error }
+            let all = Array(d!.boxes.values)
+            d!.boxes = [:]
+            return all
+        }
+        for box in boxes { box.close(error) }
+    }
+
+    /// A new mailbox for request `id` in demultiplexed mode; nil in direct mode.
+    private func openMailbox(_ id: UInt32) throws -> FrameMailbox? {
+        try demux.withLock { d throws -> FrameMailbox? in
+            guard d != nil else { return nil }
+            if let closed = d!.closed { throw closed }
+            let box = FrameMailbox()
+            d!.boxes[id] = box
+            return box
+        }
+    }
+
+    private func mailbox(_ id: UInt32) -> FrameMailbox? { demux.withLock { $0?.boxes[id] } }
+
+    /// Forgets request `id`'s mailbox; a reader waiting to put into it goes on.
+    private func closeMailbox(_ id: UInt32) {
+        demux.withLock { $0?.boxes.removeValue(forKey: id) }?.close(Error.protocolError("request \(id) has ended"))
+    }
+
+    /// The next frame of a request: from its mailbox, or from the socket in direct mode.
+    /// A request whose mailbox was already closed (the connection ended before it was
+    /// looked up) gets the connection's end.
+    private func next(_ box: FrameMailbox?) throws -> Frame {
+        if let box { return try box.take() }
+        if let closed = demux.withLock({ $0?.closed }) { throw closed }
+        if demux.withLock({ $0 != nil }) { throw Error.connectionClosed }
+        return try receive()
     }
 
     /// Asks the guest to sync and power off.
     public func shutdown() { try? send(.shutdown) }
+}
+
+/// The frames of one request in flight, put by the reader thread and taken by the
+/// request's thread. Bounded: a reader that would queue more than `limitBytes` of
+/// payload waits for the taker (the guest then waits on vsock credit), so a slow
+/// consumer costs memory up to the bound, not without end.
+final class FrameMailbox: @unchecked Sendable {
+    // @unchecked: every field is read and written with `condition` held.
+    static let limitBytes = 16 << 20
+    private let condition = NSCondition()
+    private var frames: [Frame] = []
+    private var head = 0
+    private var bytes = 0
+    private var closed: Swift.Error?
+
+    private static func size(_ frame: Frame) -> Int {
+        switch frame.message {
+        case .output(let o): o.data.count
+        case .fileData(let d): d.data.count
+        default: 64
+        }
+    }
+
+    func put(_ frame: Frame) {
+        condition.lock()
+        defer { condition.unlock() }
+        while bytes >= Self.limitBytes && closed == nil { condition.wait() }
+        guard closed == nil else { return }
+        frames.append(frame)
+        bytes += Self.size(frame)
+        condition.broadcast()
+    }
+
+    func close(_ error: Swift.Error) {
+        condition.lock()
+        if closed == nil { closed = error }
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    /// The next frame; after `close`, the frames already put and then the error.
+    func take() throws -> Frame {
+        condition.lock()
+        defer { condition.unlock() }
+        while head == frames.count && closed == nil { condition.wait() }
+        if head < frames.count {
+            let f = frames[head]
+            head += 1
+            bytes -= Self.size(f)
+            if head == frames.count { frames.removeAll(keepingCapacity: true); head = 0 }
+            condition.broadcast()
+            return f
+        }
+        throw closed!
+    }
 }

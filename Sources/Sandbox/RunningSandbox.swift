@@ -19,11 +19,13 @@ import Glibc
 ///     let r = await sandbox.exec(["cat", "/greeting"])     // "hi\n"
 ///     await sandbox.stop()
 ///
-/// `Sendable`: calls from concurrent tasks are served one after another (the guest agent
-/// runs one request at a time). The VM stops on `stop()`, when the object is released,
-/// or when this process exits (the VMM dies with its parent). A command that breaks the
-/// agent connection (or outlives its timeout by the host's grace) ends the sandbox: later
-/// calls return that reason.
+/// `Sendable`: calls from concurrent tasks run at once in the one VM (the guest agent
+/// serves any number of requests on its connection, each with its own id); `spawn`
+/// starts a command in the background. `checkpoint()`, `rewind()` and `fork(count:)` run
+/// alone. The VM stops on `stop()`, when the object is released, or when this process
+/// exits (the VMM dies with its parent). A command that breaks the agent connection (or
+/// outlives its timeout by the host's grace) ends the sandbox: later calls return that
+/// reason.
 public final class RunningSandbox: Sendable {
     /// The configuration it was started with (a template resolved to its snapshot).
     public let configuration: SandboxConfiguration
@@ -40,8 +42,8 @@ public final class RunningSandbox: Sendable {
         var ended: SandboxError?
     }
     private let state: Mutex<State>
-    /// Held by the thread doing a request: one at a time on the agent's connection.
-    private let turn = Lock()
+    /// Requests run at once; checkpoint, rewind and fork run alone.
+    let gate = RequestGate()
     /// `<cache>/running/PID-N`: `next/`, where the VMM writes a checkpoint when asked, and
     /// `checkpoint/`, the last one taken. Removed when the sandbox ends.
     private let workDirectory: String
@@ -71,7 +73,7 @@ public final class RunningSandbox: Sendable {
         }
     }
 
-    private var vm: VM { state.withLock { $0.vm } }
+    var vm: VM { state.withLock { $0.vm } }
 
     // MARK: Start
 
@@ -174,6 +176,8 @@ public final class RunningSandbox: Sendable {
             try client.hello()
             if ready.restoreMillis != nil { try client.seed() }
             _ = try client.ping()
+            // From here on requests run at once, each reading its own frames.
+            try client.startReader()
         } catch {
             vmm.kill()
             vmm.reap(patienceMillis: 3000)
@@ -209,36 +213,62 @@ public final class RunningSandbox: Sendable {
     /// Why the sandbox has ended, if it has (stopped, or broken by a failed request).
     public var endedBecause: SandboxError? { state.withLock { $0.ended } }
 
-    /// Runs `body` as this sandbox's one request in flight; nil if the sandbox has ended.
-    private func request<T>(_ body: () throws -> T) throws(SandboxError) -> T {
-        turn.lock()
-        defer { turn.unlock() }
+    /// Runs `body` as one of this sandbox's requests in flight (others may run at once),
+    /// unless the sandbox has ended. An error of the connection ends the sandbox; the
+    /// guest's answer to a request (no such file) does not.
+    private func request<T>(_ body: (VM) throws -> T) throws(SandboxError) -> T {
+        gate.enter()
+        defer { gate.leave() }
         if let ended = endedBecause { throw ended }
-        do { return try body() } catch {
-            if let e = error as? SandboxError, e.code == .cancelled { throw e }  // nothing was sent
-            if case AgentClient.Error.agentError(let message)? = error as? AgentClient.Error {
-                // The guest's answer (no such file, ...): the connection is fine.
-                throw SandboxError(.agent, message)
-            }
-            // The agent connection is in an unknown state: this sandbox is over.
-            let e = SandboxError.from(error, code: .agent, context: "talking to the guest agent failed")
-            end(e)
-            throw e
+        do { return try body(vm) } catch {
+            throw failed(error)
         }
     }
 
-    /// Stops the VM (once), removes the work directory, and remembers why.
-    private func end(_ why: SandboxError) {
+    /// What a request's error means for the sandbox: the guest's answer (the connection
+    /// is fine), the reason the connection was closed on purpose (stopped, rewound), or a
+    /// broken connection, which ends the sandbox.
+    func failed(_ error: Swift.Error) -> SandboxError {
+        if let e = error as? SandboxError, e.code == .cancelled { return e }  // nothing was sent
+        switch error as? AgentClient.Error {
+        case .agentError(let message)?: return SandboxError(.agent, message)
+        case .closed(let why)?: return why
+        default: break
+        }
+        if let ended = endedBecause { return ended }
+        let e = SandboxError.from(error, code: .agent, context: "talking to the guest agent failed")
+        end(e)
+        return e
+    }
+
+    /// Stops the VM (once), removes the work directory, and remembers why. Requests in
+    /// flight end with `why`.
+    func end(_ why: SandboxError) {
         let vm: VM? = state.withLock { s in
             guard s.ended == nil else { return nil }
             s.ended = why
             return s.vm
         }
         guard let vm else { return }
+        vm.client.close(because: AgentClient.Error.closed(why))
         vm.vmm.requestStop()
         _ = vm.vmm.waitStopped(timeoutMillis: 3000)
         vm.vmm.reap(patienceMillis: 3000)
         try? FileManager.default.removeItem(atPath: workDirectory)
+    }
+
+    /// The Exec for `command` with `options` over the sandbox's configuration.
+    func makeExec(_ command: [String], options: ExecOptions, stdin: StdinMode, defaultTimeout: Bool) -> (exec: Exec, timeout: Double?, limit: UInt64) {
+        var config = configuration
+        config.environment.merge(options.environment) { _, new in new }
+        let chosen = defaultTimeout ? (options.timeout ?? configuration.timeout) : options.timeout
+        let timeout = chosen.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
+        let limit = options.outputLimit ?? configuration.outputLimit
+        var exec = Exec(arguments: command, environment: SandboxRunner.environment(config),
+                        workingDirectory: options.workingDirectory ?? configuration.workingDirectory,
+                        timeoutMillis: timeout.map { UInt64($0 * 1000) } ?? 0, stdoutCap: limit, stderrCap: limit)
+        exec.stdin = stdin
+        return (exec, timeout, limit)
     }
 
     /// Runs `command` in the sandbox (blocking; see `exec` for the async form).
@@ -251,22 +281,17 @@ public final class RunningSandbox: Sendable {
             result.outcome = .infrastructureError(.invalidInput("no command given"))
             return result
         }
-        var config = configuration
-        config.environment.merge(options.environment) { _, new in new }
-        let timeout = (options.timeout ?? configuration.timeout).map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
-        let limit = options.outputLimit ?? configuration.outputLimit
-        let exec = Exec(arguments: command, environment: SandboxRunner.environment(config),
-                        workingDirectory: options.workingDirectory ?? configuration.workingDirectory,
-                        timeoutMillis: timeout.map { UInt64($0 * 1000) } ?? 0, stdoutCap: limit, stderrCap: limit)
+        let (exec, timeout, limit) = makeExec(command, options: options, stdin: .none, defaultTimeout: true)
         var keeper = OutputKeeper(limit: limit, keep: configuration.keepOutput)
         var deadline: Watchdog?
+        var used: VM?
         do {
-            let status = try request { () throws -> CommandStatus in
-                let vm = self.vm
+            let status = try request { (vm: VM) throws -> CommandStatus in
+                used = vm
                 if cancel?.isCancelled == true { throw SandboxError.cancelled }
                 if let timeout { deadline = try? Watchdog(after: timeout + Self.hostGrace) { [vmm = vm.vmm] in vmm.kill() } }
                 defer { deadline?.cancel() }
-                // A cancel kills this command (and no later one): its id is known once the
+                // A cancel kills this command (and no other): its id is known once the
                 // Exec is sent; a cancel that came first is handled at registration.
                 let mine = Mutex<UInt32?>(nil)
                 cancel?.onCancel { [client = vm.client] in
@@ -292,7 +317,7 @@ public final class RunningSandbox: Sendable {
             } else {
                 result.outcome = .infrastructureError(error)
             }
-            result.consoleTail = vm.vmm.lastStopped?.consoleTail ?? ""
+            result.consoleTail = (used ?? vm).vmm.lastStopped?.consoleTail ?? ""
         }
         result.timings.exec = Double(monotonicNanos() &- t0) / 1e6
         result.timings.total = result.timings.exec
@@ -320,7 +345,7 @@ public final class RunningSandbox: Sendable {
     }
 
     /// Runs `command` (argv) in the sandbox and returns its typed result. Output is
-    /// kept up to the output limit. Waits for earlier requests of this sandbox.
+    /// kept up to the output limit. Other commands may run at the same time.
     /// Cancelling the calling task kills the command (its process group) and returns
     /// `.infrastructureError(.cancelled)`; the sandbox stays usable.
     public func exec(_ command: [String], options: ExecOptions = ExecOptions(), stdin: [UInt8]? = nil) async -> ExecResult {
@@ -340,7 +365,7 @@ public final class RunningSandbox: Sendable {
     /// Writes `contents` to `path` in the guest (parents are made), with `mode`.
     public func writeFile(_ path: String, contents: [UInt8], mode: UInt32 = 0o644) async throws(SandboxError) {
         let r: Result<Void, SandboxError> = await onThread {
-            do throws(SandboxError) { try self.request { try self.vm.client.writeFile(path: path, mode: mode, contents: contents) }; return .success(()) } catch { return .failure(error) }
+            do throws(SandboxError) { try self.request { try $0.client.writeFile(path: path, mode: mode, contents: contents) }; return .success(()) } catch { return .failure(error) }
         }
         try r.get()
     }
@@ -349,7 +374,7 @@ public final class RunningSandbox: Sendable {
     public func readFile(_ path: String, limit: UInt64? = nil) async throws(SandboxError) -> [UInt8] {
         let limit = limit ?? configuration.copyOutLimit
         let r: Result<[UInt8], SandboxError> = await onThread {
-            do throws(SandboxError) { return .success(try self.request { try self.vm.client.readFile(path: path, limit: limit) }) } catch { return .failure(error) }
+            do throws(SandboxError) { return .success(try self.request { try $0.client.readFile(path: path, limit: limit) }) } catch { return .failure(error) }
         }
         return try r.get()
     }
@@ -361,10 +386,15 @@ public final class RunningSandbox: Sendable {
     /// paused for it and then goes on as a VM restored from it (the guest's processes,
     /// files and clock go on; its connection to the host is new).
     /// - Returns: milliseconds it took (snapshot written and the VM back).
+    /// - Throws: `invalidInput` while commands run (a checkpoint needs a quiet agent:
+    ///   wait for them, or for spawned processes, first).
     @discardableResult
     public func checkpoint() async throws(SandboxError) -> Double {
         try await onThreadThrowing { () throws(SandboxError) -> Double in
-            try self.replacingVM { old throws(SandboxError) in
+            try self.replacingVM { old, inFlight throws(SandboxError) in
+                guard inFlight == 0 else {
+                    throw .invalidInput("checkpoint() needs no command running in the sandbox; \(inFlight) still run (spawned processes count until they end)")
+                }
                 old.vmm.requestSnapshot()
                 guard let e = old.vmm.nextEvent(timeoutMillis: 120_000) else {
                     throw SandboxError(.snapshot, "the VMM did not report the checkpoint within 120 s")
@@ -384,7 +414,8 @@ public final class RunningSandbox: Sendable {
     }
 
     /// Goes back to the last checkpoint: the current VM is discarded and a new one is
-    /// restored from it (memory, processes, files and disk as they were).
+    /// restored from it (memory, processes, files and disk as they were). Commands still
+    /// running in the discarded VM end with a `cancelled` infrastructure error.
     /// - Returns: milliseconds it took.
     /// - Throws: `invalidInput` without a checkpoint; why the restore failed (the sandbox
     ///   has then ended).
@@ -392,9 +423,10 @@ public final class RunningSandbox: Sendable {
     public func rewind() async throws(SandboxError) -> Double {
         try await onThreadThrowing { () throws(SandboxError) -> Double in
             guard self.hasCheckpoint else { throw .invalidInput("rewind() needs a checkpoint: call checkpoint() first") }
-            return try self.replacingVM { old throws(SandboxError) in
+            return try self.replacingVM { old, _ throws(SandboxError) in
                 // Nothing of the old VM is kept: kill it and reap it off this path (its
                 // exit unmaps its RAM, which takes a while).
+                old.client.close(because: AgentClient.Error.closed(SandboxError(.cancelled, "the sandbox was rewound while the command ran")))
                 old.vmm.kill()
                 let vmm = old.vmm
                 if (try? NativeThread(name: "sandbox-rewound") { vmm.reap(patienceMillis: 3000) }.detach()) == nil {
@@ -416,7 +448,7 @@ public final class RunningSandbox: Sendable {
         config.copyIn = []
         let c = config
         return try await onThreadThrowing { () throws(SandboxError) -> [RunningSandbox] in
-            try self.withTurn { () throws(SandboxError) -> [RunningSandbox] in
+            try self.alone { _ throws(SandboxError) -> [RunningSandbox] in
                 guard self.hasCheckpoint else { throw .invalidInput("fork(count:) needs a checkpoint: call checkpoint() first") }
                 var forks: [RunningSandbox] = []
                 for _ in 0 ..< count { forks.append(try RunningSandbox.start(c, progress: { _ in })) }
@@ -427,14 +459,17 @@ public final class RunningSandbox: Sendable {
 
     private var hasCheckpoint: Bool { FileManager.default.fileExists(atPath: checkpointDirectory) }
 
-    /// With the turn held: `discard` ends the current VM (writing a checkpoint, or not),
-    /// then a new VM is restored from the checkpoint and takes over. A failure ends the
-    /// sandbox. Returns the milliseconds it all took.
-    private func replacingVM(_ discard: (VM) throws(SandboxError) -> Void) throws(SandboxError) -> Double {
-        try withTurn { () throws(SandboxError) -> Double in
+    /// Alone: `discard` ends the current VM (writing a checkpoint, or not; it is told how
+    /// many requests are in flight), then a new VM is restored from the checkpoint and
+    /// takes over. A failure ends the sandbox. Returns the milliseconds it all took.
+    private func replacingVM(_ discard: (VM, Int) throws(SandboxError) -> Void) throws(SandboxError) -> Double {
+        try alone { inFlight throws(SandboxError) -> Double in
             let t0 = monotonicNanos()
+            do throws(SandboxError) { try discard(vm, inFlight) } catch where error.code == .invalidInput { throw error } catch {
+                end(SandboxError(.snapshot, "the sandbox could not go on from its checkpoint", underlying: error))
+                throw error
+            }
             func goOn() throws(SandboxError) {
-                try discard(vm)
                 try? FileManager.default.removeItem(atPath: nextDirectory)
                 do { try FileManager.default.createDirectory(atPath: nextDirectory, withIntermediateDirectories: true) } catch {
                     throw SandboxError(.host, "cannot create \(nextDirectory)", underlying: error)
@@ -450,16 +485,17 @@ public final class RunningSandbox: Sendable {
         }
     }
 
-    /// Runs `body` holding the turn, unless the sandbox has ended.
-    private func withTurn<T>(_ body: () throws(SandboxError) -> T) throws(SandboxError) -> T {
-        turn.lock()
-        defer { turn.unlock() }
-        if let ended = endedBecause { throw ended }
-        return try body()
+    /// Runs `body` with no other checkpoint, rewind or fork, and no new request, at the
+    /// same time (it is told how many requests are in flight), unless the sandbox has ended.
+    private func alone<T>(_ body: (Int) throws(SandboxError) -> T) throws(SandboxError) -> T {
+        try gate.exclusively { inFlight throws(SandboxError) -> T in
+            if let ended = endedBecause { throw ended }
+            return try body(inFlight)
+        }
     }
 
-    /// Stops the VM. Requests waiting for their turn end with "the sandbox was stopped";
-    /// one in flight ends with the VM. Idempotent.
+    /// Stops the VM. Requests in flight, and later ones, end with "the sandbox was
+    /// stopped" (a `cancelled` infrastructure error). Idempotent.
     public func stop() async {
         await onThread { self.end(SandboxError(.cancelled, "the sandbox was stopped")) }
     }
@@ -473,14 +509,58 @@ public final class RunningSandbox: Sendable {
     }
 
     /// Runs blocking `body` on a thread of its own (never on the cooperative pool).
-    private func onThread<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
-        await withCheckedContinuation { (cont: CheckedContinuation<T, Never>) in
-            do {
-                try NativeThread(name: "sandbox-request") { cont.resume(returning: body()) }.detach()
-            } catch {
-                cont.resume(returning: body())
-            }
+    func onThread<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+        await runOnThread(body)
+    }
+}
+
+/// Runs blocking `body` on a thread of its own (never on the cooperative pool).
+func runOnThread<T: Sendable>(_ body: @escaping @Sendable () -> T) async -> T {
+    await withCheckedContinuation { (cont: CheckedContinuation<T, Never>) in
+        do {
+            try NativeThread(name: "sandbox-request") { cont.resume(returning: body()) }.detach()
+        } catch {
+            cont.resume(returning: body())
         }
+    }
+}
+
+/// Requests of a running sandbox run at once (`enter`/`leave`); checkpoint, rewind and
+/// fork run `exclusively`: new requests wait for them, and they are told how many are
+/// already in flight.
+final class RequestGate: @unchecked Sendable {
+    // @unchecked: both fields are read and written with `condition` held.
+    private let condition = NSCondition()
+    private var inFlight = 0
+    private var exclusive = false
+
+    func enter() {
+        condition.lock()
+        while exclusive { condition.wait() }
+        inFlight += 1
+        condition.unlock()
+    }
+
+    func leave() {
+        condition.lock()
+        inFlight -= 1
+        condition.broadcast()
+        condition.unlock()
+    }
+
+    func exclusively<T>(_ body: (Int) throws(SandboxError) -> T) throws(SandboxError) -> T {
+        condition.lock()
+        while exclusive { condition.wait() }
+        exclusive = true
+        let n = inFlight
+        condition.unlock()
+        defer {
+            condition.lock()
+            exclusive = false
+            condition.broadcast()
+            condition.unlock()
+        }
+        return try body(n)
     }
 }
 

@@ -131,8 +131,10 @@ enum SnapshotCache {
         }
         guard let made else { throw SandboxError.internal("the start snapshot was neither made nor failed") }
         unlink(failureFile(name))
+        // Which VMM made the entry, for `prune`: entries of other VMM builds are kept.
+        try? (vmm + "\n").write(toFile: dir + "/" + vmmFileName, atomically: true, encoding: .utf8)
         progress(String(format: "sandbox: start snapshot made in %.0f ms (%@)", made.totalMillis, dir))
-        prune(label: label, keeping: name)
+        prune(label: label, keeping: name, vmm: vmm)
         return dir
     }
 
@@ -173,17 +175,40 @@ enum SnapshotCache {
         if rename(dir, trash) == 0 { try? FileManager.default.removeItem(atPath: trash) }
     }
 
-    /// Removes the other entries of the same label (made for an older kernel, image or
-    /// VMM build), and leftovers of interrupted makes older than an hour. Entries are
-    /// renamed away first; a sandbox already restored from one keeps its open files.
-    static func prune(label: String, keeping name: String) {
+    /// The file in an entry naming the VMM executable that made it.
+    static let vmmFileName = "made-by-vmm"
+
+    /// How long an entry of another VMM build (a release build beside a debug one, a
+    /// user's package's copy) is kept beside the current one.
+    static let otherBuildDays: Double = 7
+
+    /// Removes the other entries of the same label made by the same VMM executable (for
+    /// an older kernel, image or build of it), or by a VMM that no longer exists or that
+    /// made it more than a week ago, and leftovers of interrupted makes older than an
+    /// hour. Entries of another VMM that still exists stay: a debug and a release build,
+    /// or a user's package beside this checkout, each keep their own and do not remake
+    /// each other's. Entries are renamed away first; a sandbox already restored from one
+    /// keeps its open files.
+    static func prune(label: String, keeping name: String, vmm: String, in directory: String = directory) {
         let fm = FileManager.default
         guard let names = try? fm.contentsOfDirectory(atPath: directory) else { return }
-        let hour = Date().addingTimeInterval(-3600)
+        let now = Date()
+        let hour = now.addingTimeInterval(-3600)
+        let otherBuildLimit = now.addingTimeInterval(-otherBuildDays * 86400)
         for n in names where n != name {
             let path = directory + "/" + n
-            let old = ((try? fm.attributesOfItem(atPath: path)[.modificationDate]) as? Date).map { $0 < hour } ?? false
-            let stale = n.hasPrefix(label + "-") && n.count == name.count
+            let modified = (try? fm.attributesOfItem(atPath: path)[.modificationDate]) as? Date
+            let old = modified.map { $0 < hour } ?? false
+            var stale = false
+            if n.hasPrefix(label + "-") && n.count == name.count {
+                let maker = (try? String(contentsOfFile: path + "/" + vmmFileName, encoding: .utf8))?
+                    .trimmingCharacters(in: .whitespacesAndNewlines)
+                if let maker, maker != vmm, fm.isExecutableFile(atPath: maker) {
+                    stale = modified.map { $0 < otherBuildLimit } ?? true
+                } else {
+                    stale = true  // the same VMM, one that is gone, or an unrecorded maker
+                }
+            }
             // Leftovers: interrupted makes and removals, old failure notes, and the locks
             // of entries that no longer exist.
             let orphanLock = n.hasPrefix(".") && n.hasSuffix(".lock") && !names.contains(String(n.dropFirst().dropLast(".lock".count)))

@@ -3,9 +3,18 @@ import CInit
 import Glibc
 import SystemShims
 
-/// Serves the agent protocol on a listening socket, one connection at a time. A
-/// connection that breaks or sends garbage is closed and the next one accepted.
+/// Serves the agent protocol on a listening socket, one connection at a time; on that
+/// connection any number of requests at once (up to `maxConcurrentExecs` Execs), told
+/// apart by their request id. One event loop (poll) drives the connection, the reaper and
+/// every running Exec; file requests are served whole when they arrive. A connection that
+/// breaks or sends garbage is closed (its commands killed) and the next one accepted.
 final class Agent {
+    /// Execs running at once on one connection; one more gets `Error(busy)`.
+    static let maxConcurrentExecs = 64
+    /// Stop reading the connection while this many stdin bytes (all Execs together) wait
+    /// for their commands.
+    static let stdinBacklogLimit = 8 << 20
+
     let reaper: Reaper
     let initStartedNanos: UInt64
     private(set) var agentReadyNanos: UInt64 = 0
@@ -44,45 +53,92 @@ final class Agent {
     /// Serves one connection. Returns true if the host asked for Shutdown.
     func session(_ connection: FrameConnection) -> Bool {
         var greeted = false
+        var execs: [UInt32: ExecRunner] = [:]
         failedWrites = []
         let send: (AgentMessage, UInt32) throws -> Void = { message, id in try connection.send(message, id: id) }
+        // Whatever ends the session, no command of it keeps running.
+        defer { for runner in execs.values { runner.abandon() } }
+
+        /// Handles one frame; true when it was Shutdown.
+        func handle(_ frame: Frame) throws -> Bool {
+            if !greeted {
+                guard case .hello(let hello) = frame.message else {
+                    try send(.error(ErrorMessage(code: .protocolViolation, message: "expected Hello, got \(frame.message.type)")), frame.id)
+                    throw ConnectionError.closedByPeer
+                }
+                guard hello.version >= 1 else {
+                    try send(.error(ErrorMessage(code: .unsupported, message: "protocol version \(hello.version) not supported")), frame.id)
+                    throw ConnectionError.closedByPeer
+                }
+                try send(.hello(Hello(version: min(hello.version, AgentProtocolVersion.current), capabilities: .all)), frame.id)
+                greeted = true
+                return false
+            }
+            switch frame.message {
+            case .exec(let exec):
+                guard execs[frame.id] == nil else {
+                    try send(.error(ErrorMessage(code: .protocolViolation, message: "request id \(frame.id) is already running an exec")), frame.id)
+                    return false
+                }
+                guard execs.count < Self.maxConcurrentExecs else {
+                    try send(.error(ErrorMessage(code: .busy, message: "\(Self.maxConcurrentExecs) execs are already running on this connection")), frame.id)
+                    return false
+                }
+                let runner = ExecRunner(exec: exec, id: frame.id, reaper: reaper, send: send)
+                try runner.start()
+                if runner.final == nil { execs[frame.id] = runner }
+            case .stdinData, .stdinEOF, .signal, .kill:
+                execs[frame.id]?.handle(frame.message)  // none: late input for a finished exec
+            case .ping(let value):
+                try send(pong(value), frame.id)
+            case .seed(let seed):
+                if let failure = Self.apply(seed) { try send(.error(ErrorMessage(code: .internal, message: failure)), frame.id) }
+            case .writeFile(let chunk):
+                try writeFile(chunk, id: frame.id, send: send)
+            case .readFile(let path):
+                try readFile(path, id: frame.id, send: send)
+            case .shutdown:
+                return true
+            case .error(let e):
+                log("host reported error \(e.code.rawValue): \(e.message)")
+            case .hello, .pong, .output, .exited, .signalled, .execFailed, .timedOut, .fileData, .fileEnd, .fileError:
+                try send(.error(ErrorMessage(code: .protocolViolation, message: "unexpected \(frame.message.type)")), frame.id)
+            }
+            return false
+        }
+
         do {
             while true {
-                let frame = try connection.nextFrame(reaper: reaper)
-                if !greeted {
-                    guard case .hello(let hello) = frame.message else {
-                        try send(.error(ErrorMessage(code: .protocolViolation, message: "expected Hello, got \(frame.message.type)")), frame.id)
-                        return false
-                    }
-                    guard hello.version >= 1 else {
-                        try send(.error(ErrorMessage(code: .unsupported, message: "protocol version \(hello.version) not supported")), frame.id)
-                        return false
-                    }
-                    try send(.hello(Hello(version: min(hello.version, AgentProtocolVersion.current), capabilities: .all)), frame.id)
-                    greeted = true
-                    continue
+                while let frame = connection.popQueued() {
+                    if try handle(frame) { return true }
                 }
-                switch frame.message {
-                case .exec(let exec):
-                    let runner = ExecRunner(exec: exec, id: frame.id, reaper: reaper, input: connection, send: send, pong: pong)
-                    _ = try runner.run()
-                    if runner.shutdownRequested { return true }
-                case .ping(let value):
-                    try send(pong(value), frame.id)
-                case .seed(let seed):
-                    if let failure = Self.apply(seed) { try send(.error(ErrorMessage(code: .internal, message: failure)), frame.id) }
-                case .writeFile(let chunk):
-                    try writeFile(chunk, id: frame.id, send: send)
-                case .readFile(let path):
-                    try readFile(path, id: frame.id, send: send)
-                case .shutdown:
-                    return true
-                case .stdinData, .stdinEOF, .signal, .kill:
-                    break // late input for a finished exec
-                case .error(let e):
-                    log("host reported error \(e.code.rawValue): \(e.message)")
-                case .hello, .pong, .output, .exited, .signalled, .execFailed, .timedOut, .fileData, .fileEnd, .fileError:
-                    try send(.error(ErrorMessage(code: .protocolViolation, message: "unexpected \(frame.message.type)")), frame.id)
+                for runner in execs.values { try runner.step() }
+                execs = execs.filter { $0.value.final == nil }
+
+                var fds: [pollfd] = []
+                var owners: [(ExecRunner, ExecRunner.Role)?] = []
+                let backlog = execs.values.reduce(0) { $0 + $1.stdinBacklog }
+                if backlog < Self.stdinBacklogLimit {
+                    fds.append(pollfd(fd: connection.fd, events: Int16(POLLIN), revents: 0)); owners.append(nil)
+                }
+                fds.append(pollfd(fd: reaper.fd, events: Int16(POLLIN), revents: 0)); owners.append(nil)
+                let reaperIndex = fds.count - 1
+                for runner in execs.values {
+                    for entry in runner.pollSet() {
+                        fds.append(pollfd(fd: entry.fd, events: entry.events, revents: 0)); owners.append((runner, entry.role))
+                    }
+                }
+                let now = nowNanos()
+                let wake = execs.values.compactMap(\.wakeAt).min()
+                _ = try pollFDs(&fds, timeoutMillis: wake.map { ExecRunner.millis(until: $0, from: now) } ?? -1)
+                for (k, pfd) in fds.enumerated() where pfd.revents != 0 {
+                    if let (runner, role) = owners[k] {
+                        try runner.ready(role)
+                    } else if k == reaperIndex {
+                        reaper.reap()
+                    } else {
+                        try connection.readOnce()
+                    }
                 }
             }
         } catch ConnectionError.closedByPeer {

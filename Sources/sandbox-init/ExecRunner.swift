@@ -4,55 +4,56 @@ import Glibc
 import SandboxABI
 import SystemShims
 
-/// Runs one ``Exec``: spawns the command in its own session/process group, forwards
-/// stdin from the host, streams stdout/stderr as ordered ``Output`` frames, enforces
-/// caps and the timeout, forwards Signal/Kill, and ends with exactly one of
-/// Exited, Signalled, TimedOut or ExecFailed.
+/// One ``Exec`` as a state machine the agent's event loop drives: spawns the command in
+/// its own session/process group, forwards stdin from the host, streams stdout/stderr as
+/// ordered ``Output`` frames, enforces caps and the timeout, takes Signal/Kill, and ends
+/// with exactly one of Exited, Signalled, TimedOut or ExecFailed. Several run at once on
+/// one connection, told apart by their request id.
 final class ExecRunner {
     /// Largest read from a pipe, hence the largest Output payload data.
     static let chunkSize = 64 * 1024
-    /// Stop reading the connection while this many stdin bytes wait for the command.
-    static let stdinBacklogLimit = 8 << 20
     /// After the command exits, how long stragglers may keep the pipes open.
     static let drainNanos: UInt64 = 2_000_000_000
 
-    private let exec: Exec
-    private let id: UInt32
+    /// What a descriptor this exec polls is for.
+    enum Role { case stdout, stderr, stdin }
+
+    let exec: Exec
+    let id: UInt32
     private let reaper: Reaper
-    private let input: FrameConnection?
     private let send: (AgentMessage, UInt32) throws -> Void
-    private let pong: (UInt64) -> AgentMessage
 
-    /// Set when the host sent Shutdown during the exec; the caller then shuts down.
-    private(set) var shutdownRequested = false
-
+    private var pid: pid_t = 0
     private var sequence: UInt64 = 0
     private var forwarded: [UInt64] = [0, 0]
     private var truncated: [Bool] = [false, false]
+    private var pipes: [Int32] = [-1, -1]
     private var stdinFD: Int32 = -1
     private var stdinPending: [UInt8] = []
     private var stdinPendingOffset = 0
     private var stdinEOFRequested = false
+    private var status: Int32?
+    private var timedOut = false
+    private var deadline: UInt64?
+    private var drainDeadline: UInt64?
+    /// The final message, once sent.
+    private(set) var final: AgentMessage?
 
-    /// - Parameters:
-    ///   - input: the connection whose queued and future frames feed stdin, Signal,
-    ///     Kill and Ping during the exec; nil for local runs (selftest).
-    ///   - send: delivers a message with a request id to the host.
-    ///   - pong: builds the answer to a Ping received during the exec.
-    init(exec: Exec, id: UInt32, reaper: Reaper, input: FrameConnection?,
-         send: @escaping (AgentMessage, UInt32) throws -> Void, pong: @escaping (UInt64) -> AgentMessage) {
+    init(exec: Exec, id: UInt32, reaper: Reaper, send: @escaping (AgentMessage, UInt32) throws -> Void) {
         self.exec = exec
         self.id = id
         self.reaper = reaper
-        self.input = input
         self.send = send
-        self.pong = pong
     }
 
-    /// Runs the command to completion and returns the final message it sent.
-    /// - Throws: whatever `send` or the connection throws (the host went away); the
-    ///   process group is killed and the command reaped before the error propagates.
-    func run() throws -> AgentMessage {
+    deinit { abandon() }
+
+    /// Bytes of stdin received from the host and not yet written to the command.
+    var stdinBacklog: Int { stdinPending.count - stdinPendingOffset }
+
+    /// Starts the command. A command that cannot start has sent its ExecFailed and is
+    /// finished (`final` set) when this returns.
+    func start() throws {
         var spawn = cinit_spawn_result()
         let changeIDs = exec.uid != getuid() || exec.gid != getgid()
         let stdinMode: Int32 = switch exec.stdin {
@@ -77,124 +78,112 @@ final class ExecRunner {
             // The message starts with the stage that failed; for chdir it names the
             // working directory, since the command itself was never looked at.
             let subject = what == "chdir" ? (exec.workingDirectory.isEmpty ? "/" : exec.workingDirectory) : exec.arguments[0]
-            let message = AgentMessage.execFailed(ExecFailed(errno: code, message: "\(what) \(subject): \(errnoDescription(code))"))
-            try send(message, id)
-            return message
+            try finish(.execFailed(ExecFailed(errno: code, message: "\(what) \(subject): \(errnoDescription(code))")))
+            return
         }
-        let pid = spawn.pid
+        pid = spawn.pid
         reaper.track(pid)
         stdinFD = spawn.stdin_fd
-        var pipes: [Int32] = [spawn.stdout_fd, spawn.stderr_fd]
-        var status: Int32? = nil
-        var timedOut = false
-        var drainDeadline: UInt64? = nil
-        let deadline: UInt64? = exec.timeoutMillis == 0 ? nil
+        pipes = [spawn.stdout_fd, spawn.stderr_fd]
+        deadline = exec.timeoutMillis == 0 ? nil
             : nowNanos().addingReportingOverflow(exec.timeoutMillis.multipliedReportingOverflow(by: 1_000_000).partialValue).partialValue
-
-        defer {
-            for fd in pipes where fd >= 0 { close(fd) }
-            closeStdin()
-            if status == nil {
-                // Leaving early (host gone): do not leave the command running.
-                Glibc.kill(-pid, SIGKILL)
-                _ = reaper.waitFor(pid)
-            }
-        }
-
-        while true {
-            // Frames already decoded (e.g. StdinData right behind the Exec) come first.
-            while let input, let frame = input.popQueued() { try handle(frame, pid: pid) }
-            flushStdin()
-
-            if status == nil, let s = reaper.takeStatus(pid) {
-                status = s
-                // One-shot semantics: background processes of the command die with it.
-                Glibc.kill(-pid, SIGKILL)
-                drainDeadline = nowNanos() + Self.drainNanos
-            }
-            if status != nil && (pipes.allSatisfy { $0 < 0 } || nowNanos() >= (drainDeadline ?? 0)) { break }
-
-            var timeout: Int32 = -1
-            let now = nowNanos()
-            if status == nil, let deadline, !timedOut {
-                if now >= deadline {
-                    timedOut = true
-                    Glibc.kill(-pid, SIGKILL)
-                    Glibc.kill(pid, SIGKILL)
-                    continue
-                }
-                timeout = Self.millis(until: deadline, from: now)
-            }
-            if let drainDeadline { timeout = Self.millis(until: drainDeadline, from: now) }
-
-            var fds: [pollfd] = []
-            var roles: [Int] = [] // 0 stdout, 1 stderr, 2 stdin, 3 connection, 4 reaper
-            for (i, fd) in pipes.enumerated() where fd >= 0 {
-                fds.append(pollfd(fd: fd, events: Int16(POLLIN), revents: 0)); roles.append(i)
-            }
-            if stdinFD >= 0 && stdinPendingOffset < stdinPending.count {
-                fds.append(pollfd(fd: stdinFD, events: Int16(POLLOUT), revents: 0)); roles.append(2)
-            }
-            if let input, stdinPending.count - stdinPendingOffset < Self.stdinBacklogLimit {
-                fds.append(pollfd(fd: input.fd, events: Int16(POLLIN), revents: 0)); roles.append(3)
-            }
-            fds.append(pollfd(fd: reaper.fd, events: Int16(POLLIN), revents: 0)); roles.append(4)
-
-            _ = try pollFDs(&fds, timeoutMillis: timeout)
-            for (k, pfd) in fds.enumerated() where pfd.revents != 0 {
-                switch roles[k] {
-                case 0, 1:
-                    let stream = roles[k]
-                    switch try readChunk(pipes[stream], max: Self.chunkSize) {
-                    case .data(let bytes): try forward(bytes, stream: stream)
-                    case .endOfFile: close(pipes[stream]); pipes[stream] = -1
-                    case .wouldBlock: break
-                    }
-                case 2: flushStdin()
-                case 3: try input?.readOnce()
-                default: reaper.reap()
-                }
-            }
-        }
-
-        let final: AgentMessage
-        let s = status ?? 0
-        if timedOut {
-            final = .timedOut
-        } else if (s & 0x7f) == 0 {
-            final = .exited((s >> 8) & 0xff)
-        } else {
-            final = .signalled(signal: s & 0x7f, coreDumped: (s & 0x80) != 0)
-        }
-        try send(final, id)
-        return final
     }
 
-    // MARK: - Host frames during the exec
+    /// The descriptors to poll now, with what each is for.
+    func pollSet() -> [(fd: Int32, events: Int16, role: Role)] {
+        guard final == nil else { return [] }
+        var set: [(fd: Int32, events: Int16, role: Role)] = []
+        if pipes[0] >= 0 { set.append((pipes[0], Int16(POLLIN), .stdout)) }
+        if pipes[1] >= 0 { set.append((pipes[1], Int16(POLLIN), .stderr)) }
+        if stdinFD >= 0 && stdinBacklog > 0 { set.append((stdinFD, Int16(POLLOUT), .stdin)) }
+        return set
+    }
 
-    private func handle(_ frame: Frame, pid: pid_t) throws {
-        switch frame.message {
-        case .stdinData(let bytes) where frame.id == id:
+    /// When this exec next needs a `step` without any descriptor being ready (its
+    /// timeout, or the end of the drain after the command exited).
+    var wakeAt: UInt64? {
+        guard final == nil else { return nil }
+        if let drainDeadline { return drainDeadline }
+        if status == nil, !timedOut { return deadline }
+        return nil
+    }
+
+    /// Handles a ready descriptor.
+    func ready(_ role: Role) throws {
+        switch role {
+        case .stdout, .stderr:
+            let stream = role == .stdout ? 0 : 1
+            switch try readChunk(pipes[stream], max: Self.chunkSize) {
+            case .data(let bytes): try forward(bytes, stream: stream)
+            case .endOfFile: close(pipes[stream]); pipes[stream] = -1
+            case .wouldBlock: break
+            }
+        case .stdin: flushStdin()
+        }
+    }
+
+    /// Advances the state after anything happened: stdin, the child's status (the caller
+    /// reaps), the timeout, the drain. Sends the final message when the exec is over.
+    func step() throws {
+        guard final == nil else { return }
+        flushStdin()
+        if status == nil, let s = reaper.takeStatus(pid) {
+            status = s
+            // One-shot semantics: background processes of the command die with it.
+            Glibc.kill(-pid, SIGKILL)
+            drainDeadline = nowNanos() + Self.drainNanos
+        }
+        if status == nil, let deadline, !timedOut, nowNanos() >= deadline {
+            timedOut = true
+            Glibc.kill(-pid, SIGKILL)
+            Glibc.kill(pid, SIGKILL)
+        }
+        guard let s = status, pipes.allSatisfy({ $0 < 0 }) || nowNanos() >= (drainDeadline ?? 0) else { return }
+        for i in pipes.indices where pipes[i] >= 0 { close(pipes[i]); pipes[i] = -1 }
+        closeStdin()
+        if timedOut {
+            try finish(.timedOut)
+        } else if (s & 0x7f) == 0 {
+            try finish(.exited((s >> 8) & 0xff))
+        } else {
+            try finish(.signalled(signal: s & 0x7f, coreDumped: (s & 0x80) != 0))
+        }
+    }
+
+    private func finish(_ message: AgentMessage) throws {
+        final = message
+        try send(message, id)
+    }
+
+    /// Leaves without a final message (the host went away, or Shutdown): the command's
+    /// process group is killed and the command reaped.
+    func abandon() {
+        for i in pipes.indices where pipes[i] >= 0 { close(pipes[i]); pipes[i] = -1 }
+        closeStdin()
+        if final == nil && status == nil && pid > 0 {
+            Glibc.kill(-pid, SIGKILL)
+            Glibc.kill(pid, SIGKILL)
+            status = reaper.waitFor(pid) ?? 0
+        }
+        if final == nil { final = .kill }  // marks it over; nothing is sent
+    }
+
+    // MARK: - Host frames for this exec
+
+    /// StdinData, StdinEOF, Signal or Kill for this exec's id.
+    func handle(_ message: AgentMessage) {
+        guard final == nil else { return }
+        switch message {
+        case .stdinData(let bytes):
             if stdinFD >= 0 && !stdinEOFRequested { stdinPending.append(contentsOf: bytes) }
-        case .stdinEOF where frame.id == id:
+        case .stdinEOF:
             stdinEOFRequested = true
-        case .signal(let number) where frame.id == id:
-            if number > 0 && number < 65 { Glibc.kill(-pid, number) }
-        case .kill where frame.id == id:
-            Glibc.kill(-pid, SIGKILL)
-        case .stdinData, .stdinEOF, .signal, .kill:
-            break // for another (finished) request: ignore
-        case .ping(let value):
-            try send(pong(value), frame.id)
-        case .shutdown:
-            shutdownRequested = true
-            Glibc.kill(-pid, SIGKILL)
-        case .error(let e):
-            log("host reported error \(e.code.rawValue): \(e.message)")
-        case .exec, .readFile, .writeFile, .seed:
-            try send(.error(ErrorMessage(code: .busy, message: "an exec is running on this connection")), frame.id)
-        case .hello, .pong, .output, .exited, .signalled, .execFailed, .timedOut, .fileData, .fileEnd, .fileError:
-            try send(.error(ErrorMessage(code: .protocolViolation, message: "unexpected \(frame.message.type) during exec")), frame.id)
+        case .signal(let number):
+            if number > 0 && number < 65 && pid > 0 && status == nil { Glibc.kill(-pid, number) }
+        case .kill:
+            if pid > 0 && status == nil { Glibc.kill(-pid, SIGKILL) }
+        default:
+            break
         }
     }
 
@@ -238,7 +227,7 @@ final class ExecRunner {
             stdinPending.removeAll(keepingCapacity: stdinPending.count <= Self.chunkSize)
             stdinPendingOffset = 0
             if stdinEOFRequested { closeStdin() }
-        } else if stdinPendingOffset > Self.stdinBacklogLimit {
+        } else if stdinPendingOffset > Self.chunkSize {
             stdinPending.removeSubrange(0..<stdinPendingOffset)
             stdinPendingOffset = 0
         }
@@ -252,7 +241,7 @@ final class ExecRunner {
 
     // MARK: - Helpers
 
-    private static func millis(until deadline: UInt64, from now: UInt64) -> Int32 {
+    static func millis(until deadline: UInt64, from now: UInt64) -> Int32 {
         guard deadline > now else { return 0 }
         let ms = (deadline - now + 999_999) / 1_000_000
         return Int32(min(ms, UInt64(Int32.max)))
@@ -267,5 +256,21 @@ final class ExecRunner {
         case CINIT_STAGE_SETUID.rawValue: "setuid"
         default: "execve"
         }
+    }
+
+    /// Runs this exec alone to its end (no host connection: `--selftest`).
+    func runAlone() throws -> AgentMessage {
+        try start()
+        while final == nil {
+            let set = pollSet()
+            var fds = set.map { pollfd(fd: $0.fd, events: $0.events, revents: 0) }
+            fds.append(pollfd(fd: reaper.fd, events: Int16(POLLIN), revents: 0))
+            let timeout = wakeAt.map { Self.millis(until: $0, from: nowNanos()) } ?? -1
+            _ = try pollFDs(&fds, timeoutMillis: timeout)
+            for (k, entry) in set.enumerated() where fds[k].revents != 0 { try ready(entry.role) }
+            if fds[set.count].revents != 0 { reaper.reap() }
+            try step()
+        }
+        return final!
     }
 }

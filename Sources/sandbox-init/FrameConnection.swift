@@ -64,16 +64,4 @@ final class FrameConnection {
             }
         }
     }
-
-    /// Returns the next frame, reading as needed; while waiting, children are reaped.
-    func nextFrame(reaper: Reaper) throws(ConnectionError) -> Frame {
-        while true {
-            if let frame = popQueued() { return frame }
-            var fds = [pollfd(fd: fd, events: Int16(POLLIN), revents: 0),
-                       pollfd(fd: reaper.fd, events: Int16(POLLIN), revents: 0)]
-            do { _ = try pollFDs(&fds, timeoutMillis: -1) } catch { throw .system(error) }
-            if fds[1].revents != 0 { reaper.reap() }
-            if fds[0].revents != 0 { try readOnce() }
-        }
-    }
 }

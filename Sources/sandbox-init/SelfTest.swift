@@ -9,12 +9,12 @@ enum SelfTest {
         let exec = Exec(arguments: ["/bin/sh", "-c", "echo hi"],
                         environment: ["PATH=/usr/local/bin:/usr/bin:/bin"], workingDirectory: "/")
         var stdout: [UInt8] = []
-        let runner = ExecRunner(exec: exec, id: 1, reaper: reaper, input: nil, send: { message, _ in
+        let runner = ExecRunner(exec: exec, id: 1, reaper: reaper, send: { message, _ in
             if case .output(let o) = message, o.stream == .stdout { stdout.append(contentsOf: o.data) }
             print("selftest: \(message)")
-        }, pong: { _ in .timedOut })
+        })
         do {
-            let final = try runner.run()
+            let final = try runner.runAlone()
             let text = String(decoding: stdout, as: UTF8.self)
             let ok = final == .exited(0) && text == "hi\n"
             print("selftest: \(ok ? "ok" : "FAILED"): stdout \(text.debugDescription), \(final)")

@@ -358,6 +358,77 @@ func fnv1a(_ bytes: [UInt8]) -> UInt64 {
         #expect(check.stdoutText == "0\n")
     }
 
+    @Test("requests run at once on one connection: a command waiting on stdin does not hold up seven others or a ping")
+    func concurrentRequestsOnOneConnection() throws {
+        let server = try AgentServer()
+        let client = try server.connect()
+        // Id 1 waits for its stdin for as long as the others take.
+        try client.send(.exec(shell("cat; exit 41", stdin: .stream)), id: 1)
+        for i in 2...8 {
+            try client.send(.exec(shell("head -c \(i * 50_000) /dev/zero | tr '\\0' '\(i)'; echo >&2 err\(i); exit \(i)")), id: UInt32(i))
+        }
+        try client.send(.exec(shell("true")), id: 1)  // an id already running
+        try client.send(.ping(5), id: 20)
+        var stdout: [UInt32: [UInt8]] = [:], stderr: [UInt32: [UInt8]] = [:], finals: [UInt32: AgentMessage] = [:]
+        var sequences: [UInt32: [UInt64]] = [:]
+        var sawDuplicateRefused = false, sawPong = false
+        while finals.count < 7 || !sawDuplicateRefused || !sawPong {
+            let f = try client.next()
+            switch f.message {
+            case .output(let o):
+                sequences[f.id, default: []].append(o.sequence)
+                if o.stream == .stdout { stdout[f.id, default: []] += o.data } else { stderr[f.id, default: []] += o.data }
+            case .exited, .signalled, .timedOut, .execFailed:
+                finals[f.id] = f.message
+            case .error(let e):
+                #expect(f.id == 1 && e.code == .protocolViolation, "\(e)")
+                sawDuplicateRefused = true
+            case .pong(let p):
+                #expect(f.id == 20 && p.echo == 5)
+                sawPong = true
+            default:
+                Issue.record("unexpected \(f.message) for id \(f.id)")
+            }
+        }
+        #expect(finals[1] == nil, "the command waiting on stdin ended early: \(String(describing: finals[1]))")
+        for i in 2...8 {
+            let id = UInt32(i)
+            #expect(finals[id] == .exited(Int32(i)))
+            #expect(stdout[id] == [UInt8](repeating: UInt8(ascii: "0") + UInt8(i), count: i * 50_000))
+            #expect(stderr[id] == Array("err\(i)\n".utf8))
+            #expect(sequences[id] == Array(0..<UInt64(sequences[id]?.count ?? 0)), "id \(i): sequences not 0, 1, 2, ...")
+        }
+        // Id 1 goes on: its stdin arrives now.
+        try client.send(.stdinData(Array("late input\n".utf8)), id: 1)
+        try client.send(.stdinEOF, id: 1)
+        var rest: [UInt8] = []
+        while true {
+            let f = try client.next()
+            #expect(f.id == 1, "frame for id \(f.id): \(f.message)")
+            if case .output(let o) = f.message { rest += o.data; continue }
+            #expect(f.message == .exited(41))
+            break
+        }
+        #expect(String(decoding: rest, as: UTF8.self) == "late input\n")
+    }
+
+    @Test("more than 64 execs at once on one connection: the 65th is refused as busy, the others run")
+    func tooManyConcurrentExecsAreRefused() throws {
+        let server = try AgentServer()
+        let client = try server.connect()
+        for i in 1...65 { try client.send(.exec(shell("cat >/dev/null", stdin: .stream)), id: UInt32(i)) }
+        let f = try client.next()
+        guard case .error(let e) = f.message else { Issue.record("expected Error(busy), got \(f.message)"); return }
+        #expect(f.id == 65 && e.code == .busy)
+        for i in 1...64 { try client.send(.stdinEOF, id: UInt32(i)) }
+        var ended = Set<UInt32>()
+        while ended.count < 64 {
+            let f = try client.next()
+            #expect(f.message == .exited(0), "id \(f.id): \(f.message)")
+            ended.insert(f.id)
+        }
+    }
+
     @Test func orphansAreReaped() throws {
         let server = try AgentServer()
         let client = try server.connect()

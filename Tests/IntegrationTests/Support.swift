@@ -94,8 +94,7 @@ enum Fixture {
         let path = NSTemporaryDirectory() + "sandbox-sha-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         try data.write(to: URL(fileURLWithPath: path))
         defer { try? FileManager.default.removeItem(atPath: path) }
-        let r = try run("/usr/bin/sha256sum", [path])
-        return String(r.stdout.prefix(64))
+        return try sha256(file: path)
     }
 
     /// Hex SHA-256 of the file at `path` (via sha256sum, streaming: images are large).
