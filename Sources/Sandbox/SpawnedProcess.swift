@@ -95,11 +95,14 @@ extension RunningSandbox {
 ///
 /// `output` is one sequence of the command's stdout and stderr chunks in the order the
 /// guest wrote them; it ends when the command ends. Chunks wait for the reader up to the
-/// output limit (bytes, both streams together); past that, newer chunks are dropped and
-/// counted in `droppedOutputBytes` (a command that writes faster than it is read costs
-/// bounded memory). `wait()`'s result keeps each stream up to the output limit, whether
+/// output limit (bytes, both streams together; 64 MiB when the limit is 0, none); past
+/// that, newer chunks are dropped and counted in `droppedOutputBytes` (a command that
+/// writes faster than it is read costs bounded memory, and never stalls the sandbox's
+/// other requests). `wait()`'s result keeps each stream up to the output limit, whether
 /// or not `output` was read.
 public final class SpawnedProcess: Sendable {
+    /// How much unread output waits when the output limit is 0 (none).
+    public static let unlimitedBufferBytes = 64 << 20
     public let command: [String]
     /// Keeps the sandbox alive while the handle is.
     private let sandbox: RunningSandbox
@@ -121,7 +124,7 @@ public final class SpawnedProcess: Sendable {
         self.client = client
         self.id = id
         self.keepOutput = keepOutput
-        self.buffer = OutputBuffer(limit: outputLimit == 0 ? Int.max : Int(clamping: outputLimit))
+        self.buffer = OutputBuffer(limit: outputLimit == 0 ? Self.unlimitedBufferBytes : Int(clamping: outputLimit))
     }
 
     deinit {

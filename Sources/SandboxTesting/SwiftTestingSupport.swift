@@ -56,6 +56,14 @@ public struct TestSandbox: Sendable {
         return try await session.sandbox().get()
     }
 
+    /// Starts `command` (argv) in the background of the scope's VM (see
+    /// `RunningSandbox.spawn`): a server the test's next commands talk to, a process fed
+    /// through stdin. It is killed when the handle is released, and ends with the scope.
+    /// - Throws: why the VM could not start; `invalidInput` outside `withSandbox`.
+    public func spawn(_ command: String..., options: RunningSandbox.ExecOptions = .init()) async throws(SandboxError) -> SpawnedProcess {
+        try await running().spawn(command, options: options)
+    }
+
     /// Runs `command` and records an issue unless it exits with status 0.
     @discardableResult
     public func expectSuccess(_ command: String..., stdin: [UInt8]? = nil,

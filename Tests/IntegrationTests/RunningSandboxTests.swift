@@ -59,21 +59,111 @@ struct RunningSandboxTests {
         await sandbox.stop()
     }
 
-    @Test("eight tasks at once: each gets its own output and status")
+    @Test("eight execs at once in one VM: each waits until all eight run (so none waited for another), then gets its own output and status")
     func concurrentCallers() async throws {
         let sandbox = try await Sandbox.start(Self.configuration)
+        // A barrier in the guest: served one after another, the first would wait for the
+        // others until its timeout.
+        let barrier = "mkdir -p /tmp/barrier; touch /tmp/barrier/$ID; while [ $(ls /tmp/barrier | wc -l) -lt 8 ]; do sleep 0.02; done"
         let results = await withTaskGroup(of: (Int, ExecResult).self) { group in
             for i in 0 ..< 8 {
-                group.addTask { (i, await sandbox.sh("echo task-\(i); exit \(i)")) }
+                group.addTask {
+                    (i, await sandbox.sh("\(barrier); head -c \(1000 * (i + 1)) /dev/zero | tr '\\0' x; echo; echo task-\(i); exit \(i)",
+                                         options: .init(environment: ["ID": "\(i)"], timeout: .seconds(Fixture.inLab ? 300 : 30))))
+                }
             }
             var all: [Int: ExecResult] = [:]
             for await (i, r) in group { all[i] = r }
             return all
         }
         for i in 0 ..< 8 {
-            #expect(results[i]?.outcome == .exited(Int32(i)) && results[i]?.stdoutText == "task-\(i)\n", "\(i): \(String(describing: results[i]?.outcome))")
+            let expected = String(repeating: "x", count: 1000 * (i + 1)) + "\ntask-\(i)\n"
+            #expect(results[i]?.outcome == .exited(Int32(i)) && results[i]?.stdoutText == expected,
+                    "\(i): \(String(describing: results[i]?.outcome)) \(results[i]?.stderrText ?? "")")
         }
         await sandbox.stop()
+    }
+
+    @Test("spawn: a background server answers a second exec, stdin and output stream both ways, signal and wait give typed outcomes")
+    func spawnedProcesses() async throws {
+        let sandbox = try await Sandbox.start(Self.configuration)
+        defer { Task { await sandbox.stop() } }
+        // A server in the foreground of its own spawn, and a client exec beside it.
+        try await sandbox.writeFile("/www/index.html", contents: Array("served from the guest\n".utf8))
+        let server = try await sandbox.spawn(["httpd", "-f", "-p", "8080", "-h", "/www"])
+        let page = await sandbox.sh("for i in $(seq 100); do wget -qO- http://127.0.0.1:8080/index.html && exit 0; sleep 0.05; done; exit 1")
+        #expect(page.outcome == .exited(0) && page.stdoutText == "served from the guest\n", "\(page.outcome) \(page.stderrText)")
+        #expect(server.result == nil, "the server ended: \(String(describing: server.result?.outcome))")
+        // While it runs there is no checkpoint (the agent is not quiet).
+        do { try await sandbox.checkpoint(); Issue.record("a checkpoint was taken while a spawned process ran") } catch {
+            #expect(error.code == .invalidInput && error.message.contains("still run"), "\(error)")
+        }
+        await server.signal(SIGTERM)
+        let ended = await server.wait()
+        #expect(ended.outcome == .signalled(SIGTERM), "\(ended.outcome) \(ended.stderrText)")
+
+        // Stdin in, output out, as it happens: the reply to each line comes before the next is sent.
+        let echo = try await sandbox.spawn(["sh", "-c", "echo ready; while read line; do echo \"got $line\"; echo \"err $line\" >&2; done; echo done; exit 3"])
+        var iterator = echo.output.makeAsyncIterator()
+        func nextStdout() async -> String? {
+            while let event = await iterator.next() {
+                if case .stdout(let b) = event { return String(decoding: b, as: UTF8.self) }
+            }
+            return nil
+        }
+        #expect(await nextStdout() == "ready\n")
+        for word in ["one", "two"] {
+            try await echo.write(Array("\(word)\n".utf8))
+            #expect(await nextStdout() == "got \(word)\n")
+        }
+        await echo.closeStdin()
+        #expect(await nextStdout() == "done\n")
+        #expect(await nextStdout() == nil)  // the sequence ends with the command
+        let r = await echo.wait()
+        #expect(r.outcome == .exited(3), "\(r.outcome)")
+        #expect(r.stdoutText == "ready\ngot one\ngot two\ndone\n" && r.stderrText == "err one\nerr two\n", "\(r.stdoutText) \(r.stderrText)")
+        #expect(echo.droppedOutputBytes == 0)
+        do { try await echo.write([1]); Issue.record("a write after the end was accepted") } catch {
+            #expect(error.code == .invalidInput, "\(error)")
+        }
+        // Nothing runs now: a checkpoint works.
+        _ = try await sandbox.checkpoint()
+
+        // A spawned command whose output is never read: the result keeps each stream up
+        // to the output limit, the unread buffer holds at most the limit (both streams).
+        let flood = try await sandbox.spawn(["sh", "-c", "head -c 1000000 /dev/zero; head -c 1000000 /dev/zero >&2"],
+                                            options: .init(outputLimit: 100_000))
+        let fr = await flood.wait()
+        #expect(fr.outcome == .exited(0) && fr.stdout.count == 100_000 && fr.stderr.count == 100_000, "\(fr.outcome) \(fr.stdout.count) \(fr.stderr.count)")
+        #expect(flood.droppedOutputBytes > 0 && flood.droppedOutputBytes <= 100_000, "\(flood.droppedOutputBytes)")
+        var unread = 0
+        for await event in flood.output { if case .stdout(let b) = event { unread += b.count } else if case .stderr(let b) = event { unread += b.count } }
+        #expect(unread + Int(flood.droppedOutputBytes) == 200_000, "\(unread) read, \(flood.droppedOutputBytes) dropped")
+
+        // Stopping the sandbox ends a spawned process with a typed outcome.
+        let sleeper = try await sandbox.spawn(["sleep", "60"])
+        await sandbox.stop()
+        let s = await sleeper.wait()
+        guard case .infrastructureError(let e) = s.outcome else { Issue.record("after stop: \(s.outcome)"); return }
+        #expect(e.code == .cancelled && e.message.contains("stopped"), "\(e)")
+    }
+
+    @Test("rewind() while commands run in the old VM ends them as cancelled; the rewound sandbox answers")
+    func rewindEndsRunningCommands() async throws {
+        let sandbox = try await Sandbox.start(Self.configuration)
+        defer { Task { await sandbox.stop() } }
+        try await sandbox.checkpoint()
+        let spawned = try await sandbox.spawn(["sleep", "60"])
+        async let running = sandbox.exec(["sleep", "60"])
+        // Both run in the old VM before the rewind.
+        let both = await sandbox.sh("for i in $(seq 200); do [ $(ps | grep -c '[s]leep 60') = 2 ] && exit 0; sleep 0.05; done; exit 1")
+        #expect(both.outcome == .exited(0), "the two sleeps did not both start")
+        try await sandbox.rewind()
+        for r in [await running, await spawned.wait()] {
+            guard case .infrastructureError(let e) = r.outcome else { Issue.record("\(r.command): \(r.outcome)"); continue }
+            #expect(e.code == .cancelled && e.message.contains("rewound"), "\(e)")
+        }
+        #expect(await sandbox.sh("echo after").stdoutText == "after\n")
     }
 
     @Test("stop() while a command runs ends it with a typed outcome; later calls say the sandbox was stopped; the VMM is gone")

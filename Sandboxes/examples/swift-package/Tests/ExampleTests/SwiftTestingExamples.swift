@@ -45,6 +45,20 @@ struct SwiftTestingExamples {
         }
     }
 
+    /// A server in the foreground of a spawned process: the test holds its handle,
+    /// queries it with another command meanwhile, then stops it and checks how it ended.
+    @Test func aSpawnedServerIsQueriedThenStopped() async throws {
+        try await withSandbox { sandbox in
+            expectSuccess(await sandbox.sh("mkdir -p /www && echo 'spawned' > /www/index.html"))
+            let server = try await sandbox.spawn("httpd", "-f", "-p", "127.0.0.1:8081", "-h", "/www")
+            // It listens a moment after it starts: ask until it answers.
+            let r = await sandbox.sh("for i in $(seq 100); do wget -qO- http://127.0.0.1:8081/index.html && exit; sleep 0.05; done; exit 1")
+            expectOutput(r, stdout: "spawned\n")
+            await server.signal(SIGTERM)
+            #expect(await server.wait().outcome == .signalled(SIGTERM))
+        }
+    }
+
     /// Files in and out: the trait copies a host file in (parents are made); the test
     /// writes one through the running sandbox and reads a result back.
     @Test(.sandbox(copyIn: [FileCopy(hostPath: URL(fileURLWithPath: #filePath).deletingLastPathComponent().path + "/Fixtures/words.txt",
