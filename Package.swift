@@ -7,7 +7,7 @@ import PackageDescription
 //
 //   C shims        CKVM CURing CJail CInit CSystem        (the only C headers)
 //   shared         SandboxABI (host/guest numbers)  AgentProtocol (wire format)
-//                  SandboxCore (the public error)
+//                  SandboxCore (the public error)  TreeArchive (directory trees as tar)
 //   system         SystemShims  GuestMemory
 //   devices        Bus (MMIO/port bus, device protocols)  KVM
 //                  VirtIO (virtqueues, mmio transport, blk, vsock)  MicroVM (the VM)
@@ -47,6 +47,9 @@ let package = Package(
         .target(name: "AgentProtocol"),
         // The library's one public error type (also reported by the VMM process).
         .target(name: "SandboxCore"),
+        // Directory trees as tar streams (copy-in and copy-out of directories); shared
+        // with sandbox-init, so Foundation-free.
+        .target(name: "TreeArchive"),
 
         // Lowest Swift layer: file descriptors, errno, mmap, eventfd, threads, spawn.
         .target(name: "SystemShims", dependencies: ["CSystem"]),
@@ -74,7 +77,7 @@ let package = Package(
             "SandboxCore", "SystemShims", .product(name: "Crypto", package: "swift-crypto"),
         ]),
         // Public API: sandboxes, one-shot runs, the pool, outcomes.
-        .target(name: "Sandbox", dependencies: ["SandboxCore", "SandboxImages", "VMMProtocol", "AgentProtocol", "SandboxABI", "SystemShims"]),
+        .target(name: "Sandbox", dependencies: ["SandboxCore", "SandboxImages", "VMMProtocol", "AgentProtocol", "SandboxABI", "SystemShims", "TreeArchive"]),
         // Batch job files (YAML/JSON), the batch runner and its reports.
         .target(name: "SandboxBatch", dependencies: ["Sandbox", "SystemShims", .product(name: "Yams", package: "Yams")]),
         // Helpers for XCTest and Swift Testing suites that spawn sandboxes.
@@ -84,7 +87,7 @@ let package = Package(
             .product(name: "ArgumentParser", package: "swift-argument-parser"),
         ]),
         // The guest's PID 1. Built as a static executable by the image store.
-        .executableTarget(name: "sandbox-init", dependencies: ["AgentProtocol", "SandboxABI", "SystemShims", "CInit"]),
+        .executableTarget(name: "sandbox-init", dependencies: ["AgentProtocol", "SandboxABI", "SystemShims", "CInit", "TreeArchive"]),
 
         .testTarget(name: "MicroVMTests", dependencies: ["MicroVM", "Bus", "GuestMemory", "KVM", "VirtIO", "SystemShims", "SandboxABI"]),
         .testTarget(name: "KVMTests", dependencies: ["KVM", "MicroVM", "Bus", "GuestMemory", "VirtIO", "SystemShims"]),
@@ -93,6 +96,7 @@ let package = Package(
         .testTarget(name: "IntegrationTests", dependencies: ["Sandbox", "SandboxImages", "SandboxBatch", "sandbox", "sandbox-vmm"]),
         .testTarget(name: "SandboxTestingTests", dependencies: ["SandboxTesting", "Sandbox", "sandbox-vmm"]),
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"], exclude: ["Corpus"]),
+        .testTarget(name: "TreeArchiveTests", dependencies: ["TreeArchive"]),
     ]
 )
 
