@@ -21,6 +21,8 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case fileData = 0x32
     case fileEnd = 0x33
     case fileError = 0x34
+    case writeTree = 0x35
+    case readTree = 0x36
 }
 
 /// Every message of protocol version 1. See Docs/AgentProtocol.md for directions and
@@ -61,6 +63,12 @@ public enum AgentMessage: Equatable, Sendable {
     /// Guest → host: a transfer completed; the file's total size in bytes.
     case fileEnd(size: UInt64)
     case fileError(FileError)
+    /// Host → guest: a piece of a tar stream to unpack under `path` (made with its
+    /// parents); the final piece is answered with FileEnd (the stream's size) or FileError.
+    case writeTree(WriteTree)
+    /// Host → guest: send the tree under this directory as a tar stream in FileData
+    /// chunks then FileEnd (the stream's size), or FileError.
+    case readTree(path: String)
 
     /// The header type byte for this message.
     public var type: MessageType {
@@ -86,6 +94,8 @@ public enum AgentMessage: Equatable, Sendable {
         case .fileData: .fileData
         case .fileEnd: .fileEnd
         case .fileError: .fileError
+        case .writeTree: .writeTree
+        case .readTree: .readTree
         }
     }
 
@@ -145,6 +155,11 @@ public enum AgentMessage: Equatable, Sendable {
         case .fileError(let f):
             w.i32(f.errno)
             try w.string(f.message, field: "fileError.message", limit: L.maxMessageLength)
+        case .writeTree(let t):
+            try w.string(t.path, field: "writeTree.path", limit: L.maxPathLength)
+            w.u64(t.offset); w.bool(t.isFinal); w.raw(t.data)
+        case .readTree(let path):
+            try w.string(path, field: "readTree.path", limit: L.maxPathLength)
         }
         guard w.bytes.count <= L.maxPayloadSize else {
             throw .payloadTooLarge(length: w.bytes.count, limit: L.maxPayloadSize)
@@ -239,6 +254,13 @@ public enum AgentMessage: Equatable, Sendable {
         case .fileError:
             let errno = try r.i32("fileError.errno")
             message = .fileError(FileError(errno: errno, message: try r.string("fileError.message", limit: L.maxMessageLength)))
+        case .writeTree:
+            let path = try r.string("writeTree.path", limit: L.maxPathLength)
+            let offset = try r.u64("writeTree.offset")
+            let final = try r.bool("writeTree.final")
+            message = .writeTree(WriteTree(path: path, offset: offset, isFinal: final, data: r.rest()))
+        case .readTree:
+            message = .readTree(path: try r.string("readTree.path", limit: L.maxPathLength))
         }
         guard r.remaining == 0 else { throw .trailingBytes(messageType: rawType, count: r.remaining) }
         return message

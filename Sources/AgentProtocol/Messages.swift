@@ -12,8 +12,12 @@ public struct AgentCapabilities: OptionSet, Sendable, Hashable {
     public static let files = AgentCapabilities(rawValue: 1 << 3)
     /// Ping / Pong with boot timestamps.
     public static let ping = AgentCapabilities(rawValue: 1 << 4)
+    /// Many requests at once on one connection (told apart by request id).
+    public static let concurrentRequests = AgentCapabilities(rawValue: 1 << 5)
+    /// WriteTree / ReadTree: directory trees as tar streams.
+    public static let trees = AgentCapabilities(rawValue: 1 << 6)
     /// Everything version 1 defines.
-    public static let all: AgentCapabilities = [.exec, .stdin, .signals, .files, .ping]
+    public static let all: AgentCapabilities = [.exec, .stdin, .signals, .files, .ping, .concurrentRequests, .trees]
 }
 
 /// Version and capability exchange; the first message in each direction.
@@ -121,6 +125,21 @@ public struct WriteFile: Equatable, Sendable {
     public init(path: String, mode: UInt32 = 0o644, offset: UInt64 = 0, isFinal: Bool = true, data: [UInt8]) {
         self.path = path
         self.mode = mode
+        self.offset = offset
+        self.isFinal = isFinal
+        self.data = data
+    }
+}
+
+/// One piece of a tar stream for the guest to unpack under `path` (host → guest), in
+/// order: `offset` is where the piece starts in the stream (0 starts a new one).
+public struct WriteTree: Equatable, Sendable {
+    public var path: String
+    public var offset: UInt64
+    public var isFinal: Bool
+    public var data: [UInt8]
+    public init(path: String, offset: UInt64, isFinal: Bool, data: [UInt8]) {
+        self.path = path
         self.offset = offset
         self.isFinal = isFinal
         self.data = data

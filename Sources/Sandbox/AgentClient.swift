@@ -2,6 +2,7 @@ import AgentProtocol
 import Foundation
 import Synchronization
 import SystemShims
+import TreeArchive
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -130,7 +131,7 @@ public final class AgentClient: Sendable {
         defer { closeMailbox(id) }
         try send(.ping(UInt64(id)), id: id)
         while true {
-            let f = try next(box)
+            let f = try next(box, id: id)
             if case .pong(let p) = f.message, p.echo == UInt64(id) { return p }
             if case .error(let m) = f.message { throw Error.agentError(m.message) }
         }
@@ -194,8 +195,7 @@ public final class AgentClient: Sendable {
     public func results(of id: UInt32, onOutput: (StdioStream, [UInt8]) -> Void) throws -> CommandStatus {
         let box = mailbox(id)
         while true {
-            let f = try next(box)
-            if box == nil && f.id != id && f.id != 0 { continue }  // a late frame of an earlier request
+            let f = try next(box, id: id)
             switch f.message {
             case .output(let o): onOutput(o.stream, o.data)
             case .exited(let code): return .exited(code)
@@ -228,7 +228,7 @@ public final class AgentClient: Sendable {
             offset = end
         } while offset < contents.count
         while true {
-            let f = try next(box)
+            let f = try next(box, id: id)
             switch f.message {
             case .fileEnd: return
             case .fileError(let e): throw Error.agentError("writing \(path) in the guest: \(e.message)")
@@ -238,17 +238,26 @@ public final class AgentClient: Sendable {
         }
     }
 
-    /// Reads a file from the guest (copy-out).
     /// Reads a guest file. More than `limit` bytes is an error (the guest decides what
     /// it sends; the host decides how much it keeps).
     public func readFile(path: String, limit: UInt64 = 1 << 30) throws -> [UInt8] {
+        try readFile(path: path, limit: limit, nilIfDirectory: false)!
+    }
+
+    /// Reads a guest file (at most `limit` bytes), or returns nil when `path` is a
+    /// directory (the caller then copies its tree with `readTree`).
+    public func readFileUnlessDirectory(path: String, limit: UInt64) throws -> [UInt8]? {
+        try readFile(path: path, limit: limit, nilIfDirectory: true)
+    }
+
+    private func readFile(path: String, limit: UInt64, nilIfDirectory: Bool) throws -> [UInt8]? {
         let id = takeID()
         let box = try openMailbox(id)
         defer { closeMailbox(id) }
         try send(.readFile(path: path), id: id)
         var out: [UInt8] = []
         while true {
-            let f = try next(box)
+            let f = try next(box, id: id)
             switch f.message {
             case .fileData(let d):
                 guard UInt64(out.count) + UInt64(d.data.count) <= limit else {
@@ -256,7 +265,83 @@ public final class AgentClient: Sendable {
                 }
                 out += d.data
             case .fileEnd: return out
+            case .fileError(let e) where nilIfDirectory && e.errno == EISDIR: return nil
             case .fileError(let e): throw Error.agentError("reading \(path) in the guest: \(e.message)")
+            case .error(let m): throw Error.agentError(m.message)
+            default: continue
+            }
+        }
+    }
+
+    /// Copies the tree under the host directory `source` into the guest directory `path`
+    /// (made with its parents): a tar stream in WriteTree pieces, read from the host as it
+    /// is sent. Returns the stream's size in bytes.
+    /// - Throws: `TarError` for what the host tree holds that cannot be copied (nothing is
+    ///   then left half-sent: the guest is told with a final empty piece), the guest's
+    ///   FileError, or the connection's end.
+    @discardableResult
+    public func writeTree(path: String, from source: String) throws -> UInt64 {
+        let id = takeID()
+        let box = try openMailbox(id)
+        defer { closeMailbox(id) }
+        var offset: UInt64 = 0
+        var refused: Swift.Error?
+        do {
+            try TreeWriter.write(directory: source, chunkSize: AgentProtocolLimits.maxChunkSize) { chunk in
+                try send(.writeTree(WriteTree(path: path, offset: offset, isFinal: false, data: chunk)), id: id)
+                offset += UInt64(chunk.count)
+            }
+        } catch let e as TarError {
+            refused = e
+        }
+        if let refused {
+            // Ends the guest's half stream (it answers with FileError, dropped with the mailbox).
+            try send(.writeTree(WriteTree(path: path, offset: UInt64.max, isFinal: true, data: [])), id: id)
+            throw refused
+        }
+        try send(.writeTree(WriteTree(path: path, offset: offset, isFinal: true, data: [])), id: id)
+        while true {
+            let f = try next(box, id: id)
+            switch f.message {
+            case .fileEnd(let size): return size
+            case .fileError(let e): throw Error.agentError("copying \(source) into \(path) in the guest: \(e.message)")
+            case .error(let m): throw Error.agentError(m.message)
+            default: continue
+            }
+        }
+    }
+
+    /// Copies the guest tree under `path` into the host directory `destination` (made
+    /// with its parents), unpacking the guest's tar stream as it arrives with every
+    /// check of `TreeExtractor` (nothing lands outside `destination`; set-id bits are
+    /// dropped) and `limits` (bytes and entries). Returns the stream's size in bytes.
+    @discardableResult
+    public func readTree(path: String, into destination: String, limits: TarLimits = TarLimits()) throws -> UInt64 {
+        let id = takeID()
+        let box = try openMailbox(id)
+        defer { closeMailbox(id) }
+        try send(.readTree(path: path), id: id)
+        let extractor: TreeExtractor
+        do { extractor = try TreeExtractor(destination: destination, options: .init(dropSetID: true, limits: limits)) } catch {
+            throw Error.agentError("copying \(path) out of the guest: \(error)")
+        }
+        var offset: UInt64 = 0
+        while true {
+            let f = try next(box, id: id)
+            switch f.message {
+            case .fileData(let d):
+                guard d.offset == offset else { throw Error.protocolError("tree data of \(path) at offset \(d.offset), expected \(offset)") }
+                do { try extractor.feed(d.data) } catch {
+                    throw Error.agentError("copying \(path) out of the guest into \(destination): \(error)")
+                }
+                offset += UInt64(d.data.count)
+            case .fileEnd(let size):
+                guard size == offset else { throw Error.protocolError("the guest says the tree of \(path) is \(size) bytes, it sent \(offset)") }
+                do { try extractor.finish() } catch {
+                    throw Error.agentError("copying \(path) out of the guest into \(destination): \(error)")
+                }
+                return size
+            case .fileError(let e): throw Error.agentError("copying \(path) out of the guest: \(e.message)")
             case .error(let m): throw Error.agentError(m.message)
             default: continue
             }
@@ -360,11 +445,18 @@ public final class AgentClient: Sendable {
     /// The next frame of a request: from its mailbox, or from the socket in direct mode.
     /// A request whose mailbox was already closed (the connection ended before it was
     /// looked up) gets the connection's end.
-    private func next(_ box: FrameMailbox?) throws -> Frame {
+    /// In direct mode, frames of other requests (late ones of a request given up on) are
+    /// skipped, except Error frames: the agent's refusal of a request that has no answer
+    /// otherwise (Seed) must reach the next one.
+    private func next(_ box: FrameMailbox?, id: UInt32) throws -> Frame {
         if let box { return try box.take() }
         if let closed = demux.withLock({ $0?.closed }) { throw closed }
         if demux.withLock({ $0 != nil }) { throw Error.connectionClosed }
-        return try receive()
+        while true {
+            let f = try receive()
+            if f.id == id || f.id == 0 { return f }
+            if case .error = f.message { return f }
+        }
     }
 
     /// Asks the guest to sync and power off.

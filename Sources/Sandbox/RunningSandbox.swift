@@ -4,6 +4,7 @@ import SandboxCore
 import SandboxImages
 import Synchronization
 import SystemShims
+import TreeArchive
 import VMMProtocol
 #if canImport(Glibc)
 import Glibc
@@ -229,7 +230,9 @@ public final class RunningSandbox: Sendable {
     /// is fine), the reason the connection was closed on purpose (stopped, rewound), or a
     /// broken connection, which ends the sandbox.
     func failed(_ error: Swift.Error) -> SandboxError {
-        if let e = error as? SandboxError, e.code == .cancelled { return e }  // nothing was sent
+        // Already said (cancelled before anything was sent, a host-side failure, a
+        // refused copy-in source): the connection is fine.
+        if let e = error as? SandboxError { return e }
         switch error as? AgentClient.Error {
         case .agentError(let message)?: return SandboxError(.agent, message)
         case .closed(let why)?: return why
@@ -377,6 +380,34 @@ public final class RunningSandbox: Sendable {
             do throws(SandboxError) { return .success(try self.request { try $0.client.readFile(path: path, limit: limit) }) } catch { return .failure(error) }
         }
         return try r.get()
+    }
+
+    /// Copies the host file or directory at `hostPath` to `guestPath` (parents are made):
+    /// a directory's whole tree (files, directories, symbolic links, modes, mtimes) as a
+    /// tar stream; a special file in it (a FIFO, a device) is refused with its name.
+    public func copyIn(_ hostPath: String, to guestPath: String) async throws(SandboxError) {
+        let copy = [FileCopy(hostPath: hostPath, guestPath: guestPath)]
+        try SandboxRunner.checkCopyIn(copy)
+        try await onThreadThrowing { () throws(SandboxError) in
+            try self.request { vm throws in
+                do { try SandboxRunner.copyIn(copy, with: vm.client) } catch let e as TarError {
+                    throw SandboxError.invalidInput("copy-in \(hostPath): \(e)")
+                }
+            }
+        }
+    }
+
+    /// Copies the guest file or directory tree at `guestPath` to `hostPath` (parents
+    /// are made). What the guest sends is checked as it arrives: nothing lands outside
+    /// `hostPath` (no absolute paths, `..`, paths through links, or links that leave
+    /// it), set-id bits are dropped, and at most `limit` bytes of file data (default: the
+    /// configuration's `copyOutLimit`) and a million entries are taken.
+    public func copyOut(_ guestPath: String, to hostPath: String, limit: UInt64? = nil) async throws(SandboxError) {
+        let copy = FileCopy(hostPath: hostPath, guestPath: guestPath)
+        let limit = limit ?? configuration.copyOutLimit
+        try await onThreadThrowing { () throws(SandboxError) in
+            try self.request { vm throws in try SandboxRunner.copyOutRaw(copy, limit: limit, with: vm.client) }
+        }
     }
 
     // MARK: Checkpoint, rewind, fork

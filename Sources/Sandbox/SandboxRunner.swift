@@ -5,6 +5,7 @@ import SandboxCore
 import SandboxImages
 import Synchronization
 import SystemShims
+import TreeArchive
 import VMMProtocol
 #if canImport(Glibc)
 import Glibc
@@ -300,17 +301,7 @@ public enum SandboxRunner {
             // that fails decides the outcome (the command's status is then only in the
             // message), and the guest is still shut down cleanly.
             for c in config.copyOut where copyOutError == nil {
-                let bytes: [UInt8]
-                do { bytes = try client.readFile(path: c.guestPath, limit: config.copyOutLimit) } catch {
-                    copyOutError = SandboxError(.guest, "copy-out \(c.guestPath) -> \(c.hostPath): the guest file could not be read", underlying: ErrorDescription(error))
-                    break
-                }
-                do {
-                    let fd = try FileDescriptor.open(c.hostPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode: 0o644)
-                    try writeAll(fd.rawValue, bytes)
-                } catch {
-                    copyOutError = SandboxError(.host, "copy-out \(c.guestPath) -> \(c.hostPath): the host file could not be written", underlying: ErrorDescription(error))
-                }
+                do throws(SandboxError) { try copyOut(c, limit: config.copyOutLimit, with: client) } catch { copyOutError = error }
             }
             if config.keepDiskPath == nil {
                 // Nothing of the guest outlives the run (its overlay is discarded), so
@@ -412,25 +403,69 @@ struct ErrorDescription: Error, Sendable, CustomStringConvertible {
 }
 
 extension SandboxRunner {
-    /// Refuses copy-in sources that are directories or unreadable, before anything starts.
+    /// Refuses copy-in sources that are missing or unreadable, before anything starts.
     static func checkCopyIn(_ copies: [FileCopy]) throws(SandboxError) {
         for c in copies {
             var isDirectory: ObjCBool = false
-            if FileManager.default.fileExists(atPath: c.hostPath, isDirectory: &isDirectory), isDirectory.boolValue {
-                throw SandboxError.invalidInput("copy-in \(c.hostPath): is a directory; copy-in takes single files")
+            guard FileManager.default.fileExists(atPath: c.hostPath, isDirectory: &isDirectory) else {
+                throw SandboxError.invalidInput("copy-in \(c.hostPath): no such file or directory")
             }
             guard FileManager.default.isReadableFile(atPath: c.hostPath) else {
-                throw SandboxError.invalidInput("copy-in \(c.hostPath): not a readable file")
+                throw SandboxError.invalidInput("copy-in \(c.hostPath): not a readable \(isDirectory.boolValue ? "directory" : "file")")
             }
         }
     }
 
-    /// Writes each copy-in file into the guest with its host mode.
+    /// Copies each copy-in source into the guest: a file with its host mode, a
+    /// directory's tree (files, directories, links, modes) into the guest directory.
     static func copyIn(_ copies: [FileCopy], with client: AgentClient) throws {
         for c in copies {
+            var isDirectory: ObjCBool = false
+            if FileManager.default.fileExists(atPath: c.hostPath, isDirectory: &isDirectory), isDirectory.boolValue {
+                try client.writeTree(path: c.guestPath, from: c.hostPath)
+                continue
+            }
             let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: c.hostPath)))
             let mode = ((try? FileManager.default.attributesOfItem(atPath: c.hostPath)[.posixPermissions]) as? NSNumber)?.uint32Value ?? 0o644
             try client.writeFile(path: c.guestPath, mode: mode, contents: bytes)
+        }
+    }
+
+    /// Copies the guest file or directory tree at `c.guestPath` to `c.hostPath`, at most
+    /// `limit` bytes of file data (a tree also at most a million entries).
+    /// - Throws: `SandboxError` with code `.guest` when the guest side fails (no such
+    ///   file, a refused tree), `.host` when the host file cannot be written.
+    static func copyOut(_ c: FileCopy, limit: UInt64, with client: AgentClient) throws(SandboxError) {
+        do { try copyOutRaw(c, limit: limit, with: client, guestFailure: { what, error in
+            SandboxError(.guest, "copy-out \(c.guestPath) -> \(c.hostPath): the guest \(what)", underlying: ErrorDescription(error))
+        }) } catch let e as SandboxError { throw e } catch {
+            throw SandboxError(.guest, "copy-out \(c.guestPath) -> \(c.hostPath)", underlying: ErrorDescription(error))
+        }
+    }
+
+    /// `copyOut` whose guest-side failures go through `guestFailure` (what failed, the
+    /// agent client's error); nil keeps the client's error (a running sandbox tells a
+    /// refusal from a broken connection by it).
+    static func copyOutRaw(_ c: FileCopy, limit: UInt64, with client: AgentClient,
+                           guestFailure: ((String, Swift.Error) -> SandboxError)? = nil) throws {
+        let file: [UInt8]?
+        do { file = try client.readFileUnlessDirectory(path: c.guestPath, limit: limit) } catch {
+            throw guestFailure?("file could not be read", error) ?? error
+        }
+        guard let bytes = file else {
+            var limits = TarLimits()
+            limits.maxTotalBytes = limit
+            do { try client.readTree(path: c.guestPath, into: c.hostPath, limits: limits) } catch {
+                throw guestFailure?("directory could not be copied", error) ?? error
+            }
+            return
+        }
+        do {
+            let fd = try FileDescriptor.open(c.hostPath, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, mode: 0o644)
+            defer { fd.close() }
+            try writeAll(fd.rawValue, bytes)
+        } catch {
+            throw SandboxError(.host, "copy-out \(c.guestPath) -> \(c.hostPath): the host file could not be written", underlying: ErrorDescription(error))
         }
     }
 

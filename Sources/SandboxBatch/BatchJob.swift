@@ -440,8 +440,8 @@ private struct Validator {
         guard FileManager.default.fileExists(atPath: host, isDirectory: &isDirectory) else {
             error(m["from"], "\(context): copy-in file '\(from)' does not exist"); return nil
         }
-        guard !isDirectory.boolValue, FileManager.default.isReadableFile(atPath: host) else {
-            error(m["from"], "\(context): copy-in file '\(from)' is not a readable regular file"); return nil
+        guard FileManager.default.isReadableFile(atPath: host) else {
+            error(m["from"], "\(context): copy-in \(isDirectory.boolValue ? "directory" : "file") '\(from)' is not readable"); return nil
         }
         return FileCopy(hostPath: host, guestPath: to)
     }

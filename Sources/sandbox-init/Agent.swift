@@ -2,6 +2,7 @@ import AgentProtocol
 import CInit
 import Glibc
 import SystemShims
+import TreeArchive
 
 /// Serves the agent protocol on a listening socket, one connection at a time; on that
 /// connection any number of requests at once (up to `maxConcurrentExecs` Execs), told
@@ -21,6 +22,9 @@ final class Agent {
     /// Write requests whose earlier chunk failed: later chunks are dropped silently
     /// until the final chunk (or a new offset-0 chunk) of that id.
     private var failedWrites: Set<UInt32> = []
+    /// Trees being unpacked (WriteTree), by request id: the extractor (nil once it
+    /// failed: later pieces are dropped until the final one) and the next offset.
+    private var trees: [UInt32: (extractor: TreeExtractor?, next: UInt64)] = [:]
 
     init(reaper: Reaper, initStartedNanos: UInt64) {
         self.reaper = reaper
@@ -55,6 +59,7 @@ final class Agent {
         var greeted = false
         var execs: [UInt32: ExecRunner] = [:]
         failedWrites = []
+        trees = [:]
         let send: (AgentMessage, UInt32) throws -> Void = { message, id in try connection.send(message, id: id) }
         // Whatever ends the session, no command of it keeps running.
         defer { for runner in execs.values { runner.abandon() } }
@@ -97,6 +102,10 @@ final class Agent {
                 try writeFile(chunk, id: frame.id, send: send)
             case .readFile(let path):
                 try readFile(path, id: frame.id, send: send)
+            case .writeTree(let piece):
+                try writeTree(piece, id: frame.id, send: send)
+            case .readTree(let path):
+                try readTree(path, id: frame.id, send: send)
             case .shutdown:
                 return true
             case .error(let e):
@@ -236,6 +245,70 @@ final class Agent {
             guard case .data(let bytes) = result else { break }
             try send(.fileData(FileData(offset: offset, data: bytes)), id)
             offset += UInt64(bytes.count)
+        }
+        try send(.fileEnd(size: offset), id)
+    }
+
+    // MARK: - Trees
+
+    /// One piece of a tar stream to unpack (see ``WriteTree``). A failure is answered
+    /// once, with FileError; the rest of that stream is dropped.
+    private func writeTree(_ piece: WriteTree, id: UInt32, send: (AgentMessage, UInt32) throws -> Void) throws {
+        func fail(_ message: String) throws {
+            trees[id] = piece.isFinal ? nil : (nil, 0)
+            try send(.fileError(FileError(errno: EINVAL, message: "unpacking into \(piece.path): \(message)")), id)
+        }
+        if piece.offset == 0 {
+            // The guest's own disk bounds what the host may send; the host is trusted,
+            // so set-id bits are kept.
+            var limits = TarLimits()
+            limits.maxTotalBytes = UInt64.max
+            limits.maxEntries = Int.max
+            do { trees[id] = (try TreeExtractor(destination: piece.path, options: .init(dropSetID: false, limits: limits)), 0) } catch {
+                return try fail(error.description)
+            }
+        }
+        guard let state = trees[id] else {
+            return try send(.fileError(FileError(errno: EINVAL, message: "unpacking into \(piece.path): a piece at offset \(piece.offset) without the stream's start")), id)
+        }
+        guard let extractor = state.extractor else {
+            if piece.isFinal { trees[id] = nil }
+            return  // already refused
+        }
+        guard piece.offset == state.next else {
+            return try fail("a piece at offset \(piece.offset), expected \(state.next)")
+        }
+        do {
+            try extractor.feed(piece.data)
+            if piece.isFinal { try extractor.finish() }
+        } catch {
+            return try fail(error.description)
+        }
+        let next = state.next + UInt64(piece.data.count)
+        if piece.isFinal {
+            trees[id] = nil
+            try send(.fileEnd(size: next), id)
+        } else {
+            trees[id] = (extractor, next)
+        }
+    }
+
+    /// Sends the tree under `path` as a tar stream (see ``AgentMessage/readTree(path:)``).
+    private func readTree(_ path: String, id: UInt32, send: (AgentMessage, UInt32) throws -> Void) throws {
+        var offset: UInt64 = 0
+        /// A send failure (the host went away) is not the tree's fault: it ends the session.
+        var sendFailure: Error?
+        do {
+            try TreeWriter.write(directory: path, chunkSize: AgentProtocolLimits.maxChunkSize) { chunk in
+                do { try send(.fileData(FileData(offset: offset, data: chunk)), id) } catch {
+                    sendFailure = error
+                    throw error
+                }
+                offset += UInt64(chunk.count)
+            }
+        } catch {
+            if let sendFailure { throw sendFailure }
+            return try send(.fileError(FileError(errno: EINVAL, message: "packing \(path): \(error)")), id)
         }
         try send(.fileEnd(size: offset), id)
     }

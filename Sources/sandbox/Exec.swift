@@ -35,9 +35,9 @@ struct Exec: ParsableCommand {
     var workdir: String = "/"
     @Flag(help: "Pass this process's stdin through to the command.")
     var stdin = false
-    @Option(name: .customLong("copy-in"), help: "Copy a host file into the guest before the command (HOST:GUEST); repeatable.")
+    @Option(name: .customLong("copy-in"), help: "Copy a host file, or a directory's tree, into the guest before the command (HOST:GUEST; parents are made); repeatable.")
     var copyIn: [String] = []
-    @Option(name: .customLong("copy-out"), help: "Copy a guest file to the host after the command (GUEST:HOST); repeatable.")
+    @Option(name: .customLong("copy-out"), help: "Copy a guest file, or a directory's tree, to the host after the command (GUEST:HOST); repeatable.")
     var copyOut: [String] = []
     @Option(name: .customLong("keep-disk"), help: "Write the guest's final root disk to this path.")
     var keepDisk: String?

@@ -97,7 +97,7 @@ struct ExecTests {
 
     @Test("a copy-out that fails is an error with its reason, not a silent success", arguments: [
         ("/no/such/file", "/x", "copy-out /no/such/file -> HOST/x: the guest file could not be read", "No such file or directory"),
-        ("/tmp", "/x", "copy-out /tmp -> HOST/x: the guest file could not be read", "Is a directory"),
+        ("/etc/passwd/x", "/x", "copy-out /etc/passwd/x -> HOST/x: the guest file could not be read", "Not a directory"),
         ("/etc/passwd", "/no/dir/x", "copy-out /etc/passwd -> HOST/no/dir/x: the host file could not be written", "No such file or directory"),
     ])
     func copyOutFailures(guest: String, host: String, message: String, reason: String) throws {
