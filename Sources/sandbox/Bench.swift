@@ -115,3 +115,52 @@ struct BenchExec: AsyncParsableCommand {
         if failed > 0 { throw ExitCode(1) }
     }
 }
+
+/// `sandbox _bench-copy DIR`: the tree at DIR copied into one running sandbox N times
+/// (`RunningSandbox.copyIn`, each into a fresh guest directory, removed after), and out
+/// again, each timed (Benchmarks/dir-copy calls it). Hidden: a measuring tool.
+struct BenchCopy: AsyncParsableCommand {
+    static let configuration = CommandConfiguration(
+        commandName: "_bench-copy", abstract: "Benchmark: copy a directory tree in and out of one RunningSandbox.", shouldDisplay: false)
+    @Option var runs: Int = 5
+    @Option(help: "Guest memory in MiB (the guest's page cache holds the tree).")
+    var memory: UInt64 = 1024
+    @Argument var directory: String
+
+    func run() async throws {
+        var config = SandboxConfiguration()
+        config.timeout = .seconds(300)
+        config.memoryMiB = memory
+        let bytes = UInt64(try Self.treeBytes(directory))
+        let sandbox = try await Sandbox.start(config, progress: { printError($0) })
+        let out = NSTemporaryDirectory() + "sandbox-bench-copy-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        var inTimes: [Double] = [], outTimes: [Double] = []
+        for i in 0 ..< runs {
+            let t = monotonicNanos()
+            try await sandbox.copyIn(directory, to: "/bench/\(i)")
+            inTimes.append(Double(monotonicNanos() - t) / 1e9)
+            try? FileManager.default.removeItem(atPath: out)
+            let u = monotonicNanos()
+            try await sandbox.copyOut("/bench/\(i)", to: out)
+            outTimes.append(Double(monotonicNanos() - u) / 1e9)
+            let rm = await sandbox.sh("rm -rf /bench/\(i)")
+            guard rm.outcome == .exited(0) else { printError("rm in the guest: \(rm.outcome)"); throw ExitCode(1) }
+        }
+        await sandbox.stop()
+        let mb = Double(bytes) / 1e6
+        func median(_ v: [Double]) -> Double { v.sorted()[v.count / 2] }
+        print(String(format: "copy-in of %.1f MB: %d runs: median %.3f s = %.0f MB/s", mb, runs, median(inTimes), mb / median(inTimes)))
+        print(String(format: "copy-out of %.1f MB: %d runs: median %.3f s = %.0f MB/s", mb, runs, median(outTimes), mb / median(outTimes)))
+    }
+
+    static func treeBytes(_ dir: String) throws -> Int {
+        guard let e = FileManager.default.enumerator(atPath: dir) else { throw ValidationError("\(dir): not a directory") }
+        var total = 0
+        while let p = e.nextObject() as? String {
+            let a = try FileManager.default.attributesOfItem(atPath: dir + "/" + p)
+            if a[.type] as? FileAttributeType == .typeRegular { total += (a[.size] as? Int) ?? 0 }
+        }
+        return total
+    }
+}
