@@ -36,6 +36,9 @@ enum Samples {
         ("file-data", 5, .fileData(FileData(offset: 1 << 40, data: Array(repeating: 7, count: 1000)))),
         ("file-end", 5, .fileEnd(size: 12345)),
         ("file-error", 5, .fileError(FileError(errno: 13, message: "open /root/x: Permission denied"))),
+        ("write-tree", 6, .writeTree(WriteTree(path: "/data/tree", offset: 0, isFinal: false, data: Array(repeating: 0, count: 1024)))),
+        ("write-tree-final", 6, .writeTree(WriteTree(path: "/data/tree", offset: 1024, isFinal: true, data: []))),
+        ("read-tree", 7, .readTree(path: "/data/out")),
     ]
 
     /// Header bytes with every field given explicitly.
