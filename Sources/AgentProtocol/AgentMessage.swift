@@ -11,6 +11,7 @@ public enum MessageType: UInt8, Sendable, CaseIterable {
     case stdinEOF = 0x12
     case signal = 0x13
     case kill = 0x14
+    case resize = 0x15
     case output = 0x20
     case exited = 0x21
     case signalled = 0x22
@@ -48,6 +49,9 @@ public enum AgentMessage: Equatable, Sendable {
     case signal(Int32)
     /// Host → guest: SIGKILL the command's process group.
     case kill
+    /// Host → guest: the window size of the command's terminal (``StdinMode/tty``); its
+    /// foreground process group gets SIGWINCH.
+    case resize(rows: UInt16, columns: UInt16)
     case output(Output)
     /// Guest → host: the command exited with this status (0...255).
     case exited(Int32)
@@ -84,6 +88,7 @@ public enum AgentMessage: Equatable, Sendable {
         case .stdinEOF: .stdinEOF
         case .signal: .signal
         case .kill: .kill
+        case .resize: .resize
         case .output: .output
         case .exited: .exited
         case .signalled: .signalled
@@ -134,6 +139,8 @@ public enum AgentMessage: Equatable, Sendable {
             w.raw(d)
         case .signal(let s):
             w.i32(s)
+        case .resize(let rows, let columns):
+            w.u16(rows); w.u16(columns)
         case .output(let o):
             w.u8(o.stream.rawValue); w.u64(o.sequence); w.bool(o.truncated); w.raw(o.data)
         case .exited(let c):
@@ -224,6 +231,9 @@ public enum AgentMessage: Equatable, Sendable {
             message = .stdinData(r.rest())
         case .signal:
             message = .signal(try r.i32("signal.number"))
+        case .resize:
+            let rows = try r.u16("resize.rows")
+            message = .resize(rows: rows, columns: try r.u16("resize.columns"))
         case .output:
             let rawStream = try r.u8("output.stream")
             guard let stream = StdioStream(rawValue: rawStream) else { throw .invalidValue(field: "output.stream", value: UInt64(rawStream)) }

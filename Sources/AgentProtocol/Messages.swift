@@ -16,8 +16,10 @@ public struct AgentCapabilities: OptionSet, Sendable, Hashable {
     public static let concurrentRequests = AgentCapabilities(rawValue: 1 << 5)
     /// WriteTree / ReadTree: directory trees as tar streams.
     public static let trees = AgentCapabilities(rawValue: 1 << 6)
+    /// Exec with a pseudo-terminal (``StdinMode/tty``) and Resize.
+    public static let tty = AgentCapabilities(rawValue: 1 << 7)
     /// Everything version 1 defines.
-    public static let all: AgentCapabilities = [.exec, .stdin, .signals, .files, .ping, .concurrentRequests, .trees]
+    public static let all: AgentCapabilities = [.exec, .stdin, .signals, .files, .ping, .concurrentRequests, .trees, .tty]
 }
 
 /// Version and capability exchange; the first message in each direction.
@@ -39,6 +41,11 @@ public enum StdinMode: UInt8, Sendable {
     case stream = 1
     /// File descriptor 0 is closed.
     case closed = 2
+    /// A pseudo-terminal for stdin, stdout and stderr (the command's controlling
+    /// terminal, 24×80 until a ``AgentMessage/resize(rows:columns:)``): StdinData is
+    /// typed into it, its output arrives as stdout; StdinEOF types the terminal's EOF
+    /// character (Ctrl-D).
+    case tty = 3
 }
 
 /// Run one command (host → guest).

@@ -26,6 +26,7 @@
 #include <sys/sysmacros.h>
 #include <sys/un.h>
 #include <sys/wait.h>
+#include <termios.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -258,8 +259,21 @@ int cinit_spawn(const struct cinit_spawn_request *req, struct cinit_spawn_result
     if (!req->argv || !req->argv[0]) return -EINVAL;
     int in[2] = {-1, -1}, o[2] = {-1, -1}, e[2] = {-1, -1}, rep[2] = {-1, -1};
     int rc = 0;
+    const int pty = req->stdin_mode == CINIT_STDIN_PTY;
+    int master = -1;
+    char slave[64] = {0};
+    if (pty) {
+        // The master stays here; the child opens the slave after setsid, which makes it
+        // its controlling terminal.
+        master = posix_openpt(O_RDWR | O_NOCTTY | O_CLOEXEC);
+        if (master < 0 || grantpt(master) < 0 || unlockpt(master) < 0 || ptsname_r(master, slave, sizeof slave) != 0) {
+            rc = -errno;
+            if (rc == 0) rc = -EIO;
+            goto fail;
+        }
+    }
     if ((req->stdin_mode == CINIT_STDIN_PIPE && pipe2(in, O_CLOEXEC) < 0) ||
-        pipe2(o, O_CLOEXEC) < 0 || pipe2(e, O_CLOEXEC) < 0 || pipe2(rep, O_CLOEXEC) < 0) {
+        (!pty && (pipe2(o, O_CLOEXEC) < 0 || pipe2(e, O_CLOEXEC) < 0)) || pipe2(rep, O_CLOEXEC) < 0) {
         rc = -errno;
         goto fail;
     }
@@ -290,13 +304,18 @@ int cinit_spawn(const struct cinit_spawn_request *req, struct cinit_spawn_result
             if (report < 0) _exit(127);
         }
         int in_fd = -1;
-        if (req->stdin_mode == CINIT_STDIN_PIPE) in_fd = in[0];
+        if (pty) {
+            int s = open(slave, O_RDWR | O_CLOEXEC);
+            if (s < 0) child_fail(report, CINIT_STAGE_STDIO, errno);
+            if (ioctl(s, TIOCSCTTY, 0) < 0) child_fail(report, CINIT_STAGE_STDIO, errno);
+            in_fd = s;
+        } else if (req->stdin_mode == CINIT_STDIN_PIPE) in_fd = in[0];
         else if (req->stdin_mode == CINIT_STDIN_NULL) {
             in_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
             if (in_fd < 0) child_fail(report, CINIT_STAGE_STDIO, errno);
         }
         // Keep sources off 0..2 before dup2 so one dup2 cannot close another's source.
-        int src[3] = { in_fd, o[1], e[1] };
+        int src[3] = { in_fd, pty ? in_fd : o[1], pty ? in_fd : e[1] };
         for (int i = 0; i < 3; i++) {
             if (src[i] >= 0 && src[i] <= 2) {
                 src[i] = fcntl(src[i], F_DUPFD_CLOEXEC, 3);
@@ -319,8 +338,8 @@ int cinit_spawn(const struct cinit_spawn_request *req, struct cinit_spawn_result
     // Parent.
     close(rep[1]); rep[1] = -1;
     if (in[0] >= 0) { close(in[0]); in[0] = -1; }
-    close(o[1]); o[1] = -1;
-    close(e[1]); e[1] = -1;
+    if (o[1] >= 0) { close(o[1]); o[1] = -1; }
+    if (e[1] >= 0) { close(e[1]); e[1] = -1; }
     struct child_report r = { 0, 0 };
     ssize_t n;
     do { n = read(rep[0], &r, sizeof r); } while (n < 0 && errno == EINTR);
@@ -331,10 +350,18 @@ int cinit_spawn(const struct cinit_spawn_request *req, struct cinit_spawn_result
         int status;
         while (waitpid(pid, &status, 0) < 0 && errno == EINTR) {}
         close_pair(in); close_pair(o); close_pair(e);
+        if (master >= 0) close(master);
         out->stage = r.stage;
         return r.err > 0 ? r.err : EIO;
     }
     out->pid = pid;
+    if (pty) {
+        out->stdout_fd = master;
+        out->stdin_fd = fcntl(master, F_DUPFD_CLOEXEC, 3);
+        if (out->stdin_fd >= 0) set_nonblock(out->stdin_fd);
+        set_nonblock(master);  // the dup shares the file status flags
+        return 0;
+    }
     out->stdin_fd = in[1];
     out->stdout_fd = o[0];
     out->stderr_fd = e[0];
@@ -344,7 +371,13 @@ int cinit_spawn(const struct cinit_spawn_request *req, struct cinit_spawn_result
     return 0;
 fail:
     close_pair(in); close_pair(o); close_pair(e); close_pair(rep);
+    if (master >= 0) close(master);
     return rc;
+}
+
+int cinit_set_winsize(int fd, unsigned short rows, unsigned short cols) {
+    struct winsize ws = { .ws_row = rows, .ws_col = cols, .ws_xpixel = 0, .ws_ypixel = 0 };
+    return ioctl(fd, TIOCSWINSZ, &ws) < 0 ? -errno : 0;
 }
 
 // Grows the ext4 file system mounted at `mountpoint` to fill its block device (online,

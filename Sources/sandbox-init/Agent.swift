@@ -92,7 +92,7 @@ final class Agent {
                 let runner = ExecRunner(exec: exec, id: frame.id, reaper: reaper, send: send)
                 try runner.start()
                 if runner.final == nil { execs[frame.id] = runner }
-            case .stdinData, .stdinEOF, .signal, .kill:
+            case .stdinData, .stdinEOF, .signal, .kill, .resize:
                 execs[frame.id]?.handle(frame.message)  // none: late input for a finished exec
             case .ping(let value):
                 try send(pong(value), frame.id)

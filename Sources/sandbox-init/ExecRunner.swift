@@ -14,6 +14,10 @@ final class ExecRunner {
     static let chunkSize = 64 * 1024
     /// After the command exits, how long stragglers may keep the pipes open.
     static let drainNanos: UInt64 = 2_000_000_000
+    /// After the command exits, how long what is left of its process group may go on
+    /// before it is killed: a daemon forks and its child calls setsid (leaving the
+    /// group) a moment later; killing the group at once would kill it in that window.
+    static let groupGraceNanos: UInt64 = 200_000_000
 
     /// What a descriptor this exec polls is for.
     enum Role { case stdout, stderr, stdin }
@@ -36,6 +40,8 @@ final class ExecRunner {
     private var timedOut = false
     private var deadline: UInt64?
     private var drainDeadline: UInt64?
+    /// When the rest of the process group is killed (nil: not pending).
+    private var groupKillAt: UInt64?
     /// The final message, once sent.
     private(set) var final: AgentMessage?
 
@@ -60,6 +66,7 @@ final class ExecRunner {
         case .none: Int32(CINIT_STDIN_NULL.rawValue)
         case .stream: Int32(CINIT_STDIN_PIPE.rawValue)
         case .closed: Int32(CINIT_STDIN_CLOSED.rawValue)
+        case .tty: Int32(CINIT_STDIN_PTY.rawValue)
         }
         let rc: Int32 = withCStringArray(exec.arguments) { argv in
             withCStringArray(exec.environment) { envp in
@@ -103,6 +110,7 @@ final class ExecRunner {
     /// timeout, or the end of the drain after the command exited).
     var wakeAt: UInt64? {
         guard final == nil else { return nil }
+        if let groupKillAt { return min(groupKillAt, drainDeadline ?? groupKillAt) }
         if let drainDeadline { return drainDeadline }
         if status == nil, !timedOut { return deadline }
         return nil
@@ -113,7 +121,13 @@ final class ExecRunner {
         switch role {
         case .stdout, .stderr:
             let stream = role == .stdout ? 0 : 1
-            switch try readChunk(pipes[stream], max: Self.chunkSize) {
+            var result = ReadResult.wouldBlock
+            do { result = try readChunk(pipes[stream], max: Self.chunkSize) } catch {
+                // A terminal's master reads EIO once every slave is closed: its end.
+                guard exec.stdin == .tty, error.errno == EIO else { throw error }
+                result = .endOfFile
+            }
+            switch result {
             case .data(let bytes): try forward(bytes, stream: stream)
             case .endOfFile: close(pipes[stream]); pipes[stream] = -1
             case .wouldBlock: break
@@ -129,16 +143,26 @@ final class ExecRunner {
         flushStdin()
         if status == nil, let s = reaper.takeStatus(pid) {
             status = s
-            // One-shot semantics: background processes of the command die with it.
-            Glibc.kill(-pid, SIGKILL)
-            drainDeadline = nowNanos() + Self.drainNanos
+            // Background processes of the command that stay in its process group die
+            // with it, after a short grace (daemons leave the group with setsid).
+            let now = nowNanos()
+            groupKillAt = now + Self.groupGraceNanos
+            drainDeadline = now + Self.drainNanos
+        }
+        if let at = groupKillAt {
+            if Glibc.kill(-pid, 0) != 0 && errno == ESRCH {
+                groupKillAt = nil  // nobody is left in the group
+            } else if nowNanos() >= at {
+                Glibc.kill(-pid, SIGKILL)
+                groupKillAt = nil
+            }
         }
         if status == nil, let deadline, !timedOut, nowNanos() >= deadline {
             timedOut = true
             Glibc.kill(-pid, SIGKILL)
             Glibc.kill(pid, SIGKILL)
         }
-        guard let s = status, pipes.allSatisfy({ $0 < 0 }) || nowNanos() >= (drainDeadline ?? 0) else { return }
+        guard let s = status, groupKillAt == nil, pipes.allSatisfy({ $0 < 0 }) || nowNanos() >= (drainDeadline ?? 0) else { return }
         for i in pipes.indices where pipes[i] >= 0 { close(pipes[i]); pipes[i] = -1 }
         closeStdin()
         if timedOut {
@@ -176,8 +200,13 @@ final class ExecRunner {
         switch message {
         case .stdinData(let bytes):
             if stdinFD >= 0 && !stdinEOFRequested { stdinPending.append(contentsOf: bytes) }
+        case .stdinEOF where exec.stdin == .tty:
+            // A terminal has no end of input: type its EOF character instead (Ctrl-D).
+            if stdinFD >= 0 { stdinPending.append(4) }
         case .stdinEOF:
             stdinEOFRequested = true
+        case .resize(let rows, let columns):
+            if exec.stdin == .tty && stdinFD >= 0 { _ = cinit_set_winsize(stdinFD, rows, columns) }
         case .signal(let number):
             if number > 0 && number < 65 && pid > 0 && status == nil { Glibc.kill(-pid, number) }
         case .kill:

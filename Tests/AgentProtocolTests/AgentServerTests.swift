@@ -429,6 +429,39 @@ func fnv1a(_ bytes: [UInt8]) -> UInt64 {
         }
     }
 
+    @Test("a terminal: the command's stdio is a pty of the size the host sets, input is typed into it, Ctrl-C interrupts, the status comes back")
+    func terminal() throws {
+        let server = try AgentServer()
+        let client = try server.connect()
+        try client.send(.exec(shell("read go; stty size; tty; trap 'echo interrupted; exit 7' INT; echo ready; while :; do sleep 0.05; done", stdin: .tty)), id: 1)
+        try client.send(.resize(rows: 33, columns: 111), id: 1)
+        try client.send(.stdinData(Array("go\n".utf8)), id: 1)
+        var text = ""
+        func readUntil(_ needle: String) throws {
+            while !text.contains(needle) {
+                let f = try client.next()
+                guard case .output(let o) = f.message else { throw TestFailure("expected output before \(needle.debugDescription), got \(f.message); so far \(text.debugDescription)") }
+                #expect(o.stream == .stdout)
+                text += String(decoding: o.data, as: UTF8.self)
+            }
+        }
+        try readUntil("ready")
+        #expect(text.contains("33 111"), "\(text.debugDescription)")
+        #expect(text.contains("/dev/pts/"), "\(text.debugDescription)")
+        #expect(text.contains("\r\n"), "a terminal turns \\n into \\r\\n: \(text.debugDescription)")
+        try client.send(.stdinData([3]), id: 1)  // Ctrl-C, as typed
+        var final: AgentMessage?
+        while final == nil {
+            let f = try client.next()
+            switch f.message {
+            case .output(let o): text += String(decoding: o.data, as: UTF8.self)
+            default: final = f.message
+            }
+        }
+        #expect(final == .exited(7), "\(String(describing: final)) \(text.debugDescription)")
+        #expect(text.contains("interrupted"), "\(text.debugDescription)")
+    }
+
     @Test func orphansAreReaped() throws {
         let server = try AgentServer()
         let client = try server.connect()

@@ -39,6 +39,7 @@ enum Samples {
         ("write-tree", 6, .writeTree(WriteTree(path: "/data/tree", offset: 0, isFinal: false, data: Array(repeating: 0, count: 1024)))),
         ("write-tree-final", 6, .writeTree(WriteTree(path: "/data/tree", offset: 1024, isFinal: true, data: []))),
         ("read-tree", 7, .readTree(path: "/data/out")),
+        ("resize", 8, .resize(rows: 50, columns: 132)),
     ]
 
     /// Header bytes with every field given explicitly.

@@ -85,7 +85,10 @@ int cinit_seed_random(const uint8_t *bytes, int len);
 int cinit_set_realtime(uint64_t unix_nanos);
 
 /// Standard input of a spawned command.
-enum cinit_stdin_mode { CINIT_STDIN_NULL = 0, CINIT_STDIN_PIPE = 1, CINIT_STDIN_CLOSED = 2 };
+/// CINIT_STDIN_PTY: stdin, stdout and stderr are one new pseudo-terminal, the child's
+/// controlling terminal; the parent gets its master as stdin_fd (a dup, for writing)
+/// and stdout_fd (for reading), and no stderr_fd.
+enum cinit_stdin_mode { CINIT_STDIN_NULL = 0, CINIT_STDIN_PIPE = 1, CINIT_STDIN_CLOSED = 2, CINIT_STDIN_PTY = 3 };
 
 /// Failing step reported by a child that could not exec.
 enum cinit_spawn_stage {
@@ -118,4 +121,8 @@ struct cinit_spawn_result {
 /// Returns 0 on success; a positive errno if the child could not exec (the child has
 /// been reaped, `stage` says which step failed); -errno if pipe/fork failed.
 int cinit_spawn(const struct cinit_spawn_request *req, struct cinit_spawn_result *out);
+
+/// Sets a pseudo-terminal's window size (TIOCSWINSZ; its foreground process group gets
+/// SIGWINCH). 0 or -errno.
+int cinit_set_winsize(int fd, unsigned short rows, unsigned short cols);
 #endif

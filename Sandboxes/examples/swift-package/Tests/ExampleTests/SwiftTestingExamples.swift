@@ -73,6 +73,22 @@ struct SwiftTestingExamples {
         }
     }
 
+    /// Whole directories: a fixture tree copied in, a result tree built in the guest and
+    /// copied out (what the guest sends back is checked: nothing lands outside `out`).
+    @Test func aDirectoryInAndAResultDirectoryOut() async throws {
+        let fixtures = URL(fileURLWithPath: #filePath).deletingLastPathComponent().path + "/Fixtures/project"
+        let out = FileManager.default.temporaryDirectory.appendingPathComponent("example-results-\(UUID().uuidString)").path
+        defer { try? FileManager.default.removeItem(atPath: out) }
+        try await withSandbox { sandbox in
+            let vm = try await sandbox.running()
+            try await vm.copyIn(fixtures, to: "/work/project")
+            expectSuccess(await sandbox.sh("mkdir -p /work/results/lists && cd /work/project && cat src/fruit.txt veg.txt | sort > /work/results/lists/all.txt && find . -type f | sort > /work/results/files.txt"))
+            try await vm.copyOut("/work/results", to: out)
+        }
+        #expect(try String(contentsOfFile: out + "/lists/all.txt", encoding: .utf8) == "banana\nbeet\ncarrot\ncherry\n")
+        #expect(try String(contentsOfFile: out + "/files.txt", encoding: .utf8) == "./src/fruit.txt\n./veg.txt\n")
+    }
+
     @Test func expectedFailureExitStatus() async {
         await withSandbox { sandbox in
             // `false` must fail: expect its status, not success.
