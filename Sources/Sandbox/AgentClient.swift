@@ -141,13 +141,15 @@ public final class AgentClient: Sendable {
     /// - Parameters:
     ///   - stdin: bytes to feed the command (then EOF); nil = no stdin.
     ///   - stdinFD: a host descriptor to pump into the command's stdin until EOF (terminal passthrough).
+    ///   - terminal: run it on a pseudo-terminal (input typed into it, all output as stdout).
     ///   - onStarted: called with the Exec's request id once it is sent (for `killExec`).
-    public func exec(_ exec: Exec, stdin: [UInt8]? = nil, stdinFD: Int32? = nil, onStarted: ((UInt32) -> Void)? = nil,
+    public func exec(_ exec: Exec, stdin: [UInt8]? = nil, stdinFD: Int32? = nil, terminal: Bool = false,
+                     onStarted: ((UInt32) -> Void)? = nil,
                      onOutput: (StdioStream, [UInt8]) -> Void) throws -> CommandStatus {
         var e = exec
         // Without input the command reads /dev/null (fd 0 open, at end of file), as under a
         // shell with `</dev/null`; a closed fd 0 breaks programs that dup or check it.
-        e.stdin = (stdin != nil || stdinFD != nil) ? .stream : .none
+        e.stdin = terminal ? .tty : (stdin != nil || stdinFD != nil) ? .stream : .none
         let id = try begin(e)
         defer { end(id) }
         onStarted?(id)

@@ -49,6 +49,11 @@ public struct SandboxConfiguration: Sendable {
     /// Whether the result keeps the output (up to `outputLimit`). Callers that consume the
     /// stream themselves (the CLI) turn this off so that memory does not grow with output.
     public var keepOutput: Bool = true
+    /// Run the command on a pseudo-terminal in the guest (its controlling terminal):
+    /// stdin, stdout and stderr are the terminal, so its output arrives as stdout, and
+    /// input (`stdinFD`) is typed into it (Ctrl-C interrupts). Its size comes from the
+    /// `TerminalSize` given to `SandboxRunner.run` (24×80 without one). One-shot runs.
+    public var terminal: Bool = false
     /// Write the guest's final root disk here (base + writes).
     public var keepDiskPath: String?
     /// Grow the guest's root disk (and its file system) to this many MiB; nil keeps the

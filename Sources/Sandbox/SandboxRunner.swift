@@ -103,7 +103,7 @@ public enum SandboxRunner {
     /// Runs `command`. Output chunks go to `onOutput` as they arrive (and are collected
     /// into the result up to `configuration.outputLimit`).
     public static func run(_ command: [String], configuration: SandboxConfiguration,
-                           stdin: [UInt8]? = nil, stdinFD: Int32? = nil,
+                           stdin: [UInt8]? = nil, stdinFD: Int32? = nil, terminalSize: TerminalSize? = nil,
                            progress: (String) -> Void = { _ in },
                            cancel: CancelToken? = nil,
                            onOutput: (OutputEvent) -> Void = { _ in }) -> ExecResult {
@@ -290,7 +290,11 @@ public enum SandboxRunner {
                             timeoutMillis: commandTimeout.map { UInt64($0 * 1000) } ?? 0,
                             stdoutCap: config.outputLimit, stderrCap: config.outputLimit)
             if let commandTimeout { deadline = try? Watchdog(after: commandTimeout + hostGrace) { [vmm] in vmm.kill() } }
-            status = try client.exec(exec, stdin: stdin, stdinFD: stdinFD) { stream, bytes in
+            defer { terminalSize?.follow(nil) }
+            status = try client.exec(exec, stdin: stdin, stdinFD: stdinFD, terminal: config.terminal, onStarted: { id in
+                guard config.terminal else { return }
+                terminalSize?.follow { rows, columns in try? client.send(.resize(rows: rows, columns: columns), id: id) }
+            }) { stream, bytes in
                 let event: OutputEvent = stream == .stdout ? .stdout(bytes) : .stderr(bytes)
                 onOutput(event)
                 keeper.add(event)

@@ -33,8 +33,10 @@ struct Exec: ParsableCommand {
     var env: [String] = []
     @Option(help: "Working directory in the guest.")
     var workdir: String = "/"
-    @Flag(help: "Pass this process's stdin through to the command.")
+    @Flag(name: [.customShort("i"), .long], help: "Pass this process's stdin through to the command.")
     var stdin = false
+    @Flag(name: [.customShort("t"), .customLong("tty")], help: "Run the command on a terminal in the guest (with -i: an interactive session; this terminal is put in raw mode, its size follows).")
+    var tty = false
     @Option(name: .customLong("copy-in"), help: "Copy a host file, or a directory's tree, into the guest before the command (HOST:GUEST; parents are made); repeatable.")
     var copyIn: [String] = []
     @Option(name: .customLong("copy-out"), help: "Copy a guest file, or a directory's tree, to the host after the command (GUEST:HOST); repeatable.")
@@ -62,6 +64,7 @@ struct Exec: ParsableCommand {
         config.template = template
         config.cold = cold
         config.consoleFD = console ? 2 : nil
+        config.terminal = tty
         // Output streams straight to the terminal: no cap, nothing kept in memory.
         config.outputLimit = 0
         config.keepOutput = false
@@ -81,7 +84,12 @@ struct Exec: ParsableCommand {
             printError("sandbox exec: \(error)")
             throw ExitCode(125)
         }
-        let result = SandboxRunner.run(argv, configuration: config, stdinFD: stdin ? 0 : nil,
+        // With -t on a terminal: raw mode (keys go to the guest as typed, Ctrl-C included),
+        // restored however this ends; the guest's terminal follows this one's size.
+        let local = tty ? LocalTerminal.take() : nil
+        defer { local?.restore() }
+        let size = tty ? (local?.size ?? TerminalSize(rows: 24, columns: 80)) : nil
+        let result = SandboxRunner.run(argv, configuration: config, stdinFD: stdin ? 0 : nil, terminalSize: size,
                                        progress: { printError($0) }) { event in
             switch event {
             case .stdout(let b): b.withUnsafeBytes { writeAll(1, $0) }
@@ -105,5 +113,80 @@ struct Exec: ParsableCommand {
         }
         let status = result.outcome.exitStatus
         if status != 0 { throw ExitCode(status) }
+    }
+}
+
+/// This process's terminal in raw mode for `exec -t`: the original settings come back at
+/// the end, on SIGTERM/SIGHUP/SIGQUIT, and its size is followed (SIGWINCH).
+final class LocalTerminal: @unchecked Sendable {
+    // @unchecked: `saved` is written once before the signal sources start; `restore`
+    // may race with a signal's restore, and tcsetattr twice with the same settings is harmless.
+    private var saved = termios()
+    let size: TerminalSize
+    private var sources: [DispatchSourceSignal] = []
+
+    /// Raw mode on stdin, if stdin is a terminal; nil otherwise.
+    static func take() -> LocalTerminal? {
+        guard isatty(0) == 1 else { return nil }
+        var ws = winsize()
+        let rows = ioctl(0, UInt(TIOCGWINSZ), &ws) == 0 && ws.ws_row > 0 ? ws.ws_row : 24
+        let cols = ws.ws_col > 0 ? ws.ws_col : 80
+        let t = LocalTerminal(size: TerminalSize(rows: rows, columns: cols))
+        guard tcgetattr(0, &t.saved) == 0 else { return nil }
+        var raw = t.saved
+        cfmakeraw(&raw)
+        guard tcsetattr(0, TCSADRAIN, &raw) == 0 else { return nil }
+        t.watch()
+        return t
+    }
+
+    private init(size: TerminalSize) { self.size = size }
+
+    private func watch() {
+        let winch = DispatchSource.makeSignalSource(signal: SIGWINCH, queue: .global())
+        signal(SIGWINCH, SIG_IGN)
+        winch.setEventHandler { [size] in
+            var ws = winsize()
+            if ioctl(0, UInt(TIOCGWINSZ), &ws) == 0 && ws.ws_row > 0 { size.update(rows: ws.ws_row, columns: ws.ws_col) }
+        }
+        winch.resume()
+        sources.append(winch)
+        for sig in [SIGTERM, SIGHUP, SIGQUIT] {
+            let s = DispatchSource.makeSignalSource(signal: sig, queue: .global())
+            signal(sig, SIG_IGN)
+            s.setEventHandler { [self] in
+                restore()
+                exit(128 + sig)
+            }
+            s.resume()
+            sources.append(s)
+        }
+    }
+
+    func restore() {
+        var s = saved
+        tcsetattr(0, TCSADRAIN, &s)
+    }
+}
+
+/// `sandbox shell`: an interactive shell in a throwaway VM (`exec -i -t --timeout 0 -- sh`).
+struct Shell: ParsableCommand {
+    static let configuration = CommandConfiguration(
+        abstract: "An interactive shell in a throwaway micro-VM (sandbox exec -it -- sh).",
+        discussion: """
+        Takes the options of `sandbox exec` (image, memory, copy-in, ...); without a command         after --, runs sh. There is no time limit unless --timeout is given. The exit status         is the shell's.
+        """)
+    @Argument(parsing: .captureForPassthrough, help: "Options of sandbox exec, then optionally -- CMD [ARGS...].")
+    var arguments: [String] = []
+
+    func run() throws {
+        var args = ["-i", "-t", "--timeout", "0"] + arguments
+        if !arguments.contains("--") { args += ["--", "sh"] }
+        let exec: Exec
+        do { exec = try Exec.parse(args) } catch {
+            printError(Exec.fullMessage(for: error))
+            throw ExitCode(125)
+        }
+        try exec.run()
     }
 }

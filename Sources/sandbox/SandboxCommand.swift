@@ -7,7 +7,7 @@ struct SandboxCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sandbox",
         abstract: "Boot throwaway KVM micro-VMs and run commands in them.",
-        subcommands: [Exec.self, Batch.self, Boot.self, Doctor.self, KernelCommand.self, ImageCommand.self, SnapshotCommand.self, TemplateCommand.self, ReportCommand.self, BenchLibrary.self, BenchExec.self, BenchCopy.self, Soak.self])
+        subcommands: [Exec.self, Shell.self, Batch.self, Boot.self, Doctor.self, KernelCommand.self, ImageCommand.self, SnapshotCommand.self, TemplateCommand.self, ReportCommand.self, BenchLibrary.self, BenchExec.self, BenchCopy.self, Soak.self])
 
     /// As ArgumentParser's, except that a usage error (unknown option, bad value)
     /// exits 2, the conventional status for it, rather than 64. Parsing is awaited as
