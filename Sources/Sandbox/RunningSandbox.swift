@@ -389,11 +389,7 @@ public final class RunningSandbox: Sendable {
         let copy = [FileCopy(hostPath: hostPath, guestPath: guestPath)]
         try SandboxRunner.checkCopyIn(copy)
         try await onThreadThrowing { () throws(SandboxError) in
-            try self.request { vm throws in
-                do { try SandboxRunner.copyIn(copy, with: vm.client) } catch let e as TarError {
-                    throw SandboxError.invalidInput("copy-in \(hostPath): \(e)")
-                }
-            }
+            try self.request { vm throws in try SandboxRunner.copyIn(copy, with: vm.client) }
         }
     }
 

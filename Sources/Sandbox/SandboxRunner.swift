@@ -426,7 +426,10 @@ extension SandboxRunner {
         for c in copies {
             var isDirectory: ObjCBool = false
             if FileManager.default.fileExists(atPath: c.hostPath, isDirectory: &isDirectory), isDirectory.boolValue {
-                try client.writeTree(path: c.guestPath, from: c.hostPath)
+                // What the host tree holds that cannot be copied is the caller's error.
+                do { try client.writeTree(path: c.guestPath, from: c.hostPath) } catch let e as TarError {
+                    throw SandboxError.invalidInput("copy-in \(c.hostPath): \(e)")
+                }
                 continue
             }
             let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: c.hostPath)))

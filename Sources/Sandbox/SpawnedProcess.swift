@@ -44,24 +44,27 @@ extension RunningSandbox {
         do { id = try vm.client.begin(exec) } catch { throw failed(error) }
         let process = SpawnedProcess(command: command, sandbox: self, client: vm.client, id: id,
                                      outputLimit: limit, keepOutput: configuration.keepOutput)
+        // The pump holds the process's state, not its handle: releasing the handle kills
+        // the command (its deinit), and the pump then ends with it.
+        let core = process.core
         let deadline = timeout.flatMap { t in try? Watchdog(after: t + Self.hostGrace) { [vmm = vm.vmm] in vmm.kill() } }
         let t0 = monotonicNanos()
         weak let sandbox = self
         let pump: NativeThread
         do {
-            pump = try NativeThread(name: "sandbox-spawned") { [process] in
+            pump = try NativeThread(name: "sandbox-spawned") { [core] in
                 var result = ExecResult(command: command, outcome: .infrastructureError(.internal("not run")), stdout: [], stderr: [],
                                         timings: PhaseTimings(), consoleTail: "")
-                var keeper = OutputKeeper(limit: limit, keep: process.keepOutput)
+                var keeper = OutputKeeper(limit: limit, keep: core.keepOutput)
                 do {
                     let status = try vm.client.results(of: id) { stream, bytes in
                         let event: OutputEvent = stream == .stdout ? .stdout(bytes) : .stderr(bytes)
                         keeper.add(event)
-                        process.buffer.put(event)
+                        core.buffer.put(event)
                     }
                     deadline?.cancel()
                     (result.stdout, result.stderr) = (keeper.stdout, keeper.stderr)
-                    SandboxRunner.apply(status, to: &result, onOutput: { process.buffer.put($0) })
+                    SandboxRunner.apply(status, to: &result, onOutput: { core.buffer.put($0) })
                 } catch {
                     deadline?.cancel()
                     (result.stdout, result.stderr) = (keeper.stdout, keeper.stderr)
@@ -77,7 +80,7 @@ extension RunningSandbox {
                 result.timings.exec = Double(monotonicNanos() &- t0) / 1e6
                 result.timings.total = result.timings.exec
                 sandbox?.gate.leave()
-                process.finish(result)
+                core.finish(result)
             }
         } catch {
             vm.client.killExec(id)
@@ -103,49 +106,70 @@ extension RunningSandbox {
 public final class SpawnedProcess: Sendable {
     /// How much unread output waits when the output limit is 0 (none).
     public static let unlimitedBufferBytes = 64 << 20
+
+    /// What the handle and the thread that reads the command's frames share.
+    final class Core: Sendable {
+        let keepOutput: Bool
+        let buffer: OutputBuffer
+        struct Done {
+            var result: ExecResult?
+            var waiters: [CheckedContinuation<ExecResult, Never>] = []
+            var stdinClosed = false
+        }
+        let done = Mutex(Done())
+
+        init(keepOutput: Bool, bufferLimit: Int) {
+            self.keepOutput = keepOutput
+            self.buffer = OutputBuffer(limit: bufferLimit)
+        }
+
+        func finish(_ result: ExecResult) {
+            buffer.finish()
+            let waiters = done.withLock { d -> [CheckedContinuation<ExecResult, Never>] in
+                d.result = result
+                defer { d.waiters = [] }
+                return d.waiters
+            }
+            for w in waiters { w.resume(returning: result) }
+        }
+    }
+
     public let command: [String]
     /// Keeps the sandbox alive while the handle is.
     private let sandbox: RunningSandbox
     private let client: AgentClient
     /// The Exec's request id on the agent connection.
     let id: UInt32
-    let keepOutput: Bool
-    let buffer: OutputBuffer
-    private struct Done {
-        var result: ExecResult?
-        var waiters: [CheckedContinuation<ExecResult, Never>] = []
-        var stdinClosed = false
-    }
-    private let done = Mutex(Done())
+    let core: Core
 
     init(command: [String], sandbox: RunningSandbox, client: AgentClient, id: UInt32, outputLimit: UInt64, keepOutput: Bool) {
         self.command = command
         self.sandbox = sandbox
         self.client = client
         self.id = id
-        self.keepOutput = keepOutput
-        self.buffer = OutputBuffer(limit: outputLimit == 0 ? Self.unlimitedBufferBytes : Int(clamping: outputLimit))
+        self.core = Core(keepOutput: keepOutput, bufferLimit: outputLimit == 0 ? Self.unlimitedBufferBytes : Int(clamping: outputLimit))
     }
 
     deinit {
-        if done.withLock({ $0.result == nil }) { client.killExec(id) }
+        if core.done.withLock({ $0.result == nil }) { client.killExec(id) }
     }
 
     /// The command's stdout and stderr chunks, in order, until it ends. Read it once.
-    public var output: OutputBuffer.Sequence { OutputBuffer.Sequence(buffer: buffer) }
+    public var output: OutputBuffer.Sequence { OutputBuffer.Sequence(buffer: core.buffer) }
 
     /// Output bytes dropped because `output` was not read fast enough.
-    public var droppedOutputBytes: UInt64 { buffer.dropped }
+    public var droppedOutputBytes: UInt64 { core.buffer.dropped }
 
     /// The result, once the command has ended (nil while it runs).
-    public var result: ExecResult? { done.withLock { $0.result } }
+    public var result: ExecResult? { core.done.withLock { $0.result } }
 
     /// Waits for the command to end and returns its typed result. Cancelling the waiting
     /// task kills the command (its process group); the result then says how it ended.
     public func wait() async -> ExecResult {
-        await withTaskCancellationHandler {
+        let core = self.core
+        return await withTaskCancellationHandler {
             await withCheckedContinuation { (cont: CheckedContinuation<ExecResult, Never>) in
-                let now: ExecResult? = done.withLock { d in
+                let now: ExecResult? = core.done.withLock { d in
                     if let r = d.result { return r }
                     d.waiters.append(cont)
                     return nil
@@ -160,16 +184,16 @@ public final class SpawnedProcess: Sendable {
     /// Writes `bytes` to the command's stdin.
     /// - Throws: `invalidInput` after `closeStdin()` or once the command has ended.
     public func write(_ bytes: [UInt8]) async throws(SandboxError) {
-        let (client, id) = (self.client, self.id)
-        let r: Result<Void, SandboxError> = await runOnThread { [self] in
-            guard done.withLock({ $0.result == nil && !$0.stdinClosed }) else {
-                return .failure(.invalidInput("\(command[0]): its stdin is closed (closeStdin() was called, or it has ended)"))
+        let (client, id, core, name) = (self.client, self.id, self.core, self.command[0])
+        let r: Result<Void, SandboxError> = await runOnThread {
+            guard core.done.withLock({ $0.result == nil && !$0.stdinClosed }) else {
+                return .failure(.invalidInput("\(name): its stdin is closed (closeStdin() was called, or it has ended)"))
             }
             var offset = 0
             repeat {
                 let end = min(offset + AgentProtocolLimits.maxChunkSize, bytes.count)
                 do { try client.send(.stdinData(Array(bytes[offset..<end])), id: id) } catch {
-                    return .failure(SandboxError.from(error, code: .agent, context: "writing to the stdin of \(command[0])"))
+                    return .failure(SandboxError.from(error, code: .agent, context: "writing to the stdin of \(name)"))
                 }
                 offset = end
             } while offset < bytes.count
@@ -180,7 +204,7 @@ public final class SpawnedProcess: Sendable {
 
     /// Closes the command's stdin (it reads end of file once what was written is read).
     public func closeStdin() async {
-        let first = done.withLock { d -> Bool in
+        let first = core.done.withLock { d -> Bool in
             defer { d.stdinClosed = true }
             return !d.stdinClosed && d.result == nil
         }
@@ -199,16 +223,6 @@ public final class SpawnedProcess: Sendable {
     public func kill() async {
         let (client, id) = (self.client, self.id)
         await runOnThread { _ = client.killExec(id) }
-    }
-
-    func finish(_ result: ExecResult) {
-        buffer.finish()
-        let waiters = done.withLock { d -> [CheckedContinuation<ExecResult, Never>] in
-            d.result = result
-            defer { d.waiters = [] }
-            return d.waiters
-        }
-        for w in waiters { w.resume(returning: result) }
     }
 }
 

@@ -322,9 +322,16 @@ struct ExecTests {
         let r4 = try exec([])
         #expect(r4.status == 125)
         #expect(r4.stderr.contains("no command given"))
-        let r5 = try exec(["--copy-in", "/tmp:/x", "--", "true"])
-        #expect(r5.status == 125 && r5.stderr.contains("copy-in /tmp: is a directory"), "\(r5.stderr)")
+        let r5 = try exec(["--copy-in", "/no/such/dir:/x", "--", "true"])
+        #expect(r5.status == 125 && r5.stderr.contains("copy-in /no/such/dir: no such file or directory"), "\(r5.stderr)")
         #expect(!r5.stderr.contains("NSCocoaErrorDomain"))
+        // A directory is copied as a tree; one holding what cannot be copied (a FIFO) is the caller's error.
+        let fifoTree = NSTemporaryDirectory() + "sandbox-fifo-tree-\(getpid())"
+        try FileManager.default.createDirectory(atPath: fifoTree + "/sub", withIntermediateDirectories: true)
+        defer { try? FileManager.default.removeItem(atPath: fifoTree) }
+        #expect(mkfifo(fifoTree + "/sub/pipe", 0o600) == 0)
+        let r6 = try exec(timeoutArgs + ["--copy-in", "\(fifoTree):/x", "--", "true"])
+        #expect(r6.status == 125 && r6.stderr.contains("copy-in \(fifoTree): sub/pipe: is a FIFO"), "\(r6.stderr)")
         for (size, message) in [("4X", "'4X' is not a size"), ("-1", "'-1' is not a size"), ("0", "must be from 1 MiB"),
                                 ("99999T", "'99999T' is not a size from 1 MiB to 16 TiB"), ("17T", "is not a size from 1 MiB to 16 TiB")] {
             let r = try exec(["--disk-size", size, "--", "true"])

@@ -140,6 +140,14 @@ struct RunningSandboxTests {
         for await event in flood.output { if case .stdout(let b) = event { unread += b.count } else if case .stderr(let b) = event { unread += b.count } }
         #expect(unread + Int(flood.droppedOutputBytes) == 200_000, "\(unread) read, \(flood.droppedOutputBytes) dropped")
 
+        // Releasing a handle kills its command.
+        var dropped: SpawnedProcess? = try await sandbox.spawn(["sleep", "77"])
+        #expect(await sandbox.sh("for i in $(seq 100); do ps | grep -q '[s]leep 77' && exit 0; sleep 0.05; done; exit 1").outcome == .exited(0))
+        #expect(dropped?.result == nil)
+        dropped = nil
+        let gone = await sandbox.sh("for i in $(seq 200); do ps | grep -q '[s]leep 77' || exit 0; sleep 0.05; done; exit 1")
+        #expect(gone.outcome == .exited(0), "the command of a released handle still runs")
+
         // Stopping the sandbox ends a spawned process with a typed outcome.
         let sleeper = try await sandbox.spawn(["sleep", "60"])
         await sandbox.stop()
