@@ -304,9 +304,18 @@ public enum SandboxRunner {
             // A lost artefact is an error, never a silent success: the first copy-out
             // that fails decides the outcome (the command's status is then only in the
             // message), and the guest is still shut down cleanly.
+            // Bounded like the command: a guest that stalls its copy-out does not stall
+            // this process (the VM is killed, and the copy-out fails saying so).
+            let copyLimit = max(copyOutSeconds, commandTimeout ?? 0)
+            let copyDeadline = config.copyOut.isEmpty ? nil : try? Watchdog(after: copyLimit) { [vmm] in vmm.kill() }
             for c in config.copyOut where copyOutError == nil {
-                do throws(SandboxError) { try copyOut(c, limit: config.copyOutLimit, with: client) } catch { copyOutError = error }
+                do throws(SandboxError) { try copyOut(c, limit: config.copyOutLimit, with: client) } catch {
+                    copyOutError = copyDeadline?.fired == true
+                        ? SandboxError(.guest, "copy-out \(c.guestPath) -> \(c.hostPath) did not finish within \(InputCheck.format(copyLimit)) s; the host stopped the VM", underlying: error)
+                        : error
+                }
             }
+            copyDeadline?.cancel()
             if config.keepDiskPath == nil {
                 // Nothing of the guest outlives the run (its overlay is discarded), so
                 // there is nothing to sync: the VMM stops the VM at once, which is
@@ -407,6 +416,10 @@ struct ErrorDescription: Error, Sendable, CustomStringConvertible {
 }
 
 extension SandboxRunner {
+    /// The least time copy-out of a run may take before the host stops the VM (more when
+    /// the command's timeout is longer).
+    static let copyOutSeconds: Double = 300
+
     /// Refuses copy-in sources that are missing or unreadable, before anything starts.
     static func checkCopyIn(_ copies: [FileCopy]) throws(SandboxError) {
         for c in copies {

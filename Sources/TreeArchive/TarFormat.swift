@@ -324,6 +324,14 @@ public struct TarDecoder {
             guard size <= UInt64(limits.maxExtendedHeader) else {
                 throw TarError("an extended header of \(size) bytes is over the limit of \(limits.maxExtendedHeader)")
             }
+            // Counted like entries and data: a stream of nothing but extended headers is
+            // bounded too.
+            entries += 1
+            guard entries <= limits.maxEntries else { throw TarError("the tree has more than \(limits.maxEntries) entries") }
+            totalBytes += size
+            guard totalBytes <= limits.maxTotalBytes else {
+                throw TarError("the tree's headers and files are larger than the limit of \(limits.maxTotalBytes) bytes")
+            }
             state = .extended(type: type, left: Int(size), padding: TarBlock.padding(size))
             if size == 0 { try finishExtended(type) }
             return nil

@@ -140,6 +140,13 @@ struct TreeArchiveTests {
         var few = TarLimits()
         few.maxEntries = 10
         try refused(stream((0..<20).map { file("f\($0)") }), limits: few, mentioning: "more than 10 entries")
+        // A stream of nothing but (global) extended headers is bounded too.
+        let record = Array("12 comment=\n".utf8)
+        var pax = TestTar.header(TarEntry(path: "PaxHeader", kind: .file, mode: 0o644, size: UInt64(record.count)))
+        pax[156] = UInt8(ascii: "g")
+        TestTar.fixChecksum(&pax)
+        let paxBlock = pax + record + [UInt8](repeating: 0, count: 512 - record.count)
+        try refused(Array([[UInt8]](repeating: paxBlock, count: 20).joined()), limits: few, mentioning: "more than 10 entries")
         // Not tar, damaged, cut short, unsupported entries.
         try refused(Array(repeating: 0x41, count: 1024), mentioning: "checksum")
         var damaged = stream([file("ok")])
