@@ -93,9 +93,12 @@ struct DirectoryCopyTests {
         // The sandbox goes on after every refusal.
         #expect(await sandbox.sh("echo alive").stdoutText == "alive\n")
 
-        // A host tree with a FIFO is refused before anything is sent; a missing one too.
-        _ = try sh("mkdir -p fifo-tree && mkfifo fifo-tree/p")
-        do { try await sandbox.copyIn(scratch + "/fifo-tree", to: "/x"); Issue.record("copied a FIFO in") } catch {
+        // A host tree with a FIFO is refused with its name; a missing one too. (The FIFO
+        // goes on tmpfs: the lab's shared temporary directory cannot hold one.)
+        let fifoTree = "/dev/shm/sandbox-fifo-tree-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        defer { try? FileManager.default.removeItem(atPath: fifoTree) }
+        _ = try sh("mkdir -p '\(fifoTree)' && mkfifo '\(fifoTree)/p'")
+        do { try await sandbox.copyIn(fifoTree, to: "/x"); Issue.record("copied a FIFO in") } catch {
             #expect(error.code == .invalidInput && error.message.contains("p: is a FIFO"), "\(error)")
         }
         do { try await sandbox.copyIn(scratch + "/missing", to: "/x"); Issue.record("copied a missing tree in") } catch {

@@ -326,7 +326,7 @@ struct ExecTests {
         #expect(r5.status == 125 && r5.stderr.contains("copy-in /no/such/dir: no such file or directory"), "\(r5.stderr)")
         #expect(!r5.stderr.contains("NSCocoaErrorDomain"))
         // A directory is copied as a tree; one holding what cannot be copied (a FIFO) is the caller's error.
-        let fifoTree = NSTemporaryDirectory() + "sandbox-fifo-tree-\(getpid())"
+        let fifoTree = "/dev/shm/sandbox-fifo-tree-\(getpid())"
         try FileManager.default.createDirectory(atPath: fifoTree + "/sub", withIntermediateDirectories: true)
         defer { try? FileManager.default.removeItem(atPath: fifoTree) }
         #expect(mkfifo(fifoTree + "/sub/pipe", 0o600) == 0)
