@@ -31,6 +31,10 @@ enum BootMode {
         let result: MachineResult
         do { result = try machine.run() } catch { throw VMMMachine.error(error) }
         var e = StopReport.event(result)
+        if result.console.totalBytes == 0, let where_ = result.shutdownState {
+            // It died before printing anything: say where the vCPU was (as an agent run does).
+            e.reason = (e.reason ?? "stopped") + "; vCPU at the shutdown: " + where_
+        }
         e.jail = jail
         if let keep = config.keepDiskPath, let disk {
             do { try RootDisk.export(disk, to: keep) } catch { e.error = SandboxError(.host, "could not keep the disk at \(keep)", underlying: error) }

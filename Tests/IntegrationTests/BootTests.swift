@@ -13,10 +13,19 @@ struct BootTests {
             /bin/busybox echo "\(Self.initLine) with $(/bin/busybox grep -c ^processor /proc/cpuinfo 2>/dev/null || /bin/busybox nproc) cpus"
             """)
         let timeout = Fixture.inLab ? "240" : "30"
-        return try Fixture.run(Fixture.sandboxBinary, [
+        let args = [
             "boot", "--kernel", kernel, "--initrd", initrd, "--cpus", "\(cpus)",
             "--memory", "256", "--append", "quiet", "--timeout", timeout,
-        ])
+        ]
+        let r = try Fixture.run(Fixture.sandboxBinary, args)
+        // The lab's known emulated-SVM fault (Docs/Testing.md, "The lab's known faults"):
+        // a nested guest that resets before printing anything, its vCPU already at the
+        // reset vector. Only there, and only for that signature, boot once more and say so.
+        if Fixture.inLab, r.stdout.isEmpty, r.stderr.contains("vCPU at the shutdown: RIP 0xfff0,") {
+            print("BootTests: the lab's early nested-guest reset (empty console, vCPU at the reset vector); booting once more. stderr: \(r.stderr)")
+            return try Fixture.run(Fixture.sandboxBinary, args)
+        }
+        return r
     }
 
     @Test("boots to init and shuts down", arguments: [1, 2])
