@@ -360,6 +360,20 @@ public final class RunningSandbox: Sendable {
         }
     }
 
+    /// Asks the guest agent to answer (a health check): the round trip, host to guest
+    /// and back, with no command run. Throws if the sandbox has ended or the agent
+    /// does not answer.
+    @discardableResult
+    public func ping() async throws(SandboxError) -> Duration {
+        try await onThreadThrowing { () throws(SandboxError) -> Duration in
+            try self.request { vm throws -> Duration in
+                let t = monotonicNanos()
+                _ = try vm.client.ping()
+                return .nanoseconds(Int64(monotonicNanos() &- t))
+            }
+        }
+    }
+
     /// Runs `script` with `sh -c`.
     public func sh(_ script: String, options: ExecOptions = ExecOptions(), stdin: [UInt8]? = nil) async -> ExecResult {
         await exec(["sh", "-c", script], options: options, stdin: stdin)

@@ -91,6 +91,11 @@ struct BenchExec: AsyncParsableCommand {
             times.append(Double(monotonicNanos() - t) / 1e6)
             if r.outcome != .exited(0) { failed += 1; if failed == 1 { printError("first failure: \(r.outcome)") } }
         }
+        var pings: [Double] = []
+        for _ in 0 ..< runs {
+            let d = try await sandbox.ping()
+            pings.append(Double(d.components.attoseconds) / 1e15 + Double(d.components.seconds) * 1e3)
+        }
         var rewindTimes: [Double] = []
         var checkpointMillis = 0.0
         if rewinds > 0 {
@@ -108,6 +113,7 @@ struct BenchExec: AsyncParsableCommand {
         }
         print(String(format: "exec in a running sandbox: %d × %@: median %.2f ms, p90 %.2f ms, p99 %.2f ms (start %.1f ms, failed %d)",
                      runs, argv.joined(separator: " "), pct(times, 0.5), pct(times, 0.9), pct(times, 0.99), started, failed))
+        print(String(format: "agent round trip (ping, no command): median %.2f ms, p90 %.2f ms", pct(pings, 0.5), pct(pings, 0.9)))
         if !rewindTimes.isEmpty {
             print(String(format: "rewind to a checkpoint: %d rewinds: median %.1f ms, p90 %.1f ms (checkpoint %.1f ms)",
                          rewindTimes.count, pct(rewindTimes, 0.5), pct(rewindTimes, 0.9), checkpointMillis))
