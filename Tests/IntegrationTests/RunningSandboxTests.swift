@@ -178,14 +178,23 @@ struct RunningSandboxTests {
     func stopWhileRunning() async throws {
         let sandbox = try await Sandbox.start(Self.configuration)
         let pid = "\(sandbox.vmmProcessID)"
+        let roundTrip = try await sandbox.ping()
+        #expect(roundTrip > .zero && roundTrip < .seconds(5), "ping: \(roundTrip)")
         async let running = sandbox.exec(["sleep", "60"])
         try await Task.sleep(for: .milliseconds(300))
+        #expect(try await sandbox.ping() > .zero, "a ping while a command runs")
         await sandbox.stop()
         let r = await running
         guard case .infrastructureError = r.outcome else { Issue.record("the running command ended as \(r.outcome)"); return }
         let later = await sandbox.sh("true")
         guard case .infrastructureError(let e) = later.outcome else { Issue.record("after stop: \(later.outcome)"); return }
         #expect(e.message.contains("the sandbox was stopped"), "\(e)")
+        do {
+            try await sandbox.ping()
+            Issue.record("a ping after stop() answered")
+        } catch {
+            #expect(error.message.contains("the sandbox was stopped"), "\(error)")
+        }
         #expect(sandbox.endedBecause != nil)
         #expect(!Self.vmmAlive(pid), "VMM \(pid) still runs")
     }
