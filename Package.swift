@@ -110,6 +110,7 @@ if ProcessInfo.processInfo.environment["SANDBOX_FUZZ"] != nil {
         ("fuzz-devices", ["VirtIO", "GuestMemory", "Bus"]),
         ("fuzz-agent-frames", ["AgentProtocol"]),
         ("fuzz-job-file", ["SandboxBatch"]),
+        ("fuzz-tree", ["TreeArchive"]),
     ]
     package.targets.append(.target(name: "FuzzSupport", path: "Fuzz/FuzzSupport"))
     for (name, dependencies) in fuzzTargets {

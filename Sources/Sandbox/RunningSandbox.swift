@@ -226,6 +226,20 @@ public final class RunningSandbox: Sendable {
         }
     }
 
+    /// A file request (read, write, tree in or out) bounded in time: the configuration's
+    /// `transferTimeout` (default max(300 s, its timeout)). A guest that stalls one past that (stops reading what is
+    /// sent, or never ends what it sends) is not to be trusted: the sandbox is stopped and
+    /// the request fails saying so.
+    private func fileRequest<T>(_ what: String, _ body: (VM) throws -> T) throws(SandboxError) -> T {
+        let seconds = SandboxRunner.transferSeconds(configuration)
+        let why = SandboxError(.guest, "\(what) did not finish within \(InputCheck.format(seconds)) s; the host stopped the sandbox")
+        let deadline = try? Watchdog(after: seconds) { [weak self] in self?.end(why) }
+        defer { deadline?.cancel() }
+        do { return try request(body) } catch {
+            throw deadline?.fired == true ? why : error
+        }
+    }
+
     /// What a request's error means for the sandbox: the guest's answer (the connection
     /// is fine), the reason the connection was closed on purpose (stopped, rewound), or a
     /// broken connection, which ends the sandbox.
@@ -382,7 +396,7 @@ public final class RunningSandbox: Sendable {
     /// Writes `contents` to `path` in the guest (parents are made), with `mode`.
     public func writeFile(_ path: String, contents: [UInt8], mode: UInt32 = 0o644) async throws(SandboxError) {
         let r: Result<Void, SandboxError> = await onThread {
-            do throws(SandboxError) { try self.request { try $0.client.writeFile(path: path, mode: mode, contents: contents) }; return .success(()) } catch { return .failure(error) }
+            do throws(SandboxError) { try self.fileRequest("writing \(path)") { try $0.client.writeFile(path: path, mode: mode, contents: contents) }; return .success(()) } catch { return .failure(error) }
         }
         try r.get()
     }
@@ -391,7 +405,7 @@ public final class RunningSandbox: Sendable {
     public func readFile(_ path: String, limit: UInt64? = nil) async throws(SandboxError) -> [UInt8] {
         let limit = limit ?? configuration.copyOutLimit
         let r: Result<[UInt8], SandboxError> = await onThread {
-            do throws(SandboxError) { return .success(try self.request { try $0.client.readFile(path: path, limit: limit) }) } catch { return .failure(error) }
+            do throws(SandboxError) { return .success(try self.fileRequest("reading \(path)") { try $0.client.readFile(path: path, limit: limit) }) } catch { return .failure(error) }
         }
         return try r.get()
     }
@@ -403,7 +417,7 @@ public final class RunningSandbox: Sendable {
         let copy = [FileCopy(hostPath: hostPath, guestPath: guestPath)]
         try SandboxRunner.checkCopyIn(copy)
         try await onThreadThrowing { () throws(SandboxError) in
-            try self.request { vm throws in try SandboxRunner.copyIn(copy, with: vm.client) }
+            try self.fileRequest("copying \(hostPath) in") { vm throws in try SandboxRunner.copyIn(copy, with: vm.client) }
         }
     }
 
@@ -416,7 +430,7 @@ public final class RunningSandbox: Sendable {
         let copy = FileCopy(hostPath: hostPath, guestPath: guestPath)
         let limit = limit ?? configuration.copyOutLimit
         try await onThreadThrowing { () throws(SandboxError) in
-            try self.request { vm throws in try SandboxRunner.copyOutRaw(copy, limit: limit, with: vm.client) }
+            try self.fileRequest("copying \(guestPath) out") { vm throws in try SandboxRunner.copyOutRaw(copy, limit: limit, with: vm.client) }
         }
     }
 

@@ -43,6 +43,10 @@ public struct SandboxConfiguration: Sendable {
     public var copyOut: [FileCopy] = []
     /// Most bytes one copy-out may bring back from the guest (default 1 GiB).
     public var copyOutLimit: UInt64 = 1 << 30
+    /// How long one file transfer (a copy-out of a run; a running sandbox's readFile,
+    /// writeFile, copyIn or copyOut) may take before the host stops the sandbox and the
+    /// transfer fails saying so. nil: max(300 s, `timeout`).
+    public var transferTimeout: Duration?
     /// Most bytes the guest sends per output stream (the rest is dropped and flagged);
     /// 0 = no limit.
     public var outputLimit: UInt64 = 256 << 20

@@ -306,7 +306,7 @@ public enum SandboxRunner {
             // message), and the guest is still shut down cleanly.
             // Bounded like the command: a guest that stalls its copy-out does not stall
             // this process (the VM is killed, and the copy-out fails saying so).
-            let copyLimit = max(copyOutSeconds, commandTimeout ?? 0)
+            let copyLimit = transferSeconds(config)
             let copyDeadline = config.copyOut.isEmpty ? nil : try? Watchdog(after: copyLimit) { [vmm] in vmm.kill() }
             for c in config.copyOut where copyOutError == nil {
                 do throws(SandboxError) { try copyOut(c, limit: config.copyOutLimit, with: client) } catch {
@@ -419,6 +419,14 @@ extension SandboxRunner {
     /// The least time copy-out of a run may take before the host stops the VM (more when
     /// the command's timeout is longer).
     static let copyOutSeconds: Double = 300
+
+    /// The configuration's bound on one file transfer, in seconds.
+    static func transferSeconds(_ config: SandboxConfiguration) -> Double {
+        if let t = config.transferTimeout { return max(0.001, seconds(t)) }
+        return max(copyOutSeconds, config.timeout.map(seconds) ?? 0)
+    }
+
+    static func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18 }
 
     /// Refuses copy-in sources that are missing or unreadable, before anything starts.
     static func checkCopyIn(_ copies: [FileCopy]) throws(SandboxError) {

@@ -6,11 +6,17 @@ import SandboxCore
 ///
 /// It is built by `Scripts/build-init` (static, stripped) and cached under
 /// `<cache>/agent/<key>/sandbox-init`, where the key is a SHA-256 over the files of
-/// Sources/sandbox-init, Sources/AgentProtocol and Sources/CInit. An explicit binary
+/// sandbox-init and every module it is built from. An explicit binary
 /// (`$SANDBOX_INIT`, or `ImageStore(agentBinary:)`) replaces all of this.
 extension ImageStore {
     /// The source folders whose contents decide the agent's cache key.
-    static let agentSourceDirectories = ["Sources/sandbox-init", "Sources/AgentProtocol", "Sources/CInit"]
+    /// Every module sandbox-init is built from (its dependencies in Package.swift and
+    /// theirs): a change in any of them makes a new agent (ImageStoreTests checks the list
+    /// against sandbox-init's imports).
+    public static let agentSourceDirectories = [
+        "Sources/sandbox-init", "Sources/AgentProtocol", "Sources/CInit", "Sources/SandboxABI",
+        "Sources/SystemShims", "Sources/CSystem", "Sources/TreeArchive",
+    ]
 
     /// The repository checkout holding the agent sources and Scripts/build-init.
     func repositoryRoot() throws -> String {

@@ -157,11 +157,19 @@ public final class TreeExtractor {
                 if fd != root { close(fd) }
                 directories.append((parts, entry.mode, entry.mtime))
             case .file:
-                let fd = openat(parent, name, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0o600)
+                // O_NONBLOCK: a FIFO already in the way must not block the open (it is
+                // refused below); writes to a regular file do not change with it.
+                let fd = openat(parent, name, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK | O_NOCTTY, 0o600)
                 guard fd >= 0 else {
                     let e = errno
                     if e == ELOOP { throw TarError("\(entry.path): a symbolic link is in the way of this file; refused") }
+                    if e == ENXIO { throw TarError("\(entry.path): a FIFO (or a device) is in the way of this file; refused") }
                     throw TarError("\(entry.path): open: \(String(cString: strerror(e)))")
+                }
+                var opened = stat()
+                guard fstat(fd, &opened) == 0, opened.st_mode & S_IFMT == S_IFREG else {
+                    close(fd)
+                    throw TarError("\(entry.path): something that is not a regular file (a FIFO, a device) is in the way of this file; refused")
                 }
                 current = (fd, entry, 0)
                 if entry.size == 0 { try endFile() }

@@ -77,9 +77,15 @@ public enum TreeWriter {
                 let target = String(decoding: buf[0..<n], as: UTF8.self)
                 try out.append(TarBlock.header(for: TarEntry(path: path, kind: .symlink(target: target), mode: mode, mtime: mtime)))
             case S_IFREG:
-                let fd = openat(dirFD, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC)
+                // O_NONBLOCK: a FIFO swapped in after the lstat must not block the open
+                // (and is refused below); it changes nothing for a regular file's reads.
+                let fd = openat(dirFD, name, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
                 guard fd >= 0 else { throw TarError("\(path): open: \(String(cString: strerror(errno)))") }
                 defer { close(fd) }
+                var opened = stat()
+                guard fstat(fd, &opened) == 0, opened.st_mode & S_IFMT == S_IFREG else {
+                    throw TarError("\(path): it stopped being a regular file while the tree was read; refused")
+                }
                 let size = UInt64(st.st_size)
                 try out.append(TarBlock.header(for: TarEntry(path: path, kind: .file, mode: mode, mtime: mtime, size: size)))
                 // Exactly `size` bytes: a file that grows or shrinks meanwhile is an error,

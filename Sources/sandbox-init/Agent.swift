@@ -188,7 +188,8 @@ final class Agent {
             try send(.fileError(FileError(errno: code, message: "\(call) \(chunk.path): \(errnoDescription(code))")), id)
         }
         let create = chunk.offset == 0
-        let flags = O_WRONLY | O_CLOEXEC | (create ? O_CREAT | O_TRUNC : 0)
+        // O_NONBLOCK: opening a FIFO nobody reads fails (ENXIO) instead of blocking the agent.
+        let flags = O_WRONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY | (create ? O_CREAT | O_TRUNC : 0)
         var fd = open(chunk.path, flags, mode_t(chunk.mode & 0o7777))
         if fd < 0 && errno == ENOENT && create {
             // Missing parents are made (0755), as `install -D` does.
@@ -231,7 +232,9 @@ final class Agent {
         func fail(_ call: String, _ code: Int32) throws {
             try send(.fileError(FileError(errno: code, message: "\(call) \(path): \(errnoDescription(code))")), id)
         }
-        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        // O_NONBLOCK: opening a FIFO must not block the agent (it is refused below as not
+        // a regular file); a regular file's reads do not change with it.
+        let fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY)
         guard fd >= 0 else { return try fail("open", errno) }
         defer { close(fd) }
         var st = stat()

@@ -50,6 +50,69 @@ struct Soak: AsyncParsableCommand {
         }
     }
 
+    /// A sandbox started, used the ways a test suite uses one, and stopped; each result
+    /// is one check, and what is wrong is said.
+    static func longLived(_ config: SandboxConfiguration) async -> (checks: Int, problems: [String]) {
+        var checks = 0
+        var problems: [String] = []
+        func expect(_ ok: Bool, _ what: @autoclosure () -> String) {
+            checks += 1
+            if !ok { problems.append(what()) }
+        }
+        let sandbox: RunningSandbox
+        do { sandbox = try await Sandbox.start(config) } catch {
+            return (1, ["start: \(error)"])
+        }
+        for i in 0 ..< 40 {
+            let r = await sandbox.sh("echo \(i) > /tmp/n; cat /tmp/n")
+            expect(r.outcome == .exited(0) && r.stdoutText == "\(i)\n", "exec \(i): \(r.outcome), \(r.stdoutText.debugDescription)")
+        }
+        let together = await withTaskGroup(of: (Int, ExecResult).self) { group in
+            for i in 0 ..< 8 { group.addTask { (i, await sandbox.sh("sleep 0.05; echo c\(i)")) } }
+            var all: [(Int, ExecResult)] = []
+            for await r in group { all.append(r) }
+            return all
+        }
+        for (i, r) in together { expect(r.outcome == .exited(0) && r.stdoutText == "c\(i)\n", "concurrent exec \(i): \(r.outcome)") }
+        do {
+            let p = try await sandbox.spawn(["cat"])
+            try await p.write(Array("through cat\n".utf8))
+            await p.closeStdin()
+            var out: [UInt8] = []
+            for await event in p.output { if case .stdout(let b) = event { out += b } }
+            let r = await p.wait()
+            expect(r.outcome == .exited(0) && out == Array("through cat\n".utf8), "spawned cat: \(r.outcome), \(String(decoding: out, as: UTF8.self).debugDescription)")
+        } catch {
+            expect(false, "spawn: \(error)")
+        }
+        let tree = NSTemporaryDirectory() + "sandbox-soak-\(getpid())"
+        defer { try? FileManager.default.removeItem(atPath: tree) }
+        do {
+            try? FileManager.default.removeItem(atPath: tree)
+            try FileManager.default.createDirectory(atPath: tree + "/in/d", withIntermediateDirectories: true)
+            try Data("a file\n".utf8).write(to: URL(fileURLWithPath: tree + "/in/d/f"))
+            try FileManager.default.createSymbolicLink(atPath: tree + "/in/l", withDestinationPath: "d/f")
+            try await sandbox.copyIn(tree + "/in", to: "/soak/tree")
+            try await sandbox.copyOut("/soak/tree", to: tree + "/out")
+            let back = try String(contentsOfFile: tree + "/out/d/f", encoding: .utf8)
+            let link = try FileManager.default.destinationOfSymbolicLink(atPath: tree + "/out/l")
+            expect(back == "a file\n" && link == "d/f", "tree round trip: \(back.debugDescription), link \(link)")
+        } catch {
+            expect(false, "tree round trip: \(error)")
+        }
+        let cancelled = Task { await sandbox.exec(["sleep", "30"]) }
+        try? await Task.sleep(for: .milliseconds(100))
+        cancelled.cancel()
+        let c = await cancelled.value
+        var wasCancelled = false
+        if case .infrastructureError(let e) = c.outcome, e.code == .cancelled { wasCancelled = true }
+        expect(wasCancelled, "cancelled exec: \(c.outcome)")
+        let after = await sandbox.sh("cat /tmp/n")
+        expect(after.outcome == .exited(0) && after.stdoutText == "39\n", "after the cancel: \(after.outcome)")
+        await sandbox.stop()
+        return (checks, problems)
+    }
+
     struct Counts: Equatable, CustomStringConvertible {
         var fds = 0, threads = 0, mappings = 0, children = 0, vmms = 0, overlays = 0, mounts = 0
         var description: String {
@@ -100,7 +163,7 @@ struct Soak: AsyncParsableCommand {
         let before = Counts.now()
         Self.say("soak: before: \(before)")
         var problems: [String] = []
-        var checked = 0, wrongCount = 0
+        var checked = 0, wrongCount = 0, longChecks = 0
         var roundCounts: [Counts] = []
         let t0 = monotonicNanos()
         var done = 0
@@ -140,6 +203,15 @@ struct Soak: AsyncParsableCommand {
                     if problems.count < 10 { problems.append("run \(i) (\(k.name)): \(why)") }
                 }
             }
+            // One long-lived sandbox per round: the running-sandbox paths (sequential and
+            // concurrent execs, a spawned process, trees both ways, a cancelled exec).
+            let long = await Self.longLived(config)
+            checked += long.checks
+            longChecks += long.checks
+            for p in long.problems {
+                wrongCount += 1
+                if problems.count < 10 { problems.append("long-lived sandbox: " + p) }
+            }
             done += count
             SandboxRunner.drainWarm()
             // Teardown of the last VMs runs on threads of their own: let it end.
@@ -151,7 +223,7 @@ struct Soak: AsyncParsableCommand {
         }
         let after = Counts.now()
         Self.say("soak: after:  \(after)")
-        let lost = runs - checked
+        let lost = runs + longChecks - checked
         // A leak: more descriptors, processes, overlay files or mounts than before, or
         // threads or mappings that grow from round to round (the allocator and the
         // runtime settle their thread stacks and arenas by the end of the first round,
@@ -160,7 +232,7 @@ struct Soak: AsyncParsableCommand {
         let leaked = after.fds > before.fds || after.children > before.children || after.vmms > before.vmms
             || after.overlays > before.overlays || after.mounts > before.mounts
             || after.threads > max(before.threads, firstRound.threads) || after.mappings > max(before.mappings, firstRound.mappings)
-        Self.say("soak: \(runs) runs, \(lost) results lost, \(wrongCount) wrong, \(leaked ? "LEAKED (before \(before); after \(after))" : "nothing leaked")")
+        Self.say("soak: \(runs) runs and \(longChecks) checks in long-lived sandboxes, \(lost) results lost, \(wrongCount) wrong, \(leaked ? "LEAKED (before \(before); after \(after))" : "nothing leaked")")
         for p in problems { printError("soak: " + p) }
         if lost > 0 || wrongCount > 0 || leaked || !problems.isEmpty { throw ExitCode(1) }
     }

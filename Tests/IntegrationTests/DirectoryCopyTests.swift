@@ -106,4 +106,57 @@ struct DirectoryCopyTests {
         }
         #expect(await sandbox.sh("echo still").stdoutText == "still\n")
     }
+
+    @Test("a FIFO in the guest never blocks a transfer: reading one, copying one out, or a copy-in with one in the way is refused at once; the sandbox goes on")
+    func guestFIFOsDoNotBlock() async throws {
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        var config = SandboxConfiguration()
+        config.vmmExecutable = Fixture.productsDirectory + "/sandbox-vmm"
+        config.timeout = .seconds(Fixture.inLab ? 600 : 60)
+        let sandbox = try await Sandbox.start(config)
+        defer { Task { await sandbox.stop() } }
+        #expect(await sandbox.sh("mkfifo /tmp/p && mkdir -p /in && mkfifo /in/f").outcome == .exited(0))
+        let t0 = ContinuousClock.now
+        do { _ = try await sandbox.readFile("/tmp/p"); Issue.record("read a FIFO") } catch {
+            #expect(error.message.contains("/tmp/p"), "\(error)")
+        }
+        do { try await sandbox.copyOut("/tmp/p", to: scratch + "/p"); Issue.record("copied a FIFO out") } catch {
+            #expect(error.message.contains("/tmp/p"), "\(error)")
+        }
+        do { try await sandbox.writeFile("/tmp/p", contents: Array("x".utf8)); Issue.record("wrote into a FIFO nobody reads") } catch {
+            #expect(error.message.contains("/tmp/p"), "\(error)")
+        }
+        _ = try sh("mkdir -p src2 && echo data > src2/f")
+        do { try await sandbox.copyIn(scratch + "/src2", to: "/in"); Issue.record("unpacked a file over a FIFO") } catch {
+            #expect(error.message.contains("is in the way"), "\(error)")
+        }
+        #expect(ContinuousClock.now - t0 < .seconds(Fixture.inLab ? 300 : 20), "the refusals took \(ContinuousClock.now - t0)")
+        #expect(await sandbox.sh("test -p /in/f && echo still").stdoutText == "still\n")
+    }
+
+    @Test("a transfer past its transferTimeout stops the sandbox and says so; the host process goes on")
+    func transferTimeoutStopsTheSandbox() async throws {
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        var config = SandboxConfiguration()
+        config.vmmExecutable = Fixture.productsDirectory + "/sandbox-vmm"
+        config.timeout = .seconds(Fixture.inLab ? 600 : 60)
+        config.transferTimeout = .seconds(2)
+        let sandbox = try await Sandbox.start(config)
+        defer { Task { await sandbox.stop() } }
+        // 64 GiB of a sparse file: far more than 2 s of copying.
+        #expect(await sandbox.sh("truncate -s 64G /huge").outcome == .exited(0))
+        try FileManager.default.createDirectory(atPath: scratch, withIntermediateDirectories: true)
+        let t0 = ContinuousClock.now
+        do {
+            try await sandbox.copyOut("/huge", to: scratch + "/huge", limit: 100 << 30)
+            Issue.record("a 64 GiB copy-out finished within 2 s")
+        } catch {
+            #expect(error.message.contains("copying /huge out did not finish within 2 s; the host stopped the sandbox"), "\(error)")
+        }
+        #expect(ContinuousClock.now - t0 < .seconds(30), "the bound took \(ContinuousClock.now - t0)")
+        #expect(sandbox.endedBecause != nil)
+        let later = await sandbox.sh("true")
+        guard case .infrastructureError(let e) = later.outcome else { Issue.record("after the bound: \(later.outcome)"); return }
+        #expect(e.message.contains("did not finish within 2 s"), "\(e)")
+    }
 }

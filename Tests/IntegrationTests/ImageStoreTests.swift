@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 import Sandbox
+import SandboxImages
 
 /// The image store against real recipes, mkfs.ext4 and debugfs, each test in its own
 /// temporary cache. The guest agent is built once (Scripts/build-init) into a shared
@@ -316,5 +317,30 @@ struct ImageStoreTests {
         #expect(try store.list().count == 1)
         let files = try FileManager.default.contentsOfDirectory(atPath: dir + "/images").filter { $0.hasSuffix(".ext4") }
         #expect(files == ["\(ra.image.hash).ext4"])
+    }
+}
+
+/// The agent's cache key covers every module sandbox-init is built from: a change in any
+/// of them (TreeArchive once was missing) must make a new agent, or images keep the old one.
+@Suite("the guest agent's cache key")
+struct AgentSourceKeyTests {
+    @Test("it covers every module sandbox-init imports, and theirs")
+    func coversEveryImportedModule() throws {
+        let listed = Set(ImageStore.agentSourceDirectories)
+        var seen: Set<String> = []
+        var queue = ["sandbox-init"]
+        while let module = queue.popLast() {
+            let dir = Fixture.repoRoot + "/Sources/" + module
+            guard FileManager.default.fileExists(atPath: dir), seen.insert(module).inserted else { continue }
+            #expect(listed.contains("Sources/" + module), "Sources/\(module) (imported on the way from sandbox-init) is not in the agent's key")
+            let files = FileManager.default.enumerator(atPath: dir)?.compactMap { $0 as? String } ?? []
+            for f in files where f.hasSuffix(".swift") {
+                let text = try String(contentsOfFile: dir + "/" + f, encoding: .utf8)
+                for line in text.split(separator: "\n") where line.hasPrefix("import ") || line.hasPrefix("@testable import ") {
+                    queue.append(String(line.split(separator: " ").last!))
+                }
+            }
+        }
+        #expect(seen.contains("TreeArchive") && seen.contains("CInit"), "walked: \(seen.sorted())")
     }
 }

@@ -133,6 +133,9 @@ struct TreeArchiveTests {
         try FileManager.default.createSymbolicLink(atPath: scratch + "/dest/pre", withDestinationPath: outside)
         try refused(stream([file("pre/x")]), mentioning: "symbolic link")
         try refused(stream([file("pre")]), mentioning: "symbolic link")
+        // A FIFO in the way of a file is refused at once, never opened blocking.
+        _ = try sh("mkfifo dest/fifo")
+        try refused(stream([file("fifo")]), mentioning: "is in the way of this file")
         // A tar bomb: more bytes, or more entries, than the limits.
         var small = TarLimits()
         small.maxTotalBytes = 1000
