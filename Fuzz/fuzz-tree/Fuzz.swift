@@ -9,16 +9,19 @@
 // symbolic link there stays inside (its target is relative, climbs no higher than its
 // own depth, and has no `..` after a name; an existing target resolves inside).
 import Glibc
+import Synchronization
 import TreeArchive
 
 private let base: String = {
     let dir = "/dev/shm/fuzz-tree-\(getpid())"
     _ = mkdir(dir, 0o700)
+    atexit { removeTree(base) }  // each run removes its own directory; this, the parent
     return dir
 }()
-private var round = 0
+/// Runs are numbered so each unpacks into a directory of its own.
+private let rounds = Atomic<Int>(0)
 
-private var limits: TarLimits {
+private var limits: TarLimits {  // computed: a fresh value per use
     var l = TarLimits()
     l.maxTotalBytes = 1 << 20
     l.maxEntries = 200
@@ -73,7 +76,7 @@ private func decode(_ bytes: [UInt8]) {
 }
 
 private func extract(_ bytes: [UInt8]) {
-    round += 1
+    let round = rounds.add(1, ordering: .relaxed).newValue
     let dir = "\(base)/\(round)"
     let dest = dir + "/dest", outside = dir + "/outside"
     _ = mkdir(dir, 0o700)
