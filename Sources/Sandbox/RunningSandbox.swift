@@ -227,9 +227,9 @@ public final class RunningSandbox: Sendable {
     }
 
     /// A file request (read, write, tree in or out) bounded in time: the configuration's
-    /// `transferTimeout` (default max(300 s, its timeout)). A guest that stalls one past that (stops reading what is
-    /// sent, or never ends what it sends) is not to be trusted: the sandbox is stopped and
-    /// the request fails saying so.
+    /// `transferTimeout` (default max(300 s, its timeout)). A guest that stalls one past
+    /// that (stops reading what is sent, or never ends what it sends) is not to be
+    /// trusted: the sandbox is stopped and the request fails saying so.
     private func fileRequest<T>(_ what: String, _ body: (VM) throws -> T) throws(SandboxError) -> T {
         let seconds = SandboxRunner.transferSeconds(configuration)
         let why = SandboxError(.guest, "\(what) did not finish within \(InputCheck.format(seconds)) s; the host stopped the sandbox")
@@ -279,7 +279,7 @@ public final class RunningSandbox: Sendable {
         var config = configuration
         config.environment.merge(options.environment) { _, new in new }
         let chosen = defaultTimeout ? (options.timeout ?? configuration.timeout) : options.timeout
-        let timeout = chosen.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
+        let timeout = chosen.map(SandboxRunner.seconds)
         let limit = options.outputLimit ?? configuration.outputLimit
         var exec = Exec(arguments: command, environment: SandboxRunner.environment(config),
                         workingDirectory: options.workingDirectory ?? configuration.workingDirectory,

@@ -151,7 +151,7 @@ public enum SandboxRunner {
             result.outcome = .infrastructureError(.from(error, code: .host))
             return result
         }
-        let commandTimeout = config.timeout.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
+        let commandTimeout = config.timeout.map(seconds)
         let bootTimeout: Double
         do { bootTimeout = try SandboxConfiguration.resolvedBootTimeout(config.bootTimeout) } catch {
             result.outcome = .infrastructureError(.from(error, code: .invalidInput))
@@ -426,6 +426,7 @@ extension SandboxRunner {
         return max(copyOutSeconds, config.timeout.map(seconds) ?? 0)
     }
 
+    /// A `Duration` in seconds.
     static func seconds(_ d: Duration) -> Double { Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18 }
 
     /// Refuses copy-in sources that are missing or unreadable, before anything starts.

@@ -78,7 +78,7 @@ public enum SnapshotMaker {
         defer { if !done { try? FileManager.default.removeItem(atPath: partial) } }
 
         let bootTimeout = try SandboxConfiguration.resolvedBootTimeout(config.bootTimeout)
-        let setupTimeout = config.timeout.map { Double($0.components.seconds) + Double($0.components.attoseconds) / 1e18 }
+        let setupTimeout = config.timeout.map(SandboxRunner.seconds)
         var vmConfig = VMMConfig(mode: .agent, kernelPath: kernel, imagePath: image, overlayDirectory: SandboxPaths.overlayDirectory,
                                  memoryMiB: config.memoryMiB, cpus: config.cpus,
                                  vmTimeoutSeconds: bootTimeout + 120 + (setup == nil ? 0 : setupTimeout ?? 86_400),

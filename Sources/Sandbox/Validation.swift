@@ -30,7 +30,7 @@ public enum InputCheck {
 
     /// Seconds in a `Duration`, which must be positive-or-zero and at most `max`.
     static func seconds(of d: Duration, name: String, max: Double = maxTimeoutSeconds) throws(SandboxError) -> Double {
-        let s = Double(d.components.seconds) + Double(d.components.attoseconds) / 1e18
+        let s = SandboxRunner.seconds(d)
         guard s >= 0, s <= max else {
             throw SandboxError.invalidInput("\(name) must be from 0 to \(format(max)) seconds (got \(d))")
         }

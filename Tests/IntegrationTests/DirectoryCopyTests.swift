@@ -26,6 +26,15 @@ struct DirectoryCopyTests {
 
     /// 2,000 files in nested directories, symbolic links, modes, an empty directory and
     /// one 100 MB file.
+    /// A running busybox sandbox of this build's VMM, with a timeout that suits the lane.
+    func startSandbox(transferTimeout: Duration? = nil) async throws(SandboxError) -> RunningSandbox {
+        var config = SandboxConfiguration()
+        config.vmmExecutable = Fixture.productsDirectory + "/sandbox-vmm"
+        config.timeout = .seconds(Fixture.inLab ? 600 : 60)
+        config.transferTimeout = transferTimeout
+        return try await Sandbox.start(config)
+    }
+
     func makeTree(_ dir: String, bigMiB: Int) throws {
         _ = try sh("""
             mkdir -p '\(dir)/empty' && cd '\(dir)' &&
@@ -54,10 +63,7 @@ struct DirectoryCopyTests {
     @Test("a running sandbox copies trees both ways; a guest's escaping links, a tree over the limit and special files are refused, nothing lands outside, the sandbox goes on")
     func runningSandboxTreesAndHostileGuest() async throws {
         defer { try? FileManager.default.removeItem(atPath: scratch) }
-        var config = SandboxConfiguration()
-        config.vmmExecutable = Fixture.productsDirectory + "/sandbox-vmm"
-        config.timeout = .seconds(Fixture.inLab ? 600 : 60)
-        let sandbox = try await Sandbox.start(config)
+        let sandbox = try await startSandbox()
         defer { Task { await sandbox.stop() } }
         try makeTree(scratch + "/src", bigMiB: 1)
         try await sandbox.copyIn(scratch + "/src", to: "/work/in")
@@ -110,10 +116,7 @@ struct DirectoryCopyTests {
     @Test("a FIFO in the guest never blocks a transfer: reading one, copying one out, or a copy-in with one in the way is refused at once; the sandbox goes on")
     func guestFIFOsDoNotBlock() async throws {
         defer { try? FileManager.default.removeItem(atPath: scratch) }
-        var config = SandboxConfiguration()
-        config.vmmExecutable = Fixture.productsDirectory + "/sandbox-vmm"
-        config.timeout = .seconds(Fixture.inLab ? 600 : 60)
-        let sandbox = try await Sandbox.start(config)
+        let sandbox = try await startSandbox()
         defer { Task { await sandbox.stop() } }
         #expect(await sandbox.sh("mkfifo /tmp/p && mkdir -p /in && mkfifo /in/f").outcome == .exited(0))
         let t0 = ContinuousClock.now
@@ -137,11 +140,7 @@ struct DirectoryCopyTests {
     @Test("a transfer past its transferTimeout stops the sandbox and says so; the host process goes on")
     func transferTimeoutStopsTheSandbox() async throws {
         defer { try? FileManager.default.removeItem(atPath: scratch) }
-        var config = SandboxConfiguration()
-        config.vmmExecutable = Fixture.productsDirectory + "/sandbox-vmm"
-        config.timeout = .seconds(Fixture.inLab ? 600 : 60)
-        config.transferTimeout = .seconds(2)
-        let sandbox = try await Sandbox.start(config)
+        let sandbox = try await startSandbox(transferTimeout: .seconds(2))
         defer { Task { await sandbox.stop() } }
         // 64 GiB of a sparse file: far more than 2 s of copying.
         #expect(await sandbox.sh("truncate -s 64G /huge").outcome == .exited(0))
