@@ -253,9 +253,24 @@ public final class RunningSandbox: Sendable {
         default: break
         }
         if let ended = endedBecause { return ended }
-        let e = SandboxError.from(error, code: .agent, context: "talking to the guest agent failed")
+        var e = SandboxError.from(error, code: .agent, context: "talking to the guest agent failed")
+        if let how = endedOnItsOwn() { e = SandboxError(.guest, "the VM stopped on its own (\(how))", underlying: e) }
+        if let ended = endedBecause { return ended }
         end(e)
         return e
+    }
+
+    /// A broken connection is most often a VM that ended by itself (the guest reset or
+    /// powered off, the VMM was killed): which, if the VMM says so within a moment.
+    private func endedOnItsOwn() -> String? {
+        let vm = self.vm
+        if let stopped = vm.vmm.waitStopped(timeoutMillis: 500) {
+            if stopped.stop == .stopped { return nil }
+            if let line = stopped.crashLine { return "the guest kernel crashed: \(line)" }
+            return stopped.reason
+        }
+        if let failure = vm.vmm.failure { return failure.message }
+        return vm.vmm.reap(patienceMillis: 500).map { "the VMM process " + SandboxRunner.describeExit($0) }
     }
 
     /// Stops the VM (once), removes the work directory, and remembers why. Requests in

@@ -54,6 +54,10 @@ final class VMMProcess: Sendable {
         var lastFailure: VMMEvent?
     }
     private let state = Mutex(State())
+    /// Held by the one thread reading the control channel at a time (a request that
+    /// finds the connection broken and a stop asked for elsewhere may both wait for the
+    /// stop report), so chunks are appended in the order they were read.
+    private let reader = Mutex(())
 
     private init(pid: pid_t, agent: FileDescriptor, control: FileDescriptor, cgroup: VMMCgroup?) {
         self.pid = pid
@@ -151,6 +155,10 @@ final class VMMProcess: Sendable {
 
     /// The next control event, or nil on timeout / EOF.
     func nextEvent(timeoutMillis: Int32) -> VMMEvent? {
+        reader.withLock { _ in readEvent(timeoutMillis: timeoutMillis) }
+    }
+
+    private func readEvent(timeoutMillis: Int32) -> VMMEvent? {
         let deadline = monotonicNanos() + UInt64(max(timeoutMillis, 0)) * 1_000_000
         var chunk = [UInt8](repeating: 0, count: 64 * 1024)
         while true {
@@ -169,6 +177,8 @@ final class VMMProcess: Sendable {
             }
             let now = monotonicNanos()
             guard now < deadline else { return nil }
+            // Closed by reap(): nothing more will come (polling -1 would only time out).
+            if control.rawValue < 0 { return nil }
             guard waitReadable(control.rawValue, timeoutMillis: Int32(min((deadline - now) / 1_000_000 + 1, UInt64(Int32.max)))) else { return nil }
             let n = (try? chunk.withUnsafeMutableBytes { try readSome(control.rawValue, into: $0) }) ?? 0
             if n <= 0 { return nil }
@@ -265,14 +275,21 @@ final class VMMProcess: Sendable {
         defer { cgroup?.remove() }
         agent.close()
         if let status = reapChild(pid, timeoutMillis: patienceMillis) {
-            control.close()
+            closeControl()
             return status
         }
-        if Glibc.kill(pid, 0) != 0 && errno == ESRCH { control.close(); return nil }
+        if Glibc.kill(pid, 0) != 0 && errno == ESRCH { closeControl(); return nil }
         var status: Int32 = 0
         _ = Glibc.kill(pid, SIGKILL)
         _ = waitpid(pid, &status, 0)
-        control.close()
+        closeControl()
         return status
+    }
+
+    /// Closes the control channel; a thread waiting on it for an event is woken (by the
+    /// shutdown: it reads end of file) before the descriptor goes.
+    private func closeControl() {
+        _ = Glibc.shutdown(control.rawValue, Int32(SHUT_RDWR))
+        reader.withLock { _ in control.close() }
     }
 }

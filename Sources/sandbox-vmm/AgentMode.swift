@@ -139,8 +139,9 @@ enum AgentMode {
         switch outcome.withLock({ $0 }) {
         case .success(let result)?:
             var e = StopReport.event(result)
-            if connection == nil && !bootTimedOut, let where_ = result.shutdownState {
-                // It died before its agent answered: say where the vCPU was.
+            if !bootTimedOut, result.reason == .guestReset, let where_ = result.shutdownState {
+                // The guest reset on its own (before its agent answered, or during a
+                // command): say where the vCPU was.
                 e.reason = (e.reason ?? "stopped") + "; vCPU at the shutdown: " + where_
             }
             if bootTimedOut {

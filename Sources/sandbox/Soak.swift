@@ -147,9 +147,10 @@ struct Soak: AsyncParsableCommand {
         config.timeout = .seconds(60)
         // The warm pool's VMs are resources this process holds on purpose: count without them.
         _ = try SandboxRunner.prepare(config, progress: { printError($0) })
-        // A warm-up round (not counted) through the same path, so that everything made
+        // A warm-up round (not counted) through the same paths, so that everything made
         // once (the start snapshot, the warm pool's thread, the allocator's per-thread
-        // arenas, lazily opened files) exists before the baseline is taken.
+        // arenas, lazily opened files, and the thread that spawns every long-lived
+        // sandbox's VMM for the life of the process) exists before the baseline is taken.
         let pool = SandboxPool(limit: parallel)
         if warm > 0 { _ = try SandboxRunner.keepWarm(config, count: warm) }
         let warmUp = config
@@ -157,6 +158,11 @@ struct Soak: AsyncParsableCommand {
             for _ in 0 ..< parallel {
                 group.addTask { for _ in 0 ..< 10 { _ = await pool.run(["true"], configuration: warmUp) } }
             }
+        }
+        let warmLong = await Self.longLived(config)
+        if !warmLong.problems.isEmpty {
+            for p in warmLong.problems { printError("soak: the warm-up's long-lived sandbox: " + p) }
+            throw ExitCode(1)
         }
         SandboxRunner.drainWarm()
         try await Task.sleep(for: .seconds(2))

@@ -199,6 +199,34 @@ struct RunningSandboxTests {
         #expect(!Self.vmmAlive(pid), "VMM \(pid) still runs")
     }
 
+    @Test("a guest that resets during an exec, and a killed VMM: the exec and every later call say which happened")
+    func endsOnItsOwnSayWhich() async throws {
+        let rebooted = try await Sandbox.start(Self.configuration)
+        let r = await rebooted.sh("reboot -f; sleep 30")
+        guard case .infrastructureError(let e) = r.outcome else { Issue.record("a rebooting guest's exec: \(r.outcome)"); return }
+        #expect(e.message.contains("the VM stopped on its own (guest reset (shutdown); vCPU at the shutdown: RIP 0x"), "\(e)")
+        let later = await rebooted.sh("true")
+        guard case .infrastructureError(let l) = later.outcome else { Issue.record("after the reset: \(later.outcome)"); return }
+        #expect(l.message == e.message, "\(l) vs \(e)")
+
+        let killed = try await Sandbox.start(Self.configuration)
+        async let running = killed.sh("sleep 60")
+        try await Task.sleep(for: .milliseconds(300))
+        #expect(kill(killed.vmmProcessID, SIGKILL) == 0)
+        let tk = ContinuousClock.now
+        let k = await running
+        // Its end is seen at once (the channels close), not after a stop's patience.
+        #expect(ContinuousClock.now - tk < .seconds(Fixture.inLab ? 30 : 3), "took \(ContinuousClock.now - tk)")
+        guard case .infrastructureError(let ke) = k.outcome else { Issue.record("a killed VMM's exec: \(k.outcome)"); return }
+        #expect(ke.message.contains("the VM stopped on its own (the VMM process was killed by signal 9)"), "\(ke)")
+        do {
+            _ = try await killed.readFile("/etc/passwd")
+            Issue.record("a read after the VMM was killed answered")
+        } catch {
+            #expect(error.message == ke.message, "\(error)")
+        }
+    }
+
     @Test("cancelling an exec kills that command and returns cancelled; the sandbox goes on; a cancelled start throws cancelled")
     func cancellation() async throws {
         let sandbox = try await Sandbox.start(Self.configuration)
