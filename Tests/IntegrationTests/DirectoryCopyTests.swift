@@ -43,7 +43,7 @@ struct DirectoryCopyTests {
         let dirs = Self.treeFiles >= 2000 ? 20 : 10
         _ = try sh("""
             mkdir -p '\(dir)/empty' && cd '\(dir)' &&
-            for d in $(seq -w 0 \(dirs - 1)); do mkdir -p "d$d/sub"; for f in $(seq -w 0 \(Self.treeFiles / dirs / 2 - 1)); do echo "file $d $f" > "d$d/f$f.txt"; echo "$d$f" > "d$d/sub/g$f"; done; done &&
+            for d in $(seq -f %02g 0 \(dirs - 1)); do mkdir -p "d$d/sub"; for f in $(seq -f %02g 0 \(Self.treeFiles / dirs / 2 - 1)); do echo "file $d $f" > "d$d/f$f.txt"; echo "$d$f" > "d$d/sub/g$f"; done; done &&
             chmod 600 d00/f00.txt && chmod 755 d01/f01.txt && chmod 700 d02 && chmod 750 d03 &&
             ln -s f00.txt d05/link && ln -s ../d06/sub d07/up-link && ln -s nowhere d08/dangling &&
             head -c \(bigMiB)M /dev/urandom > big.bin
