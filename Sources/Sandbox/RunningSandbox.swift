@@ -45,6 +45,8 @@ public final class RunningSandbox: Sendable {
     private let state: Mutex<State>
     /// Requests run at once; checkpoint, rewind and fork run alone.
     let gate = RequestGate()
+    /// Held while a broken connection's cause is found (see `failed`).
+    private let diagnosing = Mutex(())
     /// `<cache>/running/PID-N`: `next/`, where the VMM writes a checkpoint when asked, and
     /// `checkpoint/`, the last one taken. Removed when the sandbox ends.
     private let workDirectory: String
@@ -252,12 +254,15 @@ public final class RunningSandbox: Sendable {
         case .closed(let why)?: return why
         default: break
         }
-        if let ended = endedBecause { return ended }
-        var e = SandboxError.from(error, code: .agent, context: "talking to the guest agent failed")
-        if let how = endedOnItsOwn() { e = SandboxError(.guest, "the VM stopped on its own (\(how))", underlying: e) }
-        if let ended = endedBecause { return ended }
-        end(e)
-        return e
+        // One request at a time finds out why (requests in flight all see the break;
+        // the first to reap a killed VMM is the one that learns its signal).
+        return diagnosing.withLock { _ in
+            if let ended = endedBecause { return ended }
+            var e = SandboxError.from(error, code: .agent, context: "talking to the guest agent failed")
+            if let how = endedOnItsOwn() { e = SandboxError(.guest, "the VM stopped on its own (\(how))", underlying: e) }
+            end(e)
+            return endedBecause ?? e
+        }
     }
 
     /// A broken connection is most often a VM that ended by itself (the guest reset or
