@@ -192,7 +192,7 @@ public final class MMIOTransport: MMIODevice, Sendable {
                 case .reset:
                     device.reset()
                     // Whatever the old queues' last requests signalled is void now.
-                    interrupt.reset()
+                    interrupt.resetDone()
                 case .activate(let queues, let features):
                     do {
                         try device.activate(memory: memory, queues: queues, features: features, interrupt: interrupt)
@@ -452,6 +452,7 @@ public final class MMIOTransport: MMIODevice, Sendable {
     }
 
     private func resetDevice(_ r: inout State) {
+        interrupt.resetRequested()  // before the submit: without a worker it runs the reset here
         submit(.reset)
         r.status = 0
         r.deviceFeaturesSel = 0
@@ -459,7 +460,6 @@ public final class MMIOTransport: MMIODevice, Sendable {
         r.driverFeatures = 0
         r.queueSel = 0
         for i in r.queues.indices { r.queues[i].reset() }
-        interrupt.reset()
         for n in notifiers { n.wait() }  // drop doorbells meant for the old queues
     }
 }

@@ -362,4 +362,63 @@ final class BusyDevice: VirtioDevice, Sendable {
         t.write32(VirtioMMIORegister.status, 0)
         #expect(dev.events == ["activate", "reset"])
     }
+
+    @Test("what a walk of the old queues signals after the driver's reset is never seen in the new generation")
+    func staleSignalsAfterResetAreHidden() throws {
+        let dev = StaleSignalDevice()
+        let d = try MockDriver()
+        let t = try MMIOTransport(device: dev, memory: d.memory, interrupt: CountingTrigger())
+        try t.start()
+        defer { dev.release.signal(); dev.finish.signal(); t.stop() }
+        t.initialise(features: VIRTIO_F_VERSION_1, queues: [(0, d)])
+        t.settle()
+        t.write32(VirtioMMIORegister.queueNotify, 0)
+        dev.busy.wait()
+        // The driver resets and sets the device up again while the old walk still runs.
+        t.write32(VirtioMMIORegister.status, 0)
+        t.initialise(features: VIRTIO_F_VERSION_1, queues: [(0, d)])
+        let full = VirtioStatus.acknowledge | VirtioStatus.driver | VirtioStatus.featuresOK | VirtioStatus.driverOK
+        // The old walk meets a bad descriptor and signals, before the worker reaches the reset.
+        dev.release.signal()
+        dev.signalled.wait()
+        #expect(t.read32(VirtioMMIORegister.status) == full, "the old walk's DEVICE_NEEDS_RESET showed in the new generation")
+        #expect(t.read32(VirtioMMIORegister.interruptStatus) == 0)
+        dev.finish.signal()
+        t.settle()
+        #expect(t.read32(VirtioMMIORegister.status) == full)
+        #expect(t.read32(VirtioMMIORegister.interruptStatus) == 0)
+        // A signal of the new generation shows.
+        dev.interrupt.withLock { $0 }?.signalNeedsReset()
+        #expect(t.read32(VirtioMMIORegister.status) == full | VirtioStatus.deviceNeedsReset)
+    }
+}
+
+/// A device whose queue work, once released, signals DEVICE_NEEDS_RESET and a used buffer
+/// (as a block device walking a descriptor the driver rewrote), then waits again.
+final class StaleSignalDevice: VirtioDevice, Sendable {
+    let busy = try! EventFD()
+    let release = try! EventFD()
+    let signalled = try! EventFD()
+    let finish = try! EventFD()
+    let interrupt = Mutex<VirtioInterrupt?>(nil)
+    let deviceType: UInt32 = 43
+    let deviceFeatures: UInt64 = VIRTIO_F_VERSION_1
+    let queueMaxSizes: [UInt16] = [16]
+    func readConfig(offset: Int, into data: UnsafeMutableRawBufferPointer) { data.initializeMemory(as: UInt8.self, repeating: 0) }
+    func writeConfig(offset: Int, from data: UnsafeRawBufferPointer) {}
+    func acceptsFeatures(_ features: UInt64) -> Bool { true }
+    func activate(memory: GuestMemory, queues: [VirtQueue], features: UInt64, interrupt: VirtioInterrupt) throws {
+        self.interrupt.withLock { $0 = interrupt }
+    }
+    func queueNotify(_ index: Int) {
+        busy.signal()
+        release.wait()
+        let i = interrupt.withLock { $0 }
+        i?.signalNeedsReset()
+        i?.signalUsedBuffer()
+        signalled.signal()
+        finish.wait()
+    }
+    func reset() {}
+    func queueStates() -> [VirtQueueState]? { nil }
 }
