@@ -23,7 +23,7 @@ import Glibc
 enum SnapshotCache {
     static var directory: String { SandboxPaths.cacheDirectory + "/snapshots" }
     /// Bump when what a cached snapshot holds changes in a way the key does not show.
-    static let layoutVersion = "v1"
+    static let layoutVersion = "v2"  // v2: made after a warm-up (SnapshotMaker.warmUp)
 
     /// Why `config` boots instead of restoring the cached snapshot, or nil when it
     /// restores. Asked for (`cold`, `SANDBOX_COLD`), or a setting a snapshot cannot
