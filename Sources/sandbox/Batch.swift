@@ -9,6 +9,7 @@ import Glibc
 
 struct Batch: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "batch",
         abstract: "Run the jobs of a job file, each in its own throwaway micro-VM.",
         discussion: """
         The job file (YAML or JSON) is validated completely before anything runs; see \
@@ -226,6 +227,7 @@ struct ReportCommand: ParsableCommand {
 
     struct Merge: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "merge",
             abstract: "Merge the --jsonl reports of a job file's shards into one JSON Lines and one JUnit report.",
             discussion: """
             Records are put back in job-file order. A job reported twice, reports of different \

@@ -6,6 +6,7 @@ import Glibc
 
 struct Boot: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "boot",
         abstract: "Boot a kernel, stream its console, and exit when the guest stops.",
         discussion: """
         Exit status: 0 when the guest shuts down or resets itself (Linux guests without \

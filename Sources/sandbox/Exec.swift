@@ -7,6 +7,7 @@ import Glibc
 
 struct Exec: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "exec",
         abstract: "Run a command in a throwaway micro-VM.",
         discussion: """
         Starts a VM from the image (copy-on-write; the image is never changed), runs the \
@@ -172,9 +173,10 @@ final class LocalTerminal: @unchecked Sendable {
 /// `sandbox shell`: an interactive shell in a throwaway VM (`exec -i -t --timeout 0 -- sh`).
 struct Shell: ParsableCommand {
     static let configuration = CommandConfiguration(
+        commandName: "shell",
         abstract: "An interactive shell in a throwaway micro-VM (sandbox exec -it -- sh).",
         discussion: """
-        Takes the options of `sandbox exec` (image, memory, copy-in, ...); without a command         after --, runs sh. There is no time limit unless --timeout is given. The exit status         is the shell's.
+        Takes the options of `sandbox exec` (image, memory, copy-in, ...); without a command after --, runs sh. There is no time limit unless --timeout is given. The exit status is the shell's.
         """)
     @Argument(parsing: .captureForPassthrough, help: "Options of sandbox exec, then optionally -- CMD [ARGS...].")
     var arguments: [String] = []

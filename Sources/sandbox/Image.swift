@@ -19,7 +19,7 @@ struct ImageCommand: ParsableCommand {
     }
 
     struct Build: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Build an image from its recipe (or reuse the cached one) and print its path.")
+        static let configuration = CommandConfiguration(commandName: "build", abstract: "Build an image from its recipe (or reuse the cached one) and print its path.")
         @Argument(help: "A recipe in Sandboxes/images/ (default: busybox).")
         var name: String = ImageStore.defaultImageName
         func run() throws {
@@ -46,7 +46,7 @@ struct ImageCommand: ParsableCommand {
     }
 
     struct Inspect: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Show an image's hash, size, recipe, path and whether it has the agent.")
+        static let configuration = CommandConfiguration(commandName: "inspect", abstract: "Show an image's hash, size, recipe, path and whether it has the agent.")
         @Argument(help: "The image name.")
         var name: String
         func run() throws {
@@ -65,7 +65,7 @@ struct ImageCommand: ParsableCommand {
     }
 
     struct Path: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print the image file for a name (building a recipe if needed) or validate an image path.")
+        static let configuration = CommandConfiguration(commandName: "path", abstract: "Print the image file for a name (building a recipe if needed) or validate an image path.")
         @Argument(help: "An image name, or the path of an ext4 image file.")
         var nameOrPath: String = ImageStore.defaultImageName
         func run() throws {
@@ -84,7 +84,7 @@ struct ImageCommand: ParsableCommand {
     }
 
     struct Import: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Make an image from a root file system directory or tarball.")
+        static let configuration = CommandConfiguration(commandName: "import", abstract: "Make an image from a root file system directory or tarball.")
         @Option(help: "A directory holding a root file system (copied, not changed).")
         var dir: String?
         @Option(help: "A root file system tarball (extracted with tar -xpf).")

@@ -10,7 +10,7 @@ struct KernelCommand: ParsableCommand {
         subcommands: [Build.self, Path.self])
 
     struct Build: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Build (or reuse) the cached guest kernel.")
+        static let configuration = CommandConfiguration(commandName: "build", abstract: "Build (or reuse) the cached guest kernel.")
         @Option(help: "standard (hardware KVM) or pvm (PVM hosts); default: this host's.")
         var flavor: KernelFlavor?
         func run() throws {
@@ -25,7 +25,7 @@ struct KernelCommand: ParsableCommand {
     }
 
     struct Path: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Print the cached kernel's path, building it first if needed.")
+        static let configuration = CommandConfiguration(commandName: "path", abstract: "Print the cached kernel's path, building it first if needed.")
         @Option(help: "standard (hardware KVM) or pvm (PVM hosts); default: this host's.")
         var flavor: KernelFlavor?
         func run() throws {

@@ -11,6 +11,7 @@ struct SnapshotCommand: ParsableCommand {
 
     struct Create: ParsableCommand {
         static let configuration = CommandConfiguration(
+            commandName: "create",
             abstract: "Boot a sandbox once and write a snapshot of it, agent ready, to a new directory.")
         @Argument(help: "The directory to create (must not exist).")
         var directory: String

@@ -18,7 +18,7 @@ struct TemplateCommand: ParsableCommand {
         subcommands: [Create.self, List.self, Remove.self])
 
     struct Create: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "Make a template: start a sandbox, run the setup command, snapshot it.")
+        static let configuration = CommandConfiguration(commandName: "create", abstract: "Make a template: start a sandbox, run the setup command, snapshot it.")
         @Argument(help: "The template's name (letters, digits, '-', '_', '.').")
         var name: String
         @OptionGroup var vm: VMOptions
@@ -67,7 +67,7 @@ struct TemplateCommand: ParsableCommand {
     }
 
     struct List: ParsableCommand {
-        static let configuration = CommandConfiguration(abstract: "List the templates.")
+        static let configuration = CommandConfiguration(commandName: "list", abstract: "List the templates.")
         func run() throws {
             let all = Templates.list()
             if all.isEmpty {
