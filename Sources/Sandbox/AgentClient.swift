@@ -102,10 +102,23 @@ public final class AgentClient: Sendable {
         }
     }
 
-    /// Exchanges Hello frames.
-    public func hello() throws {
+    /// Hello, then (for a restored guest, `seed`) Seed, then Ping, sent back to back: the
+    /// agent answers them in order, so a session starts in one round trip instead of two.
+    /// Direct mode only (before `startReader()`). Returns the Pong.
+    public func greet(seed: Bool) throws -> Pong {
         try send(.hello(Hello()))
-        let f = try receive()
+        if seed { try self.seed() }
+        let id = takeID()
+        try send(.ping(UInt64(id)), id: id)
+        try checkHello(try receive())
+        while true {
+            let f = try next(nil, id: id)
+            if case .pong(let p) = f.message, p.echo == UInt64(id) { return p }
+            if case .error(let m) = f.message { throw Error.agentError(m.message) }
+        }
+    }
+
+    private func checkHello(_ f: Frame) throws {
         guard case .hello(let h) = f.message else { throw Error.protocolError("expected Hello, got \(f.message.type)") }
         guard AgentProtocolVersion.supported.contains(h.version) else {
             throw Error.protocolError("agent speaks protocol \(h.version), host supports \(AgentProtocolVersion.supported)")

@@ -176,9 +176,7 @@ public final class RunningSandbox: Sendable {
         let setupDeadline = try? Watchdog(after: 30) { [vmm] in vmm.kill() }
         defer { setupDeadline?.cancel() }
         do {
-            try client.hello()
-            if ready.restoreMillis != nil { try client.seed() }
-            _ = try client.ping()
+            _ = try client.greet(seed: ready.restoreMillis != nil)
             // From here on requests run at once, each reading its own frames.
             try client.startReader()
         } catch {

@@ -250,15 +250,13 @@ public enum SandboxRunner {
         do {
             var pong: Pong?
             if warm == nil {
-                try client.hello()
                 // A restored guest has the snapshot's random state and clock: renew both
-                // (the Ping below confirms it, or fails the run with the agent's error).
-                if ready.restoreMillis != nil { try client.seed() }
-                // Phase times: the VMM reports when the vCPUs started; the agent reports, on
-                // the guest's boot clock, when init started and what the clock read when it
-                // answered, which places init's start on the host clock (to within the
-                // Ping's latency).
-                pong = try client.ping()
+                // (the Ping after the Seed confirms it, or fails the run with the agent's
+                // error). Phase times: the VMM reports when the vCPUs started; the agent
+                // reports, on the guest's boot clock, when init started and what the clock
+                // read when it answered, which places init's start on the host clock (to
+                // within the Ping's latency).
+                pong = try client.greet(seed: ready.restoreMillis != nil)
             }
             setupDeadline?.cancel()  // set-up answered; copy-in and the command have their own bounds
             let connected = monotonicNanos()

@@ -98,9 +98,7 @@ public enum SnapshotMaker {
         let client = AgentClient(fd: vmm.agent)
         let watchdog = try? Watchdog(after: 30) { [vmm] in vmm.kill() }
         do {
-            try client.hello()
-            if ready.restoreMillis != nil { try client.seed() }
-            _ = try client.ping()
+            _ = try client.greet(seed: ready.restoreMillis != nil)
         } catch {
             watchdog?.cancel()
             vmm.requestStop()

@@ -178,9 +178,7 @@ final class WarmPool: Sendable {
         let watchdog = try? Watchdog(after: 30) { [vmm] in vmm.kill() }
         defer { watchdog?.cancel() }
         do {
-            try client.hello()
-            try client.seed()
-            _ = try client.ping()
+            _ = try client.greet(seed: true)
         } catch {
             vmm.kill()
             vmm.reap(patienceMillis: 2000)
