@@ -45,6 +45,7 @@ const unsigned long CKVM_GET_PIT2 = KVM_GET_PIT2;
 const unsigned long CKVM_SET_PIT2 = KVM_SET_PIT2;
 const unsigned long CKVM_GET_CLOCK = KVM_GET_CLOCK;
 const unsigned long CKVM_SET_CLOCK = KVM_SET_CLOCK;
+const unsigned long CKVM_KVMCLOCK_CTRL = KVM_KVMCLOCK_CTRL;
 const unsigned long CKVM_GET_MSRS = KVM_GET_MSRS;
 const int CKVM_CAP_XSAVE2 = KVM_CAP_XSAVE2;
 

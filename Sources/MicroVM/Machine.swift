@@ -286,7 +286,10 @@ public final class Machine: Sendable {
                 vcpus.append(vcpu)
             }
             self.vcpus = vcpus
-            if let r = restoring { try vm.restoreState(r.snapshot.vm) }
+            if let r = restoring {
+                try vm.restoreState(r.snapshot.vm)
+                for v in vcpus { try v.tellGuestItWasPaused() }
+            }
             stopBox.object = self
         } catch let e as KVMError {
             if case .invalidState(let why) = e { throw MachineError.snapshot(why) }

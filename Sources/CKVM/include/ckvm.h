@@ -52,6 +52,7 @@ extern const unsigned long CKVM_GET_PIT2;
 extern const unsigned long CKVM_SET_PIT2;
 extern const unsigned long CKVM_GET_CLOCK;
 extern const unsigned long CKVM_SET_CLOCK;
+extern const unsigned long CKVM_KVMCLOCK_CTRL;
 extern const unsigned long CKVM_GET_MSRS;
 extern const int CKVM_CAP_XSAVE2;
 
