@@ -80,7 +80,7 @@ let package = Package(
         .executableTarget(name: "sandbox-vmm", dependencies: [
             "MicroVM", "KVM", "VirtIO", "SystemShims", "CSystem", "CJail", "SandboxABI", "SandboxCore", "VMMProtocol",
             .product(name: "Crypto", package: "swift-crypto"),
-        ], linkerSettings: staticSwift),
+        ], linkerSettings: staticSwift + [.unsafeFlags(["-Xclang-linker", "-no-pie"])]),
 
         // Kernels, images, recipes, content hashes.
         .target(name: "SandboxImages", dependencies: [
@@ -105,7 +105,7 @@ let package = Package(
         // The tests that run the executables do not depend on them: a test target that
         // depends on an executable target links its objects, and with them its static
         // linker settings (there is no static XCTest). `swift test` builds every product.
-        .testTarget(name: "IntegrationTests", dependencies: ["Sandbox", "SandboxImages", "SandboxBatch"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["Sandbox", "SandboxImages", "SandboxBatch", "VMMProtocol"]),
         .testTarget(name: "SandboxTestingTests", dependencies: ["SandboxTesting", "Sandbox"]),
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"], exclude: ["Corpus"]),
         .testTarget(name: "TreeArchiveTests", dependencies: ["TreeArchive"]),

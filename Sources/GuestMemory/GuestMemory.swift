@@ -129,6 +129,62 @@ public final class GuestMemory: @unchecked Sendable {
     /// Total bytes of RAM.
     public var size: UInt64 { regions.reduce(0) { $0 + $1.size } }
 
+    /// The pages (4 KiB, counted from the start of the backing mapping, which is the
+    /// memory file's offset for a restored VM) this process holds its own copy of, as
+    /// (first page, count) ranges in order: for a restore's private mapping, the pages
+    /// written since the restore. `pagemap` is an open `/proc/self/pagemap`.
+    public func privatePageRanges(pagemap: Int32) throws(SystemError) -> [(first: UInt32, count: UInt32)] {
+        let pages = mapping.size / 4096
+        let base = UInt(bitPattern: mapping.pointer) / 4096
+        var ranges: [(first: UInt32, count: UInt32)] = []
+        var open: (first: Int, count: Int)?
+        let batch = 16_384
+        var entries = [UInt64](repeating: 0, count: batch)
+        var page = 0
+        while page < pages {
+            let n = min(batch, pages - page)
+            let want = n * 8
+            let got = entries.withUnsafeMutableBytes { pread(pagemap, $0.baseAddress, want, off_t((base + UInt(page)) * 8)) }
+            guard got == want else { throw SystemError("read(/proc/self/pagemap)", errno: got < 0 ? errno : EIO) }
+            for i in 0 ..< n {
+                // Bit 63: present; bit 61: a file page (or shared). Present and not a
+                // file page: an anonymous page of this mapping, i.e. a private copy.
+                let e = entries[i]
+                if e >> 63 == 1 && (e >> 61) & 1 == 0 {
+                    if let o = open, o.first + o.count == page + i { open = (o.first, o.count + 1) } else {
+                        if let o = open { ranges.append((UInt32(o.first), UInt32(o.count))) }
+                        open = (page + i, 1)
+                    }
+                }
+            }
+            page += n
+        }
+        if let o = open { ranges.append((UInt32(o.first), UInt32(o.count))) }
+        return ranges
+    }
+
+    /// Makes this process's own copy of each page of `ranges` now (`MADV_POPULATE_WRITE`:
+    /// the copy-on-write faults the guest would take, without changing a byte), so that
+    /// KVM finds them mapped. Ranges past the mapping are clipped. Returns the pages done
+    /// and, when one range failed (the kernel lacks the advice, or memory ran short), its
+    /// errno; it stops there.
+    public func populateForWrite(_ ranges: [(first: UInt32, count: UInt32)]) -> (pages: UInt64, errno: Int32) {
+        let pages = UInt64(mapping.size / 4096)
+        var done: UInt64 = 0
+        for r in ranges {
+            let first = UInt64(r.first)
+            guard first < pages else { continue }
+            let count = min(UInt64(r.count), pages - first)
+            // SAFETY: [first, first + count) pages lie inside the mapping (clipped above);
+            // populating does not change the memory's contents.
+            if madvise(mapping.pointer + Int(first * 4096), Int(count * 4096), MADV_POPULATE_WRITE) != 0 {
+                return (done, errno)
+            }
+            done += count
+        }
+        return (done, 0)
+    }
+
     /// The host address of a region's first byte (to register it as a KVM memory slot).
     public func hostAddress(of region: GuestRegion) -> UInt64 {
         // SAFETY: hostOffset + size was checked to lie inside the mapping at init.

@@ -191,6 +191,8 @@ public final class RunningSandbox: Sendable {
         timings.vmmStart = Double(spawned &- t0) / 1e6
         timings.restore = ready.restoreMillis ?? 0
         timings.restored = ready.restoreMillis != nil
+        timings.prefaultPages = ready.prefaultPages ?? 0
+        timings.prefaultNote = ready.prefaultNote
         timings.snapshot = snapshot
         timings.total = Double(monotonicNanos() &- t0) / 1e6
         return (VM(vmm: vmm, client: client), timings)

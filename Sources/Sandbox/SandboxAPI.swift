@@ -150,6 +150,11 @@ public struct PhaseTimings: Sendable, Equatable {
     /// On a restore: the VMM building the VM from the snapshot (mapping its memory,
     /// loading every vCPU's and device's state), before the vCPUs run.
     public var restore: Double = 0
+    /// On a restore: the pages of the snapshot's working set (what a restored guest
+    /// writes first) the VMM copied in ahead of the guest, and, when it copied none or
+    /// only some, why (the snapshot has none, the file was unusable, the host refused).
+    public var prefaultPages: UInt64 = 0
+    public var prefaultNote: String?
     /// Kernel entry to the guest's init (PID 1) starting, by the guest's own boot clock.
     public var kernelBoot: Double = 0
     /// Init started to the agent connected over vsock and answering.

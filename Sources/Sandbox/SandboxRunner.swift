@@ -267,6 +267,8 @@ public enum SandboxRunner {
                 result.timings.restore = ready.restoreMillis ?? 0
                 result.timings.restored = true
                 result.timings.warm = true
+                result.timings.prefaultPages = ready.prefaultPages ?? 0
+                result.timings.prefaultNote = ready.prefaultNote
             } else if let restore = ready.restoreMillis {
                 // Restored: no boot; the VM was built from the snapshot, then the agent
                 // (already listening in the snapshot) took the new connection.
@@ -274,6 +276,8 @@ public enum SandboxRunner {
                 result.timings.restore = restore
                 result.timings.agentReady = ms(t0, connected) - ms(t0, spawned) - restore
                 result.timings.restored = true
+                result.timings.prefaultPages = ready.prefaultPages ?? 0
+                result.timings.prefaultNote = ready.prefaultNote
             } else if let pong {
                 let sinceInit = Double(pong.guestNowNanos &- pong.initStartedNanos) / 1e6
                 let initStart = max(vcpuStart, ms(t0, connected) - sinceInit)

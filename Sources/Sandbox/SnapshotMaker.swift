@@ -145,11 +145,59 @@ public enum SnapshotMaker {
             throw e.error ?? SandboxError(.snapshot, "the VMM did not write the snapshot (event \(e.kind.rawValue))")
         }
         _ = vmm.waitStopped(timeoutMillis: 10_000)
+        do { try recordWorkingSet(in: partial, config: config, bootTimeout: bootTimeout) } catch {
+            progress("sandbox: no working set recorded for the snapshot (restores still work; each takes its pages as it touches them): \(error)")
+        }
         guard rename(partial, directory) == 0 else {
             throw SandboxError(.host, "cannot move the snapshot into place at \(directory): \(String(cString: strerror(errno)))")
         }
         done = true
         return Result(directory: directory, bootMillis: booted, snapshotMillis: took, totalMillis: ms(t0))
+    }
+
+    /// Restores the snapshot just written to `dir` once, runs in it what a first run does
+    /// (the agent's greeting, the warm-up commands), and writes the pages that guest wrote
+    /// to `dir`/working-set (``WorkingSet``): every later restore copies them in ahead of
+    /// its guest. About one restored run's time, paid once per snapshot.
+    static func recordWorkingSet(in dir: String, config: SandboxConfiguration, bootTimeout: Double) throws {
+        var vmConfig = VMMConfig(mode: .agent, kernelPath: "", imagePath: nil, overlayDirectory: SandboxPaths.overlayDirectory,
+                                 memoryMiB: config.memoryMiB, cpus: config.cpus, vmTimeoutSeconds: bootTimeout + 60,
+                                 bootTimeoutSeconds: bootTimeout)
+        vmConfig.restoreDirectory = dir
+        vmConfig.jail = config.jail
+        vmConfig.prefault = false
+        vmConfig.recordWorkingSet = true
+        let vmm = try VMMProcess.spawn(vmConfig, executable: config.vmmExecutable)
+        defer { vmm.reap(patienceMillis: 10_000) }
+        let first = vmm.nextEvent(timeoutMillis: Int32(min((bootTimeout + 10) * 1000, Double(Int32.max))))
+        guard let ready = first, ready.kind == .ready else {
+            if first == nil { vmm.kill() }
+            throw SandboxError(.snapshot, "the snapshot did not restore: \(vmm.outcomeForEarlyEnd(first))")
+        }
+        let client = AgentClient(fd: vmm.agent)
+        let watchdog = try? Watchdog(after: 30) { [vmm] in vmm.kill() }
+        defer { watchdog?.cancel() }
+        _ = try client.greet(seed: true)
+        try warmUp(client, config)
+        vmm.requestStop()
+        guard let stopped = vmm.waitStopped(timeoutMillis: 10_000) else {
+            vmm.kill()
+            throw SandboxError(.snapshot, "the restored VM did not report its stop within 10 s")
+        }
+        guard let flat = stopped.writtenPages, flat.count % 2 == 0 else {
+            throw stopped.error ?? SandboxError(.snapshot, "the VMM's stop report has no written pages")
+        }
+        let memoryBytes = config.memoryMiB << 20
+        let set = WorkingSet(memoryPages: UInt32(memoryBytes / WorkingSet.pageSize),
+                             ranges: stride(from: 0, to: flat.count, by: 2).map { WorkingSet.Range(first: flat[$0], count: flat[$0 + 1]) })
+        // Written only as the VMM will accept it.
+        let bytes = set.encoded()
+        do { _ = try WorkingSet.decode(bytes, memoryBytes: memoryBytes) } catch {
+            throw SandboxError(.snapshot, "the recorded working set is not usable: \(error)")
+        }
+        do { try Data(bytes).write(to: URL(fileURLWithPath: dir + "/" + WorkingSet.fileName)) } catch {
+            throw SandboxError(.host, "cannot write \(dir)/\(WorkingSet.fileName)", underlying: error)
+        }
     }
 
     /// What `warmUp` runs: the image's shell and `true`, the commands a first run is most

@@ -87,6 +87,9 @@ final class VMMProcess: Sendable {
         guard null >= 0 else { throw SandboxError(.host, "/dev/null", underlying: SystemError("open(/dev/null)", errno: errno)) }
         defer { Glibc.close(null) }
         let baseEnv = ProcessInfo.processInfo.environment
+        var config = config
+        // A measuring knob (Benchmarks/restore-vs-cold): restore without the working set.
+        if baseEnv["SANDBOX_PREFAULT"] == "0" { config.prefault = false }
         func start(_ config: VMMConfig, _ namespaces: SpawnNamespaces) throws -> pid_t {
             let json: String
             do { json = String(decoding: try JSONEncoder().encode(config), as: UTF8.self) } catch {

@@ -11,6 +11,8 @@ public enum BatchReport {
             /// Whether the job's VM was restored from a snapshot, and the restore's time.
             var restored: Bool
             var restore_ms: Double
+            /// Restored: pages of the snapshot's working set copied in ahead of the guest.
+            var prefault_pages: UInt64?
             /// When it booted instead: why.
             var cold_reason: String?
         }
@@ -57,7 +59,8 @@ public enum BatchReport {
                             timings: .init(vmm_start_ms: round3(t.vmmStart), kernel_boot_ms: round3(t.kernelBoot),
                                            agent_ready_ms: round3(t.agentReady), exec_ms: round3(t.exec),
                                            teardown_ms: round3(t.teardown), total_ms: round3(t.total),
-                                           restored: t.restored, restore_ms: round3(t.restore), cold_reason: t.coldReason),
+                                           restored: t.restored, restore_ms: round3(t.restore),
+                                           prefault_pages: t.restored ? t.prefaultPages : nil, cold_reason: t.coldReason),
                             outcome_kind: failureType(r.outcome), console_tail: r.consoleTail.isEmpty ? nil : r.consoleTail,
                             shard: origin?.shard?.description, jobs_in_file: origin?.shard == nil ? nil : origin?.jobsInFile)
         let encoder = JSONEncoder()

@@ -56,6 +56,12 @@ public struct VMMConfig: Codable, Sendable {
     /// The cgroup v2 directory the library made for this VMM (limits already set); the
     /// VMM moves itself into it before it builds the VM. Nil: no delegated cgroup.
     public var cgroup: String?
+    /// Agent mode, restoring: copy the pages of the snapshot's working set (``WorkingSet``)
+    /// in ahead of the guest. False only to measure what that saves.
+    public var prefault = true
+    /// Agent mode, restoring: report in the stop event which pages the guest wrote
+    /// (``VMMEvent/writtenPages``), to record the snapshot's working set.
+    public var recordWorkingSet = false
 
     public init(mode: Mode, kernelPath: String, initrdPath: String? = nil, imagePath: String?, overlayDirectory: String,
                 memoryMiB: UInt64, cpus: Int, vmTimeoutSeconds: Double?, bootTimeoutSeconds: Double,
@@ -114,6 +120,10 @@ public struct VMMEvent: Codable, Sendable {
     /// ready, on a restore: milliseconds from VMM start to the restored VM built (memory
     /// mapped, every state loaded), just before its vCPUs run.
     public var restoreMillis: Double?
+    /// ready, on a restore: pages of the working set copied in ahead of the guest (0 when
+    /// the snapshot has none), and why it was not used or only partly, when so.
+    public var prefaultPages: UInt64?
+    public var prefaultNote: String?
     /// ready (and stopped, in boot mode): what the jail applied and what it could not.
     public var jail: JailReport?
     /// snapshotted: milliseconds the snapshot took (pause to files written).
@@ -123,6 +133,9 @@ public struct VMMEvent: Codable, Sendable {
     public var stop: VMMStopKind?
     public var consoleTail: String?
     public var runMillis: Double?
+    /// stopped, when ``VMMConfig/recordWorkingSet`` was set: the pages the guest wrote
+    /// since the restore, as (first page, count) pairs flattened.
+    public var writtenPages: [UInt32]?
     /// stopped: the kernel's crash line, when the console shows one.
     public var crashLine: String?
     /// stopped: the kept disk could not be written. failed: the set-up error.

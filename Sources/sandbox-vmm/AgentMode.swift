@@ -17,6 +17,7 @@ enum AgentMode {
     static func run(_ config: VMMConfig, control: FileDescriptor, report: @escaping @Sendable (VMMEvent) -> Void) throws {
         // A restore takes its disk, RAM and device state from the snapshot directory.
         var restoring: (snapshot: MachineSnapshot, memory: FileDescriptor)?
+        var workingSet: (set: WorkingSet?, note: String?) = (nil, nil)
         var layer: DiskLayer?
         var imagePath = config.imagePath
         if let dir = config.restoreDirectory {
@@ -26,8 +27,12 @@ enum AgentMode {
             let (manifest, machine) = try SnapshotFiles.readState(from: dir)
             (imagePath, layer) = try SnapshotFiles.readDisk(manifest.disk, in: dir)
             restoring = (machine, try SnapshotFiles.openMemory(in: dir, expected: machine.memoryBytes))
+            if config.prefault { workingSet = SnapshotFiles.readWorkingSet(in: dir, memoryBytes: machine.memoryBytes) }
         }
         defer { restoring?.memory.close() }
+        // Opened before the jail hides /proc: read when the VM has stopped.
+        let pagemap = config.recordWorkingSet && restoring != nil ? try FileDescriptor.open("/proc/self/pagemap", O_RDONLY) : nil
+        defer { pagemap?.close() }
         guard let imagePath else {
             throw SandboxError.invalidInput("agent mode needs a root image")
         }
@@ -54,8 +59,26 @@ enum AgentMode {
         mc.onBootMark = { mark in if mark.value == GuestABI.BootMark.agentReady.rawValue { agentReady.signal() } }
         let machine = try VMMMachine.make(mc, restoring: restoring.map { ($0.snapshot, $0.memory.rawValue) })
         let restoredNanos = restoring == nil ? nil : monotonicNanos()
+        let prefaulted = Mutex<(pages: UInt64, errno: Int32)?>(nil)
+        var prefaultThread: NativeThread?
+        func joinPrefault() {
+            prefaultThread?.join()
+            prefaultThread = nil
+        }
         let capacity = (disk.backend as? CopyOnWriteDisk)?.capacity ?? 0
         let jail = try Jail.apply(config, binds: Jail.binds(config), fileSizeLimit: Jail.fileSizeLimit(capacity: capacity, memoryMiB: config.memoryMiB))
+        // The pages the restored guest is about to write, copied in on a thread of their
+        // own while its vCPUs start (each would otherwise be a copy-on-write fault taken
+        // through KVM, one page at a time). Started after the jail, which needs the VMM
+        // single-threaded.
+        if let set = workingSet.set {
+            let ranges = set.ranges.map { (first: $0.first, count: $0.count) }
+            prefaultThread = try? NativeThread(name: "prefault") { [memory = machine.memory] in
+                let r = memory.populateForWrite(ranges)
+                prefaulted.withLock { $0 = r }
+            }
+            if prefaultThread == nil { workingSet.note = "no thread could be started to copy the working set in" }
+        }
         // A restored guest may think it has vsock connections (the snapshot's): tell it
         // every connection is gone. Its agent's listening socket stays.
         if restoring != nil { vsock.sendTransportReset() }
@@ -114,6 +137,16 @@ enum AgentMode {
             ready.connectedMillis = Double(monotonicNanos() - machine.startNanos) / 1e6
             ready.vcpuStartMillis = Double(machine.runStartNanos - machine.startNanos) / 1e6
             ready.restoreMillis = restoredNanos.map { Double($0 - machine.startNanos) / 1e6 }
+            if restoring != nil {
+                joinPrefault()  // done long before the agent answers
+                let done = prefaulted.withLock { $0 }
+                ready.prefaultPages = done?.pages ?? 0
+                ready.prefaultNote = workingSet.note ?? done.flatMap { d in
+                    d.errno == 0 ? nil : "copying the working set in stopped after \(d.pages) of \(workingSet.set?.pages ?? 0) pages: \(String(cString: strerror(d.errno)))"
+                }
+                if config.prefault == false { ready.prefaultNote = "not asked for" }
+                else if workingSet.set == nil && ready.prefaultNote == nil { ready.prefaultNote = "the snapshot has no working set" }
+            }
             ready.jail = jail
             report(ready)
             let ask = Relay.run(connection: connection, agentFD: VMMFileDescriptors.agent, control: control, stopped: stopped, machine: machine)
@@ -130,6 +163,7 @@ enum AgentMode {
             }
         }
         vmThread.join()
+        joinPrefault()
         connection?.close()
         vsock.shutdown()
         var keepError: SandboxError?
@@ -149,6 +183,11 @@ enum AgentMode {
                 e.reason = "the guest agent did not accept a vsock connection on port \(GuestABI.agentVsockPort) within the boot limit of \(String(format: "%g", config.bootTimeoutSeconds)) s (last attempt: \(lastError))"
             }
             e.error = keepError
+            if let pagemap {
+                do { e.writtenPages = try machine.memory.privatePageRanges(pagemap: pagemap.rawValue).flatMap { [$0.first, $0.count] } } catch {
+                    e.error = e.error ?? SandboxError(.host, "could not read which pages the guest wrote", underlying: error)
+                }
+            }
             report(e)
         case .failure(let error)?:
             var e = VMMEvent(kind: .failed)

@@ -3,6 +3,7 @@ import Foundation
 import MicroVM
 import SandboxCore
 import SystemShims
+import VMMProtocol
 import VirtIO
 #if canImport(Glibc)
 import Glibc
@@ -181,6 +182,21 @@ enum SnapshotFiles {
             throw SandboxError(.snapshot, "\(path): the memory file is \(size) bytes, the snapshot's guest has \(bytes)")
         }
         return fd
+    }
+
+    /// The snapshot's working set (``WorkingSet``), checked against its RAM: nil and no
+    /// note when it has none (an older or a checkpoint snapshot), nil and why when the
+    /// file is unusable (the restore goes on without it: it only saves time).
+    static func readWorkingSet(in dir: String, memoryBytes: UInt64) -> (set: WorkingSet?, note: String?) {
+        let path = dir + "/" + WorkingSet.fileName
+        let bytes: [UInt8]
+        do { bytes = try readWholeFile(path, limit: 16 + UInt64(WorkingSet.maxRanges) * 8) } catch {
+            if case .notFound = error { return (nil, nil) }
+            return (nil, "\(error)")
+        }
+        do { return (try WorkingSet.decode(bytes, memoryBytes: memoryBytes), nil) } catch {
+            return (nil, "\(path): \(error)")
+        }
     }
 
     /// Creates (or truncates) the memory file for writing.

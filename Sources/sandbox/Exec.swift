@@ -99,7 +99,9 @@ struct Exec: ParsableCommand {
         }
         if timings && result.timings.restored {
             let t = result.timings
-            printError("sandbox: restored from the snapshot \(t.snapshot ?? "?")")
+            let prefault = t.prefaultNote.map { "working set not copied in ahead: \($0)" }
+                ?? "\(t.prefaultPages) pages of its working set copied in ahead"
+            printError("sandbox: restored from the snapshot \(t.snapshot ?? "?") (\(prefault))")
             printError(String(format: "sandbox: vmm %.1f ms, restore %.1f ms, agent %.1f ms, exec %.1f ms, teardown %.1f ms, total %.1f ms",
                               t.vmmStart, t.restore, t.agentReady, t.exec, t.teardown, t.total))
         } else if timings {

@@ -43,6 +43,40 @@ struct SnapshotTests {
         #expect(try Fixture.sha256(file: snap + "/memory") == sum)
     }
 
+    @Test("a snapshot records the pages a first run writes; restores copy them in ahead, and an unusable record is ignored, saying why")
+    func workingSet() throws {
+        let (scratch, snap) = try makeSnapshot()
+        defer { try? FileManager.default.removeItem(atPath: scratch) }
+        let file = snap + "/working-set"
+        let bytes = try [UInt8](Data(contentsOf: URL(fileURLWithPath: file)))
+        try #require(bytes.count > 16 && Array(bytes.prefix(8)) == Array("SBXWSET1".utf8), "working-set: \(bytes.prefix(16))")
+        func pagesCopied(_ r: Fixture.Result) -> Int? {
+            guard let m = r.stderr.firstMatch(of: /\((\d+) pages of its working set copied in ahead\)/) else { return nil }
+            return Int(m.1)
+        }
+        let a = try sandbox(["exec", "--snapshot", snap, "--timings"] + t + ["--", "echo", "ok"])
+        #expect(a.status == 0 && a.stdout == "ok\n", "\(a.stderr)")
+        let copied = try #require(pagesCopied(a), "\(a.stderr)")
+        // 256 MiB of RAM: a first run writes a few hundred pages, never a quarter of RAM.
+        #expect(copied > 20 && copied <= 16_384, "\(copied) pages")
+        func expectIgnored(_ reason: String) throws {
+            let r = try sandbox(["exec", "--snapshot", snap, "--timings"] + t + ["--", "echo", "ok"])
+            #expect(r.status == 0 && r.stdout == "ok\n", "\(r.stderr)")
+            #expect(pagesCopied(r) == nil, "\(r.stderr)")
+            #expect(r.stderr.contains("working set not copied in ahead: ") && r.stderr.contains(reason), "\(r.stderr)")
+        }
+        try FileManager.default.removeItem(atPath: file)
+        try Data("not a working set, but long enough".utf8).write(to: URL(fileURLWithPath: file))
+        try expectIgnored("does not start with SBXWSET1")
+        // A range past the end of RAM: refused whole, nothing copied.
+        var outside = Array(bytes.prefix(12))
+        for v: UInt32 in [1, 65_535, 2] { withUnsafeBytes(of: v.littleEndian) { outside += $0 } }
+        try Data(outside).write(to: URL(fileURLWithPath: file))
+        try expectIgnored("outside RAM")
+        try FileManager.default.removeItem(atPath: file)
+        try expectIgnored("the snapshot has no working set")
+    }
+
     @Test("two sandboxes restored from one snapshot differ in entropy and have the host's clock")
     func restoredSandboxesAreUnique() throws {
         let (scratch, snap) = try makeSnapshot()
