@@ -70,7 +70,7 @@ public struct SandboxPoolLimits: Sendable, Equatable, CustomStringConvertible {
                             sandboxCPUs: Int = SandboxConfiguration().cpus,
                             reserveMiB: UInt64 = defaultReserveMiB) -> SandboxPoolLimits {
         compute(explicitLimit: explicitLimit, hostCPUs: ProcessInfo.processInfo.activeProcessorCount,
-                meminfo: try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
+                meminfo: InputCheck.readText("/proc/meminfo"),
                 sandboxMemoryMiB: sandboxMemoryMiB, sandboxCPUs: sandboxCPUs, reserveMiB: reserveMiB)
     }
 

@@ -55,21 +55,26 @@ enum SnapshotCache {
 
     /// The CPU as a restore cares about it: vendor, family, model, stepping and a hash of
     /// the feature flags of the first processor in /proc/cpuinfo.
-    static func cpuIdentity() -> String {
-        guard let text = try? String(contentsOfFile: "/proc/cpuinfo", encoding: .utf8) else { return "unknown-cpu" }
+    static func cpuIdentity() -> String { cachedCPUIdentity }
+    private static let cachedCPUIdentity: String = {
+        guard let bytes = readToEnd("/proc/cpuinfo") else { return "unknown-cpu" }
         var parts: [String] = []
-        for line in text.split(separator: "\n") {
-            if line.isEmpty { break }
-            let kv = line.split(separator: ":", maxSplits: 1).map { $0.trimmingCharacters(in: .whitespaces) }
-            guard kv.count == 2 else { continue }
-            switch kv[0] {
-            case "vendor_id", "cpu family", "model", "stepping": parts.append(kv[1])
-            case "flags": parts.append(SHA256.hash(data: Data(kv[1].utf8)).prefix(8).map { String(format: "%02x", $0) }.joined())
+        for line in bytes.split(separator: 0x0A, omittingEmptySubsequences: false) {
+            if line.isEmpty { break }  // the end of the first processor's block
+            guard let colon = line.firstIndex(of: UInt8(ascii: ":")) else { continue }
+            func trimmed(_ s: ArraySlice<UInt8>) -> String {
+                let blank: (UInt8) -> Bool = { $0 == 0x20 || $0 == 0x09 }
+                return String(decoding: s.drop(while: blank).reversed().drop(while: blank).reversed(), as: UTF8.self)
+            }
+            let value = line[(colon + 1)...]
+            switch trimmed(line[..<colon]) {
+            case "vendor_id", "cpu family", "model", "stepping": parts.append(trimmed(value))
+            case "flags": parts.append(hexString(SHA256.hash(data: Array(trimmed(value).utf8)).prefix(8)))
             default: break
             }
         }
         return parts.joined(separator: "/")
-    }
+    }()
 
     /// The entry's directory name: a readable label and the key's hash.
     static func entryName(_ config: SandboxConfiguration, keyText: String) -> (label: String, name: String) {
@@ -78,7 +83,7 @@ enum SnapshotCache {
         // The host kind is in the label so that hosts sharing a cache (this one and the
         // lab, over 9p) do not prune each other's entries.
         let label = "\(safe)-\(config.memoryMiB)m-\(config.cpus)c" + (config.diskSizeMiB.map { "-\($0)d" } ?? "") + "-\(HostKind.detect().rawValue)"
-        let hash = SHA256.hash(data: Data(keyText.utf8)).prefix(8).map { String(format: "%02x", $0) }.joined()
+        let hash = hexString(SHA256.hash(data: Array(keyText.utf8)).prefix(8))
         return (label, label + "-" + hash)
     }
 

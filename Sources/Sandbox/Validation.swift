@@ -1,5 +1,6 @@
 import Foundation
 import SandboxCore
+import SystemShims
 
 /// Range checks for every number a caller hands the library (CLI flags, job files, the
 /// API), each with a message that names the input and the accepted range. Nothing
@@ -99,7 +100,7 @@ public enum InputCheck {
     }
 
     /// What the host can give one more guest, in MiB (nil = unknown), and how that was found.
-    static func hostMemoryAvailableMiB(meminfo: String? = try? String(contentsOfFile: "/proc/meminfo", encoding: .utf8),
+    static func hostMemoryAvailableMiB(meminfo: String? = readText("/proc/meminfo"),
                                        cgroupRoom: UInt64? = cgroupRoomBytes()) -> (mib: UInt64?, why: String) {
         var best: UInt64?
         var reasons: [String] = []
@@ -117,14 +118,18 @@ public enum InputCheck {
 
     /// Bytes left under this process's cgroup v2 memory.max (nil when unlimited or unknown).
     static func cgroupRoomBytes() -> UInt64? {
-        guard let line = try? String(contentsOfFile: "/proc/self/cgroup", encoding: .utf8)
-            .split(separator: "\n").first(where: { $0.hasPrefix("0::") }) else { return nil }
+        guard let line = readText("/proc/self/cgroup")?.split(separator: "\n").first(where: { $0.hasPrefix("0::") }) else { return nil }
         let dir = "/sys/fs/cgroup" + line.dropFirst(3)
-        guard let max = try? String(contentsOfFile: dir + "/memory.max", encoding: .utf8).trimmingCharacters(in: .whitespacesAndNewlines),
-              let limit = UInt64(max) else { return nil }  // "max" = no limit
-        let current = (try? String(contentsOfFile: dir + "/memory.current", encoding: .utf8))
-            .flatMap { UInt64($0.trimmingCharacters(in: .whitespacesAndNewlines)) } ?? 0
+        guard let max = readText(dir + "/memory.max"), let limit = UInt64(max) else { return nil }  // "max" = no limit
+        let current = readText(dir + "/memory.current").flatMap { UInt64($0) } ?? 0
         return limit > current ? limit - current : 0
+    }
+
+    /// A small file's text with the whitespace around it trimmed (nil: unreadable).
+    static func readText(_ path: String) -> String? {
+        guard let bytes = readToEnd(path) else { return nil }
+        let blank: (UInt8) -> Bool = { $0 == 0x20 || $0 == 0x0A || $0 == 0x09 || $0 == 0x0D }
+        return String(decoding: bytes.drop(while: blank).reversed().drop(while: blank).reversed(), as: UTF8.self)
     }
 
     static func format(_ v: Double) -> String {

@@ -97,12 +97,7 @@ enum ImageFiles {
         hex(SHA256.hash(data: Array(text.utf8)))
     }
 
-    static func hex(_ digest: SHA256.Digest) -> String {
-        digest.map { byte in
-            let h = String(byte, radix: 16)
-            return byte < 16 ? "0" + h : h
-        }.joined()
-    }
+    static func hex(_ digest: SHA256.Digest) -> String { hexString(digest) }
 
     /// "HASH  relative/path" lines, sorted by path, for every regular file under each
     /// of `directories` (paths relative to `base`). Symlinks are listed by their target.

@@ -401,6 +401,14 @@ public struct ImageStore: Sendable {
             try Self.validateImageFile(nameOrPath)
             return URL(fileURLWithPath: nameOrPath).standardizedFileURL.path
         }
+        // Warm path, before the index is even read: the same recipe, agent sources and
+        // index as when this name last resolved give the same image. (The index is one of
+        // the fingerprinted inputs, so an import under this name since then misses.)
+        let memo = imagesDirectory + "/\(nameOrPath).memo"
+        if recipeDirectory(nameOrPath) != nil, access(imagesDirectory, W_OK) == 0, let fingerprint = memoFingerprint(nameOrPath),
+           let p = InputFingerprint.recallPath(memo, fingerprint: fingerprint, under: imagesDirectory), ImageFiles.ext4Problem(p) == nil {
+            return p
+        }
         let entry = try ImageIndex.load(indexPath).images[nameOrPath]
         if let entry, entry.recipe.hasPrefix("import-") || recipeDirectory(nameOrPath) == nil {
             let image = info(nameOrPath, entry)
@@ -411,14 +419,6 @@ public struct ImageStore: Sendable {
             // A read-only cache (shared, or mounted into a jail) still serves what it has.
             if let entry, access(imagesDirectory, W_OK) != 0, ImageFiles.ext4Problem(imagePath(hash: entry.hash)) == nil {
                 return imagePath(hash: entry.hash)
-            }
-            // Warm path: the same recipe, agent sources and index as last time resolve to
-            // the same image without re-hashing them.
-            let fingerprint = memoFingerprint(nameOrPath)
-            let memo = imagesDirectory + "/\(nameOrPath).memo"
-            if let fingerprint, let p = InputFingerprint.recallPath(memo, fingerprint: fingerprint, under: imagesDirectory),
-               ImageFiles.ext4Problem(p) == nil {
-                return p
             }
             let built = try build(name: nameOrPath, progress: progress).image.path
             if let after = memoFingerprint(nameOrPath) {

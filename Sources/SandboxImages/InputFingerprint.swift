@@ -1,5 +1,6 @@
 import Foundation
 import SandboxCore
+import SystemShims
 
 /// A cheap stand-in for hashing a set of input files: their paths, sizes and
 /// modification times. Used to remember what an expensive key (kernel or image
@@ -10,13 +11,12 @@ enum InputFingerprint {
     /// Fingerprint of `paths` (directories are walked; missing paths count as "missing").
     static func of(_ paths: [String]) -> String {
         var lines: [String] = []
-        let fm = FileManager.default
         for p in paths {
-            var isDir: ObjCBool = false
-            guard fm.fileExists(atPath: p, isDirectory: &isDir) else { lines.append("\(p) missing"); continue }
+            var top = stat()
+            guard stat(p, &top) == 0 else { lines.append("\(p) missing"); continue }
             var files = [p]
-            if isDir.boolValue, let e = fm.enumerator(atPath: p) {
-                files = (e.allObjects as? [String] ?? []).sorted().map { p + "/" + $0 }
+            if (top.st_mode & S_IFMT) == S_IFDIR {
+                files = entriesRecursively(under: p).sorted().map { p + "/" + $0 }
             }
             for f in files {
                 var st = stat()
@@ -29,11 +29,13 @@ enum InputFingerprint {
 
     /// The value remembered in `memoFile` for `fingerprint`, if any.
     static func recall(_ memoFile: String, fingerprint: String) -> String? {
-        guard let text = try? String(contentsOfFile: memoFile, encoding: .utf8),
-              let split = text.range(of: "\n--\n") else { return nil }
-        guard String(text[..<split.lowerBound]) == fingerprint else { return nil }
-        let value = String(text[split.upperBound...]).trimmingCharacters(in: .whitespacesAndNewlines)
-        return value.isEmpty ? nil : value
+        guard let bytes = readToEnd(memoFile) else { return nil }
+        let separator = Array("\n--\n".utf8)
+        guard let at = bytes.indices.first(where: { bytes[$0...].starts(with: separator) }) else { return nil }
+        guard bytes[..<at].elementsEqual(fingerprint.utf8) else { return nil }
+        let value = bytes[(at + separator.count)...].drop(while: { $0 == 0x20 || $0 == 0x0A || $0 == 0x09 || $0 == 0x0D })
+        let trimmed = value.reversed().drop(while: { $0 == 0x20 || $0 == 0x0A || $0 == 0x09 || $0 == 0x0D }).reversed()
+        return trimmed.isEmpty ? nil : String(decoding: Array(trimmed), as: UTF8.self)
     }
 
     /// Remembers `value` for `fingerprint` (atomically; failures are ignored: the memo is only a cache).

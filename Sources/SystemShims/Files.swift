@@ -53,3 +53,61 @@ public func readWholeFile(_ path: String, limit: UInt64 = 1 << 30) throws(FileRe
     }
     return Array(bytes.prefix(done))
 }
+
+/// Reads a file to its end, however large its size says it is (`/proc` files say 0), up
+/// to `limit` bytes; nil if it cannot be opened or read. For small files read on every
+/// run, without Foundation's String(contentsOfFile:) and its costs.
+public func readToEnd(_ path: String, limit: Int = 1 << 20) -> [UInt8]? {
+    let fd = open(path, O_RDONLY | O_CLOEXEC)
+    guard fd >= 0 else { return nil }
+    defer { close(fd) }
+    var bytes: [UInt8] = []
+    var chunk = [UInt8](repeating: 0, count: 16 * 1024)
+    while bytes.count < limit {
+        let n = chunk.withUnsafeMutableBytes { Glibc.read(fd, $0.baseAddress, min($0.count, limit - bytes.count)) }
+        if n < 0 && errno == EINTR { continue }
+        guard n >= 0 else { return nil }
+        if n == 0 { break }
+        bytes += chunk[0 ..< n]
+    }
+    return bytes
+}
+
+/// Every entry under `root` (files, directories, links; links not followed), as paths
+/// relative to `root`, in no particular order; empty when `root` is not a readable
+/// directory. Entries of subdirectories that cannot be opened are left out.
+public func entriesRecursively(under root: String) -> [String] {
+    var out: [String] = []
+    func visit(_ relative: String) {
+        guard let dir = opendir(relative.isEmpty ? root : root + "/" + relative) else { return }
+        defer { closedir(dir) }
+        while let entry = readdir(dir) {
+            // SAFETY: d_name is a NUL-terminated array inside the dirent readdir returned,
+            // valid until the next readdir on `dir`; it is copied into a String at once.
+            let name = withUnsafeBytes(of: entry.pointee.d_name) { raw in
+                String(cString: raw.baseAddress!.assumingMemoryBound(to: CChar.self))
+            }
+            if name == "." || name == ".." { continue }
+            let path = relative.isEmpty ? name : relative + "/" + name
+            out.append(path)
+            var isDirectory = entry.pointee.d_type == UInt8(DT_DIR)
+            if entry.pointee.d_type == UInt8(DT_UNKNOWN) {
+                var st = stat()
+                isDirectory = lstat(root + "/" + path, &st) == 0 && (st.st_mode & S_IFMT) == S_IFDIR
+            }
+            if isDirectory { visit(path) }
+        }
+    }
+    visit("")
+    return out
+}
+
+/// Lower-case hex of `bytes` (digests in file names, keys and manifests), without
+/// `String(format:)`, which costs a process its first call dearly.
+public func hexString(_ bytes: some Sequence<UInt8>) -> String {
+    let digits = Array("0123456789abcdef".utf8)
+    var out: [UInt8] = []
+    out.reserveCapacity(bytes.underestimatedCount * 2)
+    for b in bytes { out += [digits[Int(b >> 4)], digits[Int(b & 15)]] }
+    return String(decoding: out, as: UTF8.self)
+}

@@ -61,9 +61,7 @@ enum SnapshotFiles {
         return (UInt64(st.st_size), "\(st.st_mtim.tv_sec).\(st.st_mtim.tv_nsec)")
     }
 
-    static func hex<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 {
-        digest.map { String(format: "%02x", $0) }.joined()
-    }
+    static func hex<D: Sequence>(_ digest: D) -> String where D.Element == UInt8 { hexString(digest) }
 
     /// This executable's identity: its size and modification time. A rebuilt VMM (and
     /// with it, as the build scripts go, the guest agent in new images) writes and

@@ -27,4 +27,30 @@ import Testing
         InputFingerprint.rememberPath(memo, fingerprint: "g", path: "/tmp/x", under: dir)
         #expect(InputFingerprint.recallPath(memo, fingerprint: "g", under: dir) == nil)
     }
+
+    @Test("a fingerprint covers every entry of a directory tree, nested and hidden ones too, and changes when any does")
+    func fingerprintWalksTrees() throws {
+        let dir = NSTemporaryDirectory() + "sandbox-fp-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
+        let fm = FileManager.default
+        try fm.createDirectory(atPath: dir + "/a/b/.hidden", withIntermediateDirectories: true)
+        defer { try? fm.removeItem(atPath: dir) }
+        try Data("1".utf8).write(to: URL(fileURLWithPath: dir + "/a/b/.hidden/f"))
+        try Data("2".utf8).write(to: URL(fileURLWithPath: dir + "/top"))
+        try fm.createSymbolicLink(atPath: dir + "/link", withDestinationPath: "/")  // listed, not followed
+        let first = InputFingerprint.of([dir, dir + "/nothing-here"])
+        let lines = first.split(separator: "\n").map { String($0.split(separator: " ")[0]) }
+        #expect(lines == [dir + "/a", dir + "/a/b", dir + "/a/b/.hidden", dir + "/a/b/.hidden/f", dir + "/link", dir + "/top", dir + "/nothing-here"],
+                "\(first)")
+        #expect(first.hasSuffix("\(dir)/nothing-here missing"))
+        #expect(InputFingerprint.of([dir, dir + "/nothing-here"]) == first)
+        try Data("22".utf8).write(to: URL(fileURLWithPath: dir + "/a/b/.hidden/f"))
+        #expect(InputFingerprint.of([dir, dir + "/nothing-here"]) != first)
+        // A memo's value comes back with the whitespace around it trimmed.
+        let memo = dir + "/m.memo"
+        try Data("fp\n--\n  value \n\n".utf8).write(to: URL(fileURLWithPath: memo))
+        #expect(InputFingerprint.recall(memo, fingerprint: "fp") == "value")
+        #expect(InputFingerprint.recall(memo, fingerprint: "f") == nil)
+        try Data("no separator".utf8).write(to: URL(fileURLWithPath: memo))
+        #expect(InputFingerprint.recall(memo, fingerprint: "no separator") == nil)
+    }
 }
