@@ -62,14 +62,10 @@ enum SnapshotCache {
         for line in bytes.split(separator: 0x0A, omittingEmptySubsequences: false) {
             if line.isEmpty { break }  // the end of the first processor's block
             guard let colon = line.firstIndex(of: UInt8(ascii: ":")) else { continue }
-            func trimmed(_ s: ArraySlice<UInt8>) -> String {
-                let blank: (UInt8) -> Bool = { $0 == 0x20 || $0 == 0x09 }
-                return String(decoding: s.drop(while: blank).reversed().drop(while: blank).reversed(), as: UTF8.self)
-            }
-            let value = line[(colon + 1)...]
-            switch trimmed(line[..<colon]) {
-            case "vendor_id", "cpu family", "model", "stepping": parts.append(trimmed(value))
-            case "flags": parts.append(hexString(SHA256.hash(data: Array(trimmed(value).utf8)).prefix(8)))
+            let value = textTrimmingBlanks(line[(colon + 1)...])
+            switch textTrimmingBlanks(line[..<colon]) {
+            case "vendor_id", "cpu family", "model", "stepping": parts.append(value)
+            case "flags": parts.append(hexString(SHA256.hash(data: Array(value.utf8)).prefix(8)))
             default: break
             }
         }

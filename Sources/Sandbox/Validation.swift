@@ -127,9 +127,7 @@ public enum InputCheck {
 
     /// A small file's text with the whitespace around it trimmed (nil: unreadable).
     static func readText(_ path: String) -> String? {
-        guard let bytes = readToEnd(path) else { return nil }
-        let blank: (UInt8) -> Bool = { $0 == 0x20 || $0 == 0x0A || $0 == 0x09 || $0 == 0x0D }
-        return String(decoding: bytes.drop(while: blank).reversed().drop(while: blank).reversed(), as: UTF8.self)
+        readToEnd(path).map(textTrimmingBlanks)
     }
 
     static func format(_ v: Double) -> String {

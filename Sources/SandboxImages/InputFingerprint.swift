@@ -33,9 +33,8 @@ enum InputFingerprint {
         let separator = Array("\n--\n".utf8)
         guard let at = bytes.indices.first(where: { bytes[$0...].starts(with: separator) }) else { return nil }
         guard bytes[..<at].elementsEqual(fingerprint.utf8) else { return nil }
-        let value = bytes[(at + separator.count)...].drop(while: { $0 == 0x20 || $0 == 0x0A || $0 == 0x09 || $0 == 0x0D })
-        let trimmed = value.reversed().drop(while: { $0 == 0x20 || $0 == 0x0A || $0 == 0x09 || $0 == 0x0D }).reversed()
-        return trimmed.isEmpty ? nil : String(decoding: Array(trimmed), as: UTF8.self)
+        let value = textTrimmingBlanks(bytes[(at + separator.count)...])
+        return value.isEmpty ? nil : value
     }
 
     /// Remembers `value` for `fingerprint` (atomically; failures are ignored: the memo is only a cache).

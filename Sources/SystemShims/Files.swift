@@ -102,6 +102,12 @@ public func entriesRecursively(under root: String) -> [String] {
     return out
 }
 
+/// `bytes` as UTF-8 text without the spaces, tabs and line ends around it.
+public func textTrimmingBlanks(_ bytes: some BidirectionalCollection<UInt8>) -> String {
+    let blank: (UInt8) -> Bool = { $0 == 0x20 || $0 == 0x0A || $0 == 0x09 || $0 == 0x0D }
+    return String(decoding: bytes.drop(while: blank).reversed().drop(while: blank).reversed(), as: UTF8.self)
+}
+
 /// Lower-case hex of `bytes` (digests in file names, keys and manifests), without
 /// `String(format:)`, which costs a process its first call dearly.
 public func hexString(_ bytes: some Sequence<UInt8>) -> String {

@@ -141,11 +141,15 @@ enum AgentMode {
                 joinPrefault()  // done long before the agent answers
                 let done = prefaulted.withLock { $0 }
                 ready.prefaultPages = done?.pages ?? 0
-                ready.prefaultNote = workingSet.note ?? done.flatMap { d in
-                    d.errno == 0 ? nil : "copying the working set in stopped after \(d.pages) of \(workingSet.set?.pages ?? 0) pages: \(String(cString: strerror(d.errno)))"
+                if !config.prefault {
+                    ready.prefaultNote = "not asked for"
+                } else if let set = workingSet.set {
+                    ready.prefaultNote = workingSet.note ?? done.flatMap { d in
+                        d.errno == 0 ? nil : "copying the working set in stopped after \(d.pages) of \(set.pages) pages: \(String(cString: strerror(d.errno)))"
+                    }
+                } else {
+                    ready.prefaultNote = workingSet.note ?? "the snapshot has no working set"
                 }
-                if config.prefault == false { ready.prefaultNote = "not asked for" }
-                else if workingSet.set == nil && ready.prefaultNote == nil { ready.prefaultNote = "the snapshot has no working set" }
             }
             ready.jail = jail
             report(ready)
