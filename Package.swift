@@ -109,7 +109,7 @@ let package = Package(
         // The tests that run the executables do not depend on them: a test target that
         // depends on an executable target links its objects, and with them its static
         // linker settings (there is no static XCTest). `swift test` builds every product.
-        .testTarget(name: "IntegrationTests", dependencies: ["Sandbox", "SandboxImages", "SandboxBatch", "VMMProtocol"]),
+        .testTarget(name: "IntegrationTests", dependencies: ["Sandbox", "SandboxImages", "SandboxBatch", "VMMProtocol", "SystemShims"]),
         .testTarget(name: "SandboxTestingTests", dependencies: ["SandboxTesting", "Sandbox"]),
         .testTarget(name: "AgentProtocolTests", dependencies: ["AgentProtocol"], exclude: ["Corpus"]),
         .testTarget(name: "TreeArchiveTests", dependencies: ["TreeArchive"]),

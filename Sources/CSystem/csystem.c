@@ -152,3 +152,116 @@ int csystem_spawn_isolated(const char *path, char *const argv[], char *const env
     *pid = child;
     return 0;
 }
+
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <sys/stat.h>
+#include <string.h>
+
+static int unix_address(const char *path, struct sockaddr_un *a) {
+    memset(a, 0, sizeof *a);
+    a->sun_family = AF_UNIX;
+    size_t n = strlen(path);
+    if (n == 0 || n >= sizeof a->sun_path) return -ENAMETOOLONG;
+    memcpy(a->sun_path, path, n);
+    return 0;
+}
+
+int csystem_unix_connect(const char *path) {
+    struct sockaddr_un a;
+    int rc = unix_address(path, &a);
+    if (rc) return rc;
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return -errno;
+    while (connect(s, (struct sockaddr *)&a, sizeof a) < 0) {
+        if (errno == EINTR) continue;
+        int e = errno;
+        close(s);
+        return -e;
+    }
+    return s;
+}
+
+int csystem_unix_listen(const char *path, int backlog) {
+    struct sockaddr_un a;
+    int rc = unix_address(path, &a);
+    if (rc) return rc;
+    int s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0) return -errno;
+    // The socket file is made by bind with the umask applied: only this user may connect.
+    mode_t old = umask(0177);
+    int b = bind(s, (struct sockaddr *)&a, sizeof a);
+    int e = errno;
+    umask(old);
+    if (b < 0 || listen(s, backlog) < 0) {
+        if (b == 0) e = errno;
+        close(s);
+        return -e;
+    }
+    return s;
+}
+
+int csystem_unix_accept(int listener) {
+    for (;;) {
+        int c = accept4(listener, NULL, NULL, SOCK_CLOEXEC);
+        if (c >= 0) return c;
+        if (errno != EINTR) return -errno;
+    }
+}
+
+long csystem_send_with_fds(int sock, const void *buf, unsigned long len, const int *fds, int count) {
+    if (count < 0 || count > 8) return -EINVAL;
+    struct iovec iov = { .iov_base = (void *)buf, .iov_len = len };
+    union { char bytes[CMSG_SPACE(8 * sizeof(int))]; struct cmsghdr align; } control;
+    struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
+    if (count > 0) {
+        memset(&control, 0, sizeof control);
+        m.msg_control = control.bytes;
+        m.msg_controllen = CMSG_SPACE(count * sizeof(int));
+        struct cmsghdr *c = CMSG_FIRSTHDR(&m);
+        c->cmsg_level = SOL_SOCKET;
+        c->cmsg_type = SCM_RIGHTS;
+        c->cmsg_len = CMSG_LEN(count * sizeof(int));
+        memcpy(CMSG_DATA(c), fds, count * sizeof(int));
+    }
+    for (;;) {
+        ssize_t n = sendmsg(sock, &m, MSG_NOSIGNAL);
+        if (n >= 0) return n;
+        if (errno != EINTR) return -errno;
+    }
+}
+
+long csystem_recv_with_fds(int sock, void *buf, unsigned long len, int *fds, int max, int *count) {
+    *count = 0;
+    struct iovec iov = { .iov_base = buf, .iov_len = len };
+    union { char bytes[CMSG_SPACE(8 * sizeof(int))]; struct cmsghdr align; } control;
+    struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1, .msg_control = control.bytes, .msg_controllen = sizeof control.bytes };
+    ssize_t n;
+    do { n = recvmsg(sock, &m, MSG_CMSG_CLOEXEC); } while (n < 0 && errno == EINTR);
+    if (n < 0) return -errno;
+    int truncated = (m.msg_flags & MSG_CTRUNC) != 0;
+    for (struct cmsghdr *c = CMSG_FIRSTHDR(&m); c; c = CMSG_NXTHDR(&m, c)) {
+        if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS || c->cmsg_len < CMSG_LEN(0)) continue;
+        int k = (int)((c->cmsg_len - CMSG_LEN(0)) / sizeof(int));
+        int got[64];
+        if (k > 64) k = 64;
+        memcpy(got, CMSG_DATA(c), k * sizeof(int));
+        for (int i = 0; i < k; i++) {
+            if (!truncated && *count < max) fds[(*count)++] = got[i];
+            else close(got[i]);
+        }
+    }
+    if (truncated) {
+        for (int i = 0; i < *count; i++) close(fds[i]);
+        *count = 0;
+        return -EMSGSIZE;
+    }
+    return n;
+}
+
+long csystem_peer_uid(int sock) {
+    struct ucred cred;
+    socklen_t n = sizeof cred;
+    if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &n) < 0) return -errno;
+    return (long)cred.uid;
+}

@@ -4,11 +4,13 @@ import SandboxCore
 /// Where the project keeps its caches and finds its recipes.
 public enum SandboxPaths {
     /// `$SANDBOX_CACHE`, else `$XDG_CACHE_HOME/sandbox`, else `~/.cache/sandbox`.
+    /// (getenv, not Foundation's ProcessInfo: `sandbox exec` asks this before anything
+    /// else to find the sandbox server, and the first ProcessInfo costs a few hundred µs.)
     public static var cacheDirectory: String {
-        let env = ProcessInfo.processInfo.environment
-        if let c = env["SANDBOX_CACHE"], !c.isEmpty { return c }
-        if let x = env["XDG_CACHE_HOME"], !x.isEmpty { return x + "/sandbox" }
-        return (env["HOME"] ?? "/root") + "/.cache/sandbox"
+        func env(_ name: String) -> String? { getenv(name).map { String(cString: $0) } }
+        if let c = env("SANDBOX_CACHE"), !c.isEmpty { return c }
+        if let x = env("XDG_CACHE_HOME"), !x.isEmpty { return x + "/sandbox" }
+        return (env("HOME") ?? "/root") + "/.cache/sandbox"
     }
 
     /// Where VMMs create per-sandbox disk overlays (each is unlinked at once).

@@ -52,19 +52,19 @@ struct Exec: ParsableCommand {
     var command: [String] = []
 
     func run() throws {
-        var argv = command
-        if argv.first == "--" { argv.removeFirst() }
-        guard !argv.isEmpty else {
-            printError("sandbox exec: no command given (usage: sandbox exec [options] -- CMD [ARGS...])")
-            throw ExitCode(125)
-        }
+        let status = execute(io: .standard)
+        if status != 0 { throw ExitCode(status) }
+    }
+
+    /// The run's configuration from the options, or nil after saying why on `io`'s stderr.
+    func configuration(io: ExecIO) -> SandboxConfiguration? {
         var config = SandboxConfiguration()
         config.workingDirectory = workdir
         config.keepDiskPath = keepDisk
         config.snapshot = snapshot
         config.template = template
         config.cold = cold
-        config.consoleFD = console ? 2 : nil
+        config.consoleFD = console ? io.stderr : nil
         config.terminal = tty
         // Output streams straight to the terminal: no cap, nothing kept in memory.
         config.outputLimit = 0
@@ -80,43 +80,83 @@ struct Exec: ParsableCommand {
                 }
                 guard snapshot == nil, !cold else { throw SandboxError.invalidInput("--template cannot be combined with --snapshot or --cold") }
             }
-            try vm.apply(to: &config)
+            try vm.apply(to: &config, io: io)
         } catch {
-            printError("sandbox exec: \(error)")
-            throw ExitCode(125)
+            io.error("sandbox exec: \(error)")
+            return nil
         }
+        return config
+    }
+
+    /// Runs the command with `io` as its standard descriptors and returns the exit status
+    /// `sandbox exec` gives (the command's, or 124/125/250/251 with a line on stderr).
+    /// `cancel` stops the run (its VM) from another thread; `servedBy` names the server
+    /// process that runs it, for --timings.
+    func execute(io: ExecIO, cancel: CancelToken? = nil, servedBy: Int32? = nil) -> Int32 {
+        var warm = false
+        return execute(io: io, cancel: cancel, servedBy: servedBy, ranWarm: &warm)
+    }
+
+    /// As above; `ranWarm` says whether the run took a VM restored ahead of it.
+    func execute(io: ExecIO, cancel: CancelToken?, servedBy: Int32?, ranWarm: inout Bool) -> Int32 {
+        var argv = command
+        if argv.first == "--" { argv.removeFirst() }
+        guard !argv.isEmpty else {
+            io.error("sandbox exec: no command given (usage: sandbox exec [options] -- CMD [ARGS...])")
+            return 125
+        }
+        guard let config = configuration(io: io) else { return 125 }
+        return execute(argv, config: config, io: io, cancel: cancel, servedBy: servedBy, ranWarm: &ranWarm)
+    }
+
+    private func execute(_ argv: [String], config: SandboxConfiguration, io: ExecIO, cancel: CancelToken?, servedBy: Int32?, ranWarm: inout Bool) -> Int32 {
         // With -t on a terminal: raw mode (keys go to the guest as typed, Ctrl-C included),
         // restored however this ends; the guest's terminal follows this one's size.
         let local = tty ? LocalTerminal.take() : nil
         defer { local?.restore() }
         let size = tty ? (local?.size ?? TerminalSize(rows: 24, columns: 80)) : nil
-        let result = SandboxRunner.run(argv, configuration: config, stdinFD: stdin ? 0 : nil, terminalSize: size,
-                                       progress: { printError($0) }) { event in
+        let result = SandboxRunner.run(argv, configuration: config, stdinFD: stdin ? io.stdin : nil, terminalSize: size,
+                                       progress: { io.error($0) }, cancel: cancel) { event in
             switch event {
-            case .stdout(let b): b.withUnsafeBytes { writeAll(1, $0) }
-            case .stderr(let b): b.withUnsafeBytes { writeAll(2, $0) }
+            case .stdout(let b): b.withUnsafeBytes { writeAll(io.stdout, $0) }
+            case .stderr(let b): b.withUnsafeBytes { writeAll(io.stderr, $0) }
             }
+        }
+        ranWarm = result.timings.warm
+        if timings, let servedBy {
+            io.error("sandbox: run by the sandbox server (pid \(servedBy)), \(result.timings.warm ? "on a VM restored ahead of it" : "on a VM restored for it (none was waiting)")")
         }
         if timings && result.timings.restored {
             let t = result.timings
             let prefault = t.prefaultNote.map { "working set not copied in ahead: \($0)" }
                 ?? "\(t.prefaultPages) pages of its working set copied in ahead"
-            printError("sandbox: restored from the snapshot \(t.snapshot ?? "?") (\(prefault))")
-            printError(String(format: "sandbox: vmm %.1f ms, restore %.1f ms, agent %.1f ms, exec %.1f ms, teardown %.1f ms, total %.1f ms",
+            io.error("sandbox: restored from the snapshot \(t.snapshot ?? "?") (\(prefault))")
+            io.error(String(format: "sandbox: vmm %.1f ms, restore %.1f ms, agent %.1f ms, exec %.1f ms, teardown %.1f ms, total %.1f ms",
                               t.vmmStart, t.restore, t.agentReady, t.exec, t.teardown, t.total))
         } else if timings {
             let t = result.timings
-            printError("sandbox: booted (not restored: \(t.coldReason ?? "a start snapshot was not used"))")
-            printError(String(format: "sandbox: vmm %.1f ms, kernel boot %.1f ms, agent %.1f ms (guest startup %.1f ms), exec %.1f ms, teardown %.1f ms, total %.1f ms",
+            io.error("sandbox: booted (not restored: \(t.coldReason ?? "a start snapshot was not used"))")
+            io.error(String(format: "sandbox: vmm %.1f ms, kernel boot %.1f ms, agent %.1f ms (guest startup %.1f ms), exec %.1f ms, teardown %.1f ms, total %.1f ms",
                               t.vmmStart, t.kernelBoot, t.agentReady, t.agentStartup, t.exec, t.teardown, t.total))
         }
         switch result.outcome {
         case .exited, .signalled: break
-        default: printError("sandbox exec: \(result.outcome)")
+        default: io.error("sandbox exec: \(result.outcome)")
         }
-        let status = result.outcome.exitStatus
-        if status != 0 { throw ExitCode(status) }
+        return result.outcome.exitStatus
     }
+}
+
+/// The standard descriptors of one `sandbox exec`: this process's own, or a client's
+/// (received by the sandbox server).
+struct ExecIO: Sendable {
+    var stdin: Int32
+    var stdout: Int32
+    var stderr: Int32
+    static let standard = ExecIO(stdin: 0, stdout: 1, stderr: 2)
+
+    /// Writes a line to this run's standard error.
+    func error(_ message: String) { writeAll(stderr, message + "\n") }
 }
 
 /// This process's terminal in raw mode for `exec -t`: the original settings come back at

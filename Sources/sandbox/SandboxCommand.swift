@@ -7,13 +7,19 @@ struct SandboxCommand: AsyncParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "sandbox",
         abstract: "Boot throwaway KVM micro-VMs and run commands in them.",
-        subcommands: [Exec.self, Shell.self, Batch.self, Boot.self, Doctor.self, KernelCommand.self, ImageCommand.self, SnapshotCommand.self, TemplateCommand.self, ReportCommand.self, BenchLibrary.self, BenchExec.self, BenchCopy.self, Soak.self])
+        subcommands: [Exec.self, Shell.self, ServerCommand.self, Batch.self, Boot.self, Doctor.self, KernelCommand.self, ImageCommand.self, SnapshotCommand.self, TemplateCommand.self, ReportCommand.self, BenchLibrary.self, BenchExec.self, BenchCopy.self, Soak.self])
 
     /// As ArgumentParser's, except that a usage error (unknown option, bad value)
     /// exits 2, the conventional status for it, rather than 64. Parsing is awaited as
     /// ArgumentParser's own main does: the command then runs off the main thread, which
     /// libdispatch parks with an empty signal mask (BatchSignals relies on that).
     static func main() async {
+        // `sandbox exec` first offers its run to a sandbox server, if one is running: the
+        // cheapest start there is (no VMM to spawn, a VM already restored and waiting).
+        let args = CommandLine.arguments
+        if args.count > 2, args[1] == "exec", let status = ServerClient.exec(Array(args.dropFirst(2))) {
+            Glibc.exit(status)
+        }
         do {
             var command = try await asyncParseAsRoot(nil)
             if var asyncCommand = command as? any AsyncParsableCommand {

@@ -24,7 +24,7 @@ struct VMOptions: ParsableArguments {
     }
 
     /// Checks the numbers (each message names its flag) and sets them in `config`.
-    func apply(to config: inout SandboxConfiguration) throws {
+    func apply(to config: inout SandboxConfiguration, io: ExecIO = .standard) throws {
         if let memory {
             try InputCheck.memory(memory, name: "--memory")
             config.memoryMiB = memory
@@ -36,7 +36,7 @@ struct VMOptions: ParsableArguments {
         if let image { config.image = image }
         if noJail {
             config.jail = false
-            warnNoJail()
+            warnNoJail(io: io)
         }
         config.kernel = kernel
         if let diskSize {
@@ -61,6 +61,6 @@ func parseEnvironment(_ pairs: [String]) throws -> [String: String] {
 }
 
 /// What `--no-jail` prints, every time.
-func warnNoJail() {
-    printError("sandbox: WARNING: --no-jail: the VMM runs with every privilege of this process, in this host's namespaces, with no seccomp filter; a guest that compromises it reaches this host. Use it for debugging only.")
+func warnNoJail(io: ExecIO = .standard) {
+    io.error("sandbox: WARNING: --no-jail: the VMM runs with every privilege of this process, in this host's namespaces, with no seccomp filter; a guest that compromises it reaches this host. Use it for debugging only.")
 }

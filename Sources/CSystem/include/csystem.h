@@ -39,4 +39,25 @@ enum {
     CSYSTEM_NEWNS = 0x00020000, CSYSTEM_NEWUTS = 0x04000000, CSYSTEM_NEWIPC = 0x08000000,
     CSYSTEM_NEWUSER = 0x10000000, CSYSTEM_NEWPID = 0x20000000, CSYSTEM_NEWNET = 0x40000000,
 };
+/// A connected AF_UNIX stream socket to `path` (close-on-exec); -errno on failure
+/// (-ENAMETOOLONG when the path does not fit a sockaddr_un).
+int csystem_unix_connect(const char *path);
+/// A listening AF_UNIX stream socket bound at `path` (close-on-exec, mode 0600 through a
+/// umask while binding); -errno on failure (-EADDRINUSE when something is bound there).
+int csystem_unix_listen(const char *path, int backlog);
+/// accept4 with SOCK_CLOEXEC, retrying EINTR: a connection, or -errno.
+int csystem_unix_accept(int listener);
+/// poll(2)'s POLLRDHUP (the peer shut its end), which Glibc's module does not export.
+enum { CSYSTEM_POLLRDHUP = 0x2000 };
+/// sendmsg of `len` bytes with `count` descriptors attached (SCM_RIGHTS, at most 8);
+/// bytes sent, or -errno. MSG_NOSIGNAL: a closed peer is EPIPE, not a signal.
+long csystem_send_with_fds(int sock, const void *buf, unsigned long len, const int *fds, int count);
+/// recvmsg into `buf` (at most `len` bytes); descriptors that came with it (SCM_RIGHTS,
+/// close-on-exec) go to `fds` (at most `max`, at most 8), their number to `*count`; any
+/// beyond `max` are closed. Bytes read (0 at end of stream), or -errno; a message whose
+/// control data was truncated is -EMSGSIZE (its descriptors are closed).
+long csystem_recv_with_fds(int sock, void *buf, unsigned long len, int *fds, int max, int *count);
+/// The uid of the process at the other end of a connected AF_UNIX socket (SO_PEERCRED),
+/// or -errno.
+long csystem_peer_uid(int sock);
 #endif
