@@ -24,6 +24,15 @@ struct ServerCommand: ParsableCommand {
         """,
         subcommands: [Start.self, Stop.self, Status.self, Run.self])
 
+    /// The socket's directory (the cache directory, on a machine that has none yet).
+    static func makeParent(of socketPath: String) throws {
+        let dir = (socketPath as NSString).deletingLastPathComponent
+        guard !dir.isEmpty else { return }
+        do { try FileManager.default.createDirectory(atPath: dir, withIntermediateDirectories: true) } catch {
+            throw ValidationError("cannot make \(dir) for the server's socket: \(error.localizedDescription)")
+        }
+    }
+
     struct Start: ParsableCommand {
         static let configuration = CommandConfiguration(commandName: "start", abstract: "Start the server in the background (log: server.log next to its socket).")
         @OptionGroup var options: ServerOptions
@@ -35,6 +44,7 @@ struct ServerCommand: ParsableCommand {
                 print("sandbox server: already running (\(text))")
                 return
             }
+            try ServerCommand.makeParent(of: path)
             let log = path.hasSuffix(".sock") ? String(path.dropLast(5)) + ".log" : path + ".log"
             let exe = try FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe")
             let devnull = open("/dev/null", O_RDWR | O_CLOEXEC)
@@ -170,6 +180,7 @@ final class ExecServer: Sendable {
         self.socketPath = socketPath
         self.warm = warm
         idleNanos = UInt64(idleSeconds * 1e9)
+        try ServerCommand.makeParent(of: socketPath)
         guard let lock = ServerLock.take(socketPath) else {
             throw ValidationError("another sandbox server holds \(socketPath).lock")
         }
