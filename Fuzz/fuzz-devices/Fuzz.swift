@@ -1,6 +1,7 @@
 // libFuzzer target: the virtio devices as a hostile driver drives them: virtio-blk
-// requests (headers, sectors, lengths, chain shapes) and virtio-vsock packets (headers
-// that lie about lengths, ops, ports, credit; rx buffers too small), each over guest RAM
+// requests (headers, sectors, lengths, chain shapes), virtio-vsock packets (headers
+// that lie about lengths, ops, ports, credit; rx buffers too small) and virtio-rng
+// requests (readable parts, huge or empty buffers), each over guest RAM
 // the input fills, with three queues at fixed addresses. A device may refuse, mark
 // itself broken or reset connections; it may not trap, touch memory outside guest RAM
 // (ASan) or hang (libFuzzer's timeout).
@@ -29,6 +30,7 @@ let vsock: VsockDevice = {
     try? v.listen(port: 1024) { _ in }
     return v
 }()
+let entropy = EntropyDevice(queueSize: 16)
 
 func queue(_ n: UInt64, size: UInt16, indirect: Bool, eventIndex: Bool) -> VirtQueue {
     var q = VirtQueue(maxSize: 16)
@@ -52,7 +54,14 @@ func one(_ data: UnsafePointer<UInt8>?, _ size: Int) -> CInt {
     let indirect = flags & 4 != 0, eventIndex = flags & 8 != 0
     let features = VIRTIO_F_VERSION_1 | (indirect ? VIRTIO_F_INDIRECT_DESC : 0) | (eventIndex ? VIRTIO_F_EVENT_IDX : 0)
     let interrupt = VirtioInterrupt(trigger: NoInterrupt())
-    if input[0] & 1 == 0 {
+    // Byte 0: bit 0 set = vsock; else bit 1 set = virtio-rng; else virtio-blk.
+    if input[0] & 3 == 2 {
+        entropy.reset()
+        let q = queue(0, size: qsize, indirect: indirect, eventIndex: eventIndex)
+        guard (try? q.validate(memory: memory)) != nil else { return 0 }
+        guard (try? entropy.activate(memory: memory, queues: [q], features: features, interrupt: interrupt)) != nil else { return 0 }
+        entropy.queueNotify(0)
+    } else if input[0] & 1 == 0 {
         block.reset()
         let q = queue(0, size: qsize, indirect: indirect, eventIndex: eventIndex)
         guard (try? q.validate(memory: memory)) != nil else { return 0 }

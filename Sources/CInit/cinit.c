@@ -432,6 +432,22 @@ int cinit_seed_random(const uint8_t *bytes, int len) {
     }
     memset(info, 0, sizeof(*info) + (size_t)len);
     free(info);
+    // The hardware RNG (virtio-rng) driver and the hwrng core keep bytes read ahead from
+    // the device (64 each at most); in a restored VM those are the snapshot's, the same in
+    // every sandbox restored from it. Read and drop what is buffered (non-blocking: it stops
+    // where fresh bytes would have to be waited for), so that /dev/hwrng readers get only
+    // bytes the host made for this VM. At most 4 KiB; no hwrng device is not an error.
+    int hw = open("/dev/hwrng", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (hw >= 0) {
+        uint8_t drop[256];
+        for (int total = 0; total < 4096;) {
+            ssize_t n = read(hw, drop, sizeof drop);
+            if (n <= 0) break;
+            total += (int)n;
+        }
+        memset(drop, 0, sizeof drop);
+        close(hw);
+    }
     return rc;
 }
 

@@ -265,3 +265,17 @@ long csystem_peer_uid(int sock) {
     if (getsockopt(sock, SOL_SOCKET, SO_PEERCRED, &cred, &n) < 0) return -errno;
     return (long)cred.uid;
 }
+
+#include <sys/random.h>
+int csystem_fill_random(void *buf, unsigned long len) {
+    unsigned long done = 0;
+    while (done < len) {
+        ssize_t n = getrandom((char *)buf + done, len - done, 0);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return -errno;
+        }
+        done += (unsigned long)n;
+    }
+    return 0;
+}

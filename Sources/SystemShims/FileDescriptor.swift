@@ -1,3 +1,4 @@
+import CSystem
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -121,4 +122,10 @@ public final class Lock: @unchecked Sendable {
         defer { pthread_mutex_unlock(mutex) }
         return try body()
     }
+}
+
+/// Fills `buffer` from the kernel's random source (getrandom(2)).
+public func fillRandom(_ buffer: UnsafeMutableRawBufferPointer) throws(SystemError) {
+    guard buffer.count > 0 else { return }
+    try checkNegErrno("getrandom", csystem_fill_random(buffer.baseAddress, UInt(buffer.count)))
 }

@@ -51,7 +51,8 @@ enum AgentMode {
         let grown = (disk.backend as? CopyOnWriteDisk).map { $0.capacity > $0.baseCapacity } ?? false
         mc.extraCommandLine = "root=/dev/vda rw init=/sbin/sandbox-init quiet "
             + (grown ? GuestABI.growRootParameter + " " : "") + config.extraCommandLine
-        mc.virtioDevices = [disk, vsock]
+        // The guest's hardware RNG: host entropy for every VM, restored ones included.
+        mc.virtioDevices = [disk, vsock, EntropyDevice()]
         mc.consoleCapacity = 64 * 1024
         if config.streamConsole {
             mc.consoleSink = { bytes in try? writeAll(2, bytes) }

@@ -81,19 +81,24 @@ struct SnapshotTests {
     func restoredSandboxesAreUnique() throws {
         let (scratch, snap) = try makeSnapshot()
         defer { try? FileManager.default.removeItem(atPath: scratch) }
-        let script = "cat /proc/sys/kernel/random/uuid; head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"
+        // The guest's hardware RNG is the VMM's virtio-rng; what its driver had read ahead
+        // before the snapshot is dropped by the agent's reseed.
+        let script = "cat /proc/sys/kernel/random/uuid; head -c 64 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s; "
+            + "cat /sys/class/misc/hw_random/rng_current; head -c 32 /dev/hwrng | od -An -tx1 | tr -d ' \\n'; echo"
         var seen: [[String]] = []
         for _ in 0..<2 {
             let r = try sandbox(["exec", "--snapshot", snap] + t + ["--", "sh", "-c", script])
             #expect(r.status == 0, "\(r.stderr)")
             let lines = r.stdout.split(separator: "\n").map(String.init)
-            try #require(lines.count == 3, "\(r.stdout)")
+            try #require(lines.count == 5, "\(r.stdout)")
+            #expect(lines[3] == "virtio_rng.0", "hwrng: \(lines[3])")
             let guestTime = Double(lines[2]) ?? 0
             #expect(abs(guestTime - Date().timeIntervalSince1970) <= (Fixture.inLab ? 5 : 2), "guest clock \(lines[2]), host \(Date().timeIntervalSince1970)")
             seen.append(lines)
         }
         #expect(seen[0][0] != seen[1][0], "both restored sandboxes read uuid \(seen[0][0])")
         #expect(seen[0][1] != seen[1][1] && seen[0][1].count == 128, "urandom: \(seen[0][1]) / \(seen[1][1])")
+        #expect(seen[0][4] != seen[1][4] && seen[0][4].count == 64, "hwrng: \(seen[0][4]) / \(seen[1][4])")
     }
 
     @Test("a snapshot older than the guest's RCU stall timeout restores without a stall report (the guest is told it was paused)")

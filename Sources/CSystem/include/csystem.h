@@ -39,6 +39,9 @@ enum {
     CSYSTEM_NEWNS = 0x00020000, CSYSTEM_NEWUTS = 0x04000000, CSYSTEM_NEWIPC = 0x08000000,
     CSYSTEM_NEWUSER = 0x10000000, CSYSTEM_NEWPID = 0x20000000, CSYSTEM_NEWNET = 0x40000000,
 };
+/// Fills `len` bytes at `buf` from the kernel's random source (getrandom(2), retrying
+/// EINTR and short reads). 0, or -errno.
+int csystem_fill_random(void *buf, unsigned long len);
 /// A connected AF_UNIX stream socket to `path` (close-on-exec); -errno on failure
 /// (-ENAMETOOLONG when the path does not fit a sockaddr_un).
 int csystem_unix_connect(const char *path);
