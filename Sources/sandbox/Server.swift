@@ -171,6 +171,7 @@ final class ExecServer: Sendable {
         var running: [ObjectIdentifier: CancelToken] = [:]
     }
     private let state = Mutex(State())
+    private let parseLock = Mutex(())
     /// At most this many starts are kept warm at once (each keeps `warm` VMs).
     static let maxWarmStarts = 4
     /// At most this many connections at once; more are refused (their clients run alone).
@@ -324,7 +325,8 @@ final class ExecServer: Sendable {
         guard m[3] == environment else { return decline(conn, "the client's SANDBOX_*/HOME/XDG_CACHE_HOME differ from the server's") }
         guard fds.count == 3 else { return reply(conn, ["refused", "an exec request carries stdin, stdout and stderr (got \(fds.count) descriptors)"]) }
         let exec: Exec
-        do { exec = try Exec.parse(Array(m[4...])) } catch { return decline(conn, "the arguments do not parse here") }
+        // One parse at a time: ArgumentParser does not promise that parsing is thread-safe.
+        do { exec = try parseLock.withLock { _ in try Exec.parse(Array(m[4...])) } } catch { return decline(conn, "the arguments do not parse here") }
         if let why = Self.whyNot(exec) { return decline(conn, why) }
         let io = ExecIO(stdin: fds[0].rawValue, stdout: fds[1].rawValue, stderr: fds[2].rawValue)
         guard let config = exec.configuration(io: io) else {
