@@ -1,5 +1,6 @@
 import Foundation
 import Sandbox
+import Synchronization
 import SystemShims
 import Testing
 
@@ -9,7 +10,7 @@ import Testing
 struct ServerTests {
     /// A private socket directory, the environment that points the CLI at it, and the
     /// server's stop at the end.
-    final class Server {
+    final class Server: Sendable {
         let dir: String
         let socket: String
         let env: [String: String]
@@ -113,6 +114,27 @@ struct ServerTests {
         // SANDBOX_SERVER=0 keeps a run away from it.
         let off = try server.exec(["--", "true"], extraEnv: ["SANDBOX_SERVER": "0"])
         #expect(off.status == 0 && !off.stderr.contains(Self.served), "\(off.stderr)")
+    }
+
+    @Test("clients at once each get their own run, output and status")
+    func clientsAtOnce() throws {
+        let server = try Server(start: ["--warm", "2", "--idle-timeout", "300"])
+        let results = Mutex<[Int: Fixture.Result]>([:])
+        let failures = Mutex<[String]>([])
+        DispatchQueue.concurrentPerform(iterations: 4) { i in
+            do {
+                let r = try server.exec(["--", "sh", "-c", "echo client \(i); exit \(10 + i)"])
+                results.withLock { $0[i] = r }
+            } catch {
+                failures.withLock { $0.append("\(i): \(error)") }
+            }
+        }
+        #expect(failures.withLock { $0 }.isEmpty)
+        for i in 0..<4 {
+            let r = try #require(results.withLock { $0[i] })
+            #expect(r.status == Int32(10 + i) && r.stdout == "client \(i)\n", "\(r.stderr)")
+            #expect(r.stderr.contains(Self.served), "\(r.stderr)")
+        }
     }
 
     @Test("a client killed during its run stops the run's VM")
