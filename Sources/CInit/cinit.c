@@ -433,18 +433,18 @@ int cinit_seed_random(const uint8_t *bytes, int len) {
     memset(info, 0, sizeof(*info) + (size_t)len);
     free(info);
     // The hardware RNG (virtio-rng) driver and the hwrng core keep bytes read ahead from
-    // the device (64 each at most); in a restored VM those are the snapshot's, the same in
-    // every sandbox restored from it. Read and drop what is buffered (non-blocking: it stops
-    // where fresh bytes would have to be waited for), so that /dev/hwrng readers get only
-    // bytes the host made for this VM. At most 4 KiB; no hwrng device is not an error.
+    // the device (at most 64 each, SMP_CACHE_BYTES); in a restored VM those are the
+    // snapshot's, the same in every sandbox restored from it. One non-blocking read of 128
+    // bytes takes what the core holds, then what the driver holds (which makes the driver
+    // ask the device for fresh bytes), and stops there (EAGAIN) instead of waiting for
+    // them: /dev/hwrng readers then get only bytes the host made for this VM. (A loop of
+    // reads would go on taking the fresh bytes as fast as the device answers, each a
+    // virtio round trip, and the core sleeps a jiffy between chunks when a reschedule is
+    // due: measured at several ms per restore.) No hwrng device is not an error.
     int hw = open("/dev/hwrng", O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (hw >= 0) {
-        uint8_t drop[256];
-        for (int total = 0; total < 4096;) {
-            ssize_t n = read(hw, drop, sizeof drop);
-            if (n <= 0) break;
-            total += (int)n;
-        }
+        uint8_t drop[128];
+        (void)!read(hw, drop, sizeof drop);
         memset(drop, 0, sizeof drop);
         close(hw);
     }

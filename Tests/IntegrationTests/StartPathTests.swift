@@ -160,6 +160,24 @@ struct TemplateTests {
         #expect(c.stdout == "v2\n", "\(c.stdout) \(c.stderr)")
     }
 
+    @Test("a template whose setup read /dev/hwrng (leaving bytes buffered in the guest): its sandboxes still read different bytes")
+    func hardwareRNGAfterATemplate() throws {
+        let name = "it-\(getpid())-hwrng"
+        defer { _ = try? sandbox(["template", "rm", name]) }
+        let made = try sandbox(["template", "create", name, "--run", "head -c 10 /dev/hwrng > /dev/null"])
+        #expect(made.status == 0, "\(made.stderr)")
+        var seen: [String] = []
+        for _ in 0..<2 {
+            let r = try sandbox(["exec", "--template", name] + t + ["--", "sh", "-c", "head -c 128 /dev/hwrng | od -An -tx1 | tr -d ' \\n'"])
+            #expect(r.status == 0 && r.stdout.count == 256, "\(r.stdout) \(r.stderr)")
+            seen.append(r.stdout)
+        }
+        // No stretch of 8 bytes in common: nothing the template buffered is served twice.
+        let a = Array(seen[0].utf8), b = seen[1]
+        let shared = stride(from: 0, to: a.count - 16, by: 2).filter { b.contains(String(decoding: a[$0..<$0 + 16], as: UTF8.self)) }
+        #expect(shared.isEmpty, "both sandboxes read \(shared.count) common 8-byte runs: \(seen[0]) / \(seen[1])")
+    }
+
     @Test("a failing setup makes no template; bad names and missing templates are refused; rm removes")
     func failuresAndRemoval() throws {
         let name = "it-\(getpid())-fail"
