@@ -181,9 +181,14 @@ public enum SandboxRunner {
         // A VM restored ahead of time and waiting in the warm pool, when one is kept for
         // this start (`keepWarm`): its agent is already greeted and seeded.
         var warm: WarmPool.VM?
+        var releaseKey: WarmPool.Key?
+        defer { if let releaseKey { WarmPool.shared.release(releaseKey) } }
         if config.keepDiskPath == nil && config.consoleFD == nil, let dir = config.snapshot ?? cached {
-            warm = WarmPool.shared.take(WarmPool.Key(snapshot: dir, memoryMiB: config.memoryMiB, cpus: config.cpus,
-                                                     vmmExecutable: config.vmmExecutable, jail: config.jail))
+            let key = WarmPool.Key(snapshot: dir, memoryMiB: config.memoryMiB, cpus: config.cpus,
+                                   vmmExecutable: config.vmmExecutable, jail: config.jail)
+            warm = WarmPool.shared.take(key)
+            // Its replacement is restored once this run has ended (or has run a while).
+            if warm != nil { releaseKey = key }
         }
         if let warm {
             (vmm, spawned, first) = (warm.vmm, warm.spawnedNanos, warm.ready)
