@@ -217,11 +217,25 @@ public enum SandboxRunner {
                 return result
             }
             // A cached snapshot the VMM refuses (damaged, or another build's) heals: it is
-            // made again, once, and this run restores the new one.
-            guard let dir = cached, !healed, let f = first, f.kind == .failed, let e = f.error, e.code == .snapshot else { break }
+            // made again, once, and this run restores the new one. So does one whose
+            // restored guest dies before its agent answers (a reset or a crash at once):
+            // its memory or disk is damaged in a way the checks do not see, e.g. a memory
+            // file whose pages a crashed machine never wrote out (the memory file is not
+            // hashed; it would cost more than the restore). Seen in the lab: a snapshot
+            // published just before the lab's kernel panicked restored into a guest reset,
+            // every time, until it was removed by hand.
+            guard let dir = cached, !healed, let f = first, f.kind != .ready else { break }
+            let why: String
+            if f.kind == .failed, let e = f.error, e.code == .snapshot {
+                why = "the cached start snapshot was refused (\(e.message))"
+            } else if f.kind == .stopped, f.stop == .crash || f.stop == .clean {
+                why = "the guest restored from the cached start snapshot ended before its agent answered (\(f.reason ?? "no reason given"))"
+            } else {
+                break
+            }
             healed = true
             vmm.reap(patienceMillis: 3000)
-            progress("sandbox: the cached start snapshot was refused (\(e.message)); making it again")
+            progress("sandbox: \(why); making it again")
             SnapshotCache.discard(dir)
             do { cached = try SnapshotCache.entry(for: config, kernel: kernel, image: image, progress: progress) } catch {
                 cached = nil

@@ -70,6 +70,15 @@ enum Fixture {
         try fh.close()
     }
 
+    /// Damages a (read-only) snapshot file for a test: zeroes `count` bytes at `offset`.
+    static func zeroFill(_ path: String, from offset: UInt64, count: Int) throws {
+        chmod(path, 0o644)
+        let fh = try FileHandle(forWritingTo: URL(fileURLWithPath: path))
+        try fh.seek(toOffset: offset)
+        try fh.write(contentsOf: Data(count: count))
+        try fh.close()
+    }
+
     /// Rewrites a text file through `change`.
     static func edit(_ path: String, _ change: (inout String) throws -> Void) throws {
         var text = try String(contentsOfFile: path, encoding: .utf8)
