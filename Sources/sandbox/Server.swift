@@ -335,6 +335,10 @@ final class ExecServer: Sendable {
             return reply(conn, ["exit", "125"])
         }
         reply(conn, ["accepted"])
+        // A client that gave up waiting (this server was stopped or stuck) has closed its
+        // end and runs the command itself: do not start it here too.
+        var end = pollfd(fd: conn.rawValue, events: Int16(POLLIN) | UnixSocket.peerHangUpEvent, revents: 0)
+        if poll(&end, 1, 0) > 0 { return }
         let cancel = CancelToken()
         let key = ObjectIdentifier(cancel)
         state.withLock { $0.running[key] = cancel }
@@ -396,11 +400,25 @@ enum ServerClient {
     static func exec(_ arguments: [String]) -> Int32? {
         if let off = getenv("SANDBOX_SERVER"), String(cString: off) == "0" { return nil }
         let path = ServerWire.socketPath
-        guard access(path, F_OK) == 0, let conn = try? UnixSocket.connect(path) else { return nil }
+        guard access(path, F_OK) == 0, let conn = connect(path) else { return nil }
         let request = ["exec", ServerWire.version, ServerWire.executableIdentity, ServerWire.relevantEnvironment] + arguments
-        do { try UnixSocket.send(conn.rawValue, ServerWire.encode(request), descriptors: [0, 1, 2]) } catch { return nil }
-        guard let first = try? ServerWire.read(conn.rawValue), first.strings.first == "accepted" else { return nil }
-        // From here the server runs the command: whatever happens, it is not run again here.
+        let first: [String]?
+        do {
+            try UnixSocket.send(conn.rawValue, ServerWire.encode(request), descriptors: [0, 1, 2])
+            first = try ServerWire.read(conn.rawValue)?.strings
+        } catch let e as SystemError where e.errno == EAGAIN || e.errno == EWOULDBLOCK {
+            // A server that is stopped (SIGSTOP, Ctrl-Z) or stuck: the kernel took the
+            // connection, nobody answers. Nothing was started; the run goes on here (if the
+            // server wakes up later, it sees this end closed and does not start it).
+            printError("sandbox exec: the sandbox server on \(path) did not answer within \(Int(answerSeconds)) s; running without it")
+            return nil
+        } catch {
+            return nil
+        }
+        guard first?.first == "accepted" else { return nil }
+        // From here the server runs the command: whatever happens, it is not run again
+        // here, and however long it takes, this waits for it.
+        setTimeouts(conn.rawValue, seconds: 0)
         do {
             if let m = try ServerWire.read(conn.rawValue), m.strings.count == 2, m.strings[0] == "exit", let status = Int32(m.strings[1]) {
                 return status
@@ -412,9 +430,27 @@ enum ServerClient {
         return 125
     }
 
+    /// How long a client waits for a server to take its request (or answer a status).
+    static let answerSeconds = 5.0
+
+    /// A connection to the server at `path` whose sends and receives give up after
+    /// `answerSeconds` (EAGAIN), or nil when nothing listens there.
+    static func connect(_ path: String) -> FileDescriptor? {
+        guard let conn = try? UnixSocket.connect(path) else { return nil }
+        setTimeouts(conn.rawValue, seconds: answerSeconds)
+        return conn
+    }
+
+    /// SO_RCVTIMEO and SO_SNDTIMEO of `socket` (0: wait for ever).
+    static func setTimeouts(_ socket: Int32, seconds: Double) {
+        var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - seconds.rounded(.down)) * 1e6))
+        setsockopt(socket, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(socket, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
     /// The server's status line, or nil when nothing answers at `path`.
     static func status(_ path: String) -> String? {
-        guard let conn = try? UnixSocket.connect(path),
+        guard let conn = connect(path),
               (try? UnixSocket.send(conn.rawValue, ServerWire.encode(["status"]))) != nil,
               let m = try? ServerWire.read(conn.rawValue), m.strings.count == 2, m.strings[0] == "status" else { return nil }
         return m.strings[1]
@@ -422,7 +458,7 @@ enum ServerClient {
 
     /// Asks the server at `path` to stop; false when nothing answers.
     static func stop(_ path: String) -> Bool {
-        guard let conn = try? UnixSocket.connect(path),
+        guard let conn = connect(path),
               (try? UnixSocket.send(conn.rawValue, ServerWire.encode(["stop"]))) != nil,
               let m = try? ServerWire.read(conn.rawValue) else { return false }
         return m.strings.first == "stopping"

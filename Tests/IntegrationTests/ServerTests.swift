@@ -155,6 +155,29 @@ struct ServerTests {
         #expect(ended, "the run outlived its client: \(status)")
     }
 
+    @Test("a stopped server (SIGSTOP): a client runs alone after waiting 5 s; woken, the server does not run it too")
+    func stoppedServerIsWaitedForBriefly() throws {
+        let server = try Server(start: ["--warm", "0", "--idle-timeout", "300"])
+        let status = try #require(try server.status())
+        let pid = try #require(status.split(separator: " ").drop(while: { $0 != "(pid" }).dropFirst().first.flatMap { Int32($0.trimmingCharacters(in: .punctuationCharacters)) })
+        kill(pid, SIGSTOP)
+        let r: Fixture.Result
+        do {
+            defer { kill(pid, SIGCONT) }
+            r = try server.exec(["--", "echo", "alone"])
+        }
+        #expect(r.status == 0 && r.stdout == "alone\n", "\(r.stderr)")
+        #expect(r.stderr.contains("did not answer within 5 s; running without it") && !r.stderr.contains(Self.served), "\(r.stderr)")
+        #expect(r.seconds >= 4.5 && r.seconds < 60, "took \(r.seconds) s")
+        // Woken, the server finds that client gone: it serves nothing for it.
+        let after = try #require(try server.status())
+        #expect(after.contains("0 runs served"), "\(after)")
+        let next = try server.exec(["--", "echo", "served"])
+        #expect(next.status == 0 && next.stdout == "served\n" && next.stderr.contains(Self.served), "\(next.stderr)")
+        let last = try #require(try server.status())
+        #expect(last.contains("1 runs served"), "the abandoned request was run too: \(last)")
+    }
+
     @Test("garbage on the socket is refused; the server goes on")
     func garbageIsRefused() throws {
         let server = try Server()
