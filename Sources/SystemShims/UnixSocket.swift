@@ -23,6 +23,14 @@ public enum UnixSocket {
         FileDescriptor(owning: try checkNegErrno("accept", csystem_unix_accept(listener)))
     }
 
+    /// Sets SO_RCVTIMEO and SO_SNDTIMEO of `socket`: a send or receive that waits longer
+    /// fails with EAGAIN (0: wait for ever).
+    public static func setTimeouts(_ socket: Int32, seconds: Double) {
+        var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - seconds.rounded(.down)) * 1e6))
+        setsockopt(socket, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        setsockopt(socket, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+    }
+
     /// poll(2) events for "the peer shut its end" (POLLRDHUP).
     public static let peerHangUpEvent = Int16(CSYSTEM_POLLRDHUP)
 

@@ -52,7 +52,7 @@ struct Exec: ParsableCommand {
     var command: [String] = []
 
     func run() throws {
-        let status = execute(io: .standard)
+        let status = execute(io: .standard).status
         if status != 0 { throw ExitCode(status) }
     }
 
@@ -88,28 +88,18 @@ struct Exec: ParsableCommand {
         return config
     }
 
-    /// Runs the command with `io` as its standard descriptors and returns the exit status
-    /// `sandbox exec` gives (the command's, or 124/125/250/251 with a line on stderr).
-    /// `cancel` stops the run (its VM) from another thread; `servedBy` names the server
-    /// process that runs it, for --timings.
-    func execute(io: ExecIO, cancel: CancelToken? = nil, servedBy: Int32? = nil) -> Int32 {
-        var warm = false
-        return execute(io: io, cancel: cancel, servedBy: servedBy, ranWarm: &warm)
-    }
-
-    /// As above; `ranWarm` says whether the run took a VM restored ahead of it.
-    func execute(io: ExecIO, cancel: CancelToken?, servedBy: Int32?, ranWarm: inout Bool) -> Int32 {
+    /// Runs the command with `io` as its standard descriptors. Returns the exit status
+    /// `sandbox exec` gives (the command's, or 124/125/250/251 with a line on stderr) and
+    /// whether the run took a VM restored ahead of it. `cancel` stops the run (its VM) from
+    /// another thread; `servedBy` names the server process that runs it, for --timings.
+    func execute(io: ExecIO, cancel: CancelToken? = nil, servedBy: Int32? = nil) -> (status: Int32, ranWarm: Bool) {
         var argv = command
         if argv.first == "--" { argv.removeFirst() }
         guard !argv.isEmpty else {
             io.error("sandbox exec: no command given (usage: sandbox exec [options] -- CMD [ARGS...])")
-            return 125
+            return (125, false)
         }
-        guard let config = configuration(io: io) else { return 125 }
-        return execute(argv, config: config, io: io, cancel: cancel, servedBy: servedBy, ranWarm: &ranWarm)
-    }
-
-    private func execute(_ argv: [String], config: SandboxConfiguration, io: ExecIO, cancel: CancelToken?, servedBy: Int32?, ranWarm: inout Bool) -> Int32 {
+        guard let config = configuration(io: io) else { return (125, false) }
         // With -t on a terminal: raw mode (keys go to the guest as typed, Ctrl-C included),
         // restored however this ends; the guest's terminal follows this one's size.
         let local = tty ? LocalTerminal.take() : nil
@@ -122,7 +112,6 @@ struct Exec: ParsableCommand {
             case .stderr(let b): b.withUnsafeBytes { writeAll(io.stderr, $0) }
             }
         }
-        ranWarm = result.timings.warm
         if timings, let servedBy {
             io.error("sandbox: run by the sandbox server (pid \(servedBy)), \(result.timings.warm ? "on a VM restored ahead of it" : "on a VM restored for it (none was waiting)")")
         }
@@ -143,7 +132,7 @@ struct Exec: ParsableCommand {
         case .exited, .signalled: break
         default: io.error("sandbox exec: \(result.outcome)")
         }
-        return result.outcome.exitStatus
+        return (result.outcome.exitStatus, result.timings.warm)
     }
 }
 

@@ -51,10 +51,7 @@ struct ServerCommand: ParsableCommand {
             let logFD = open(log, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o600)
             guard devnull >= 0, logFD >= 0 else { throw ValidationError("cannot open \(log): \(String(cString: strerror(errno)))") }
             defer { close(devnull); close(logFD) }
-            var env: [String] = []
-            var p = environ
-            while let e = p.pointee { env.append(String(cString: e)); p += 1 }
-            let pid = try spawnProcess(exe, arguments: ["server", "run"] + options.arguments, environment: env,
+            let pid = try spawnProcess(exe, arguments: ["server", "run"] + options.arguments, environment: ServerWire.processEnvironment,
                                        descriptors: [(devnull, 0), (logFD, 1), (logFD, 2)])
             // Ready when it answers; it says why it could not start in its log.
             for _ in 0..<200 {
@@ -274,8 +271,7 @@ final class ExecServer: Sendable {
 
     private func handle(_ conn: FileDescriptor) {
         // A client that connects and says nothing does not hold a thread for ever.
-        var tv = timeval(tv_sec: 10, tv_usec: 0)
-        setsockopt(conn.rawValue, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
+        UnixSocket.setTimeouts(conn.rawValue, seconds: 10)
         let message: [String]
         let fds: [FileDescriptor]
         do {
@@ -350,10 +346,8 @@ final class ExecServer: Sendable {
             while poll(&p, 2, -1) < 0 && errno == EINTR {}
             if p[0].revents != 0 { cancel.cancel() }
         }
-        let pid = getpid()
-        var warmRun = false
-        let status = withExtendedLifetime(fds) {
-            exec.execute(io: io, cancel: cancel, servedBy: pid, ranWarm: &warmRun)
+        let (status, warmRun) = withExtendedLifetime(fds) {
+            exec.execute(io: io, cancel: cancel, servedBy: getpid())
         }
         done?.signal()
         watcher?.join()
@@ -418,7 +412,7 @@ enum ServerClient {
         guard first?.first == "accepted" else { return nil }
         // From here the server runs the command: whatever happens, it is not run again
         // here, and however long it takes, this waits for it.
-        setTimeouts(conn.rawValue, seconds: 0)
+        UnixSocket.setTimeouts(conn.rawValue, seconds: 0)
         do {
             if let m = try ServerWire.read(conn.rawValue), m.strings.count == 2, m.strings[0] == "exit", let status = Int32(m.strings[1]) {
                 return status
@@ -437,15 +431,8 @@ enum ServerClient {
     /// `answerSeconds` (EAGAIN), or nil when nothing listens there.
     static func connect(_ path: String) -> FileDescriptor? {
         guard let conn = try? UnixSocket.connect(path) else { return nil }
-        setTimeouts(conn.rawValue, seconds: answerSeconds)
+        UnixSocket.setTimeouts(conn.rawValue, seconds: answerSeconds)
         return conn
-    }
-
-    /// SO_RCVTIMEO and SO_SNDTIMEO of `socket` (0: wait for ever).
-    static func setTimeouts(_ socket: Int32, seconds: Double) {
-        var tv = timeval(tv_sec: Int(seconds), tv_usec: Int((seconds - seconds.rounded(.down)) * 1e6))
-        setsockopt(socket, SOL_SOCKET, SO_RCVTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
-        setsockopt(socket, SOL_SOCKET, SO_SNDTIMEO, &tv, socklen_t(MemoryLayout<timeval>.size))
     }
 
     /// The server's status line, or nil when nothing answers at `path`.

@@ -38,14 +38,19 @@ enum ServerWire {
     /// XDG_CACHE_HOME), sorted, NUL-separated: a server runs only for clients whose
     /// environment it shares.
     static var relevantEnvironment: String {
-        var pairs: [String] = []
+        processEnvironment.filter { $0.hasPrefix("SANDBOX_") || $0.hasPrefix("HOME=") || $0.hasPrefix("XDG_CACHE_HOME=") }
+            .sorted().joined(separator: "\u{0}")
+    }
+
+    /// This process's environment as K=V strings (from `environ`, without Foundation).
+    static var processEnvironment: [String] {
+        var all: [String] = []
         var p = environ
         while let entry = p.pointee {
-            let s = String(cString: entry)
-            if s.hasPrefix("SANDBOX_") || s.hasPrefix("HOME=") || s.hasPrefix("XDG_CACHE_HOME=") { pairs.append(s) }
+            all.append(String(cString: entry))
             p += 1
         }
-        return pairs.sorted().joined(separator: "\u{0}")
+        return all
     }
 
     static func encode(_ strings: [String]) -> [UInt8] {
